@@ -1,0 +1,350 @@
+"""Stateless forward/backward kernels, cs231n style: `*_forward(...) -> out, cache` and
+`*_backward(dout, cache) -> grads`.
+
+Layout: feature maps are (C, N, H, W) — channels first, then samples ("CNHW", as in Caffe's
+im2col). With that layout a convolution over the whole batch is ONE matrix product,
+`W (F, C·KH·KW) @ cols (C·KH·KW, N·OH·OW)`, whose result is already the next layer's input, and batch
+norm reduces over contiguous rows. Images arrive as (N, C, H, W) and are transposed once.
+
+Every kernel takes an optional `ws` (a `Workspace`) so that the training loop reuses its big buffers
+from step to step instead of asking the allocator (and the kernel's page-zeroing) for tens of MB
+every call.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numpy.lib.stride_tricks import as_strided
+
+
+class Workspace:
+    """Named reusable buffers: `get(key, shape, dtype)` returns the same array while shape fits."""
+
+    def __init__(self):
+        self._bufs: dict[str, np.ndarray] = {}
+
+    def get(self, key: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+        buf = self._bufs.get(key)
+        if buf is None or buf.shape != tuple(shape) or buf.dtype != dtype:
+            buf = np.empty(shape, dtype)
+            self._bufs[key] = buf
+        return buf
+
+    def zeros(self, key: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+        buf = self.get(key, shape, dtype)
+        buf.fill(0)
+        return buf
+
+
+def _buf(ws: Workspace | None, key: str, shape, dtype) -> np.ndarray:
+    return np.empty(shape, dtype) if ws is None else ws.get(key, shape, dtype)
+
+
+# ----------------------------------------------------------------------------------------- conv
+def conv_out_size(size: int, k: int, stride: int, pad: int) -> int:
+    return (size + 2 * pad - k) // stride + 1
+
+
+def im2col(x: np.ndarray, kh: int, kw: int, stride: int, pad: int,
+           ws: Workspace | None = None, key: str = "") -> tuple[np.ndarray, tuple]:
+    """(C, N, H, W) -> cols (C·kh·kw, N·OH·OW), built from a strided view (one copy).
+
+    Returns (cols, geometry) where geometry = (C, N, H, W, OH, OW).
+    """
+    C, N, H, W = x.shape
+    OH, OW = conv_out_size(H, kh, stride, pad), conv_out_size(W, kw, stride, pad)
+    if pad:
+        xp = _buf(ws, key + "xpad", (C, N, H + 2 * pad, W + 2 * pad), x.dtype)
+        # Only the border must be zero; the interior is overwritten below.
+        xp[:, :, :pad, :] = 0
+        xp[:, :, -pad:, :] = 0
+        xp[:, :, pad:-pad, :pad] = 0
+        xp[:, :, pad:-pad, -pad:] = 0
+        xp[:, :, pad:-pad, pad:-pad] = x
+    else:
+        xp = x if x.flags.c_contiguous else np.ascontiguousarray(x)
+    sC, sN, sH, sW = xp.strides
+    view = as_strided(xp, shape=(C, kh, kw, N, OH, OW),
+                      strides=(sC, sH, sW, sN, sH * stride, sW * stride), writeable=False)
+    cols = _buf(ws, key + "cols", (C * kh * kw, N * OH * OW), x.dtype)
+    np.copyto(cols.reshape(C, kh, kw, N, OH, OW), view)
+    return cols, (C, N, H, W, OH, OW)
+
+
+def col2im(dcols: np.ndarray, geom: tuple, kh: int, kw: int, stride: int, pad: int,
+           ws: Workspace | None = None, key: str = "") -> np.ndarray:
+    """Adjoint of im2col: sum each column back into its input pixel, with kh·kw strided adds
+    (no np.add.at, which is an order of magnitude slower)."""
+    C, N, H, W, OH, OW = geom
+    dxp = _buf(ws, key + "dxpad", (C, N, H + 2 * pad, W + 2 * pad), dcols.dtype)
+    d6 = dcols.reshape(C, kh, kw, N, OH, OW)
+    hspan, wspan = stride * (OH - 1) + 1, stride * (OW - 1) + 1
+    if stride >= kh and stride >= kw:  # windows do not overlap: plain assignments
+        dxp.fill(0)
+        for i in range(kh):
+            for j in range(kw):
+                dxp[:, :, i:i + hspan:stride, j:j + wspan:stride] = d6[:, i, j]
+    else:
+        dxp.fill(0)
+        for i in range(kh):
+            for j in range(kw):
+                dxp[:, :, i:i + hspan:stride, j:j + wspan:stride] += d6[:, i, j]
+    return dxp[:, :, pad:pad + H, pad:pad + W] if pad else dxp
+
+
+def conv_forward(x, w, b, stride=1, pad=0, ws=None, key="conv"):
+    """x (C, N, H, W), w (F, C, KH, KW), b (F,) or None -> out (F, N, OH, OW)."""
+    F, C, KH, KW = w.shape
+    cols, geom = im2col(x, KH, KW, stride, pad, ws, key)
+    _, N, _, _, OH, OW = geom
+    out = _buf(ws, key + "out", (F, N * OH * OW), x.dtype)
+    np.matmul(w.reshape(F, -1), cols, out=out)
+    if b is not None:
+        out += b[:, None]
+    return out.reshape(F, N, OH, OW), (cols, geom, w, stride, pad, b is not None)
+
+
+def conv_backward(dout, cache, need_dx=True, dw_out=None, db_out=None, ws=None, key="conv"):
+    """-> (dx or None, dw, db or None). dw/db are written into dw_out/db_out when given."""
+    cols, geom, w, stride, pad, has_bias = cache
+    F, C, KH, KW = w.shape
+    d2 = dout.reshape(F, -1) if dout.flags.c_contiguous else np.ascontiguousarray(dout).reshape(F, -1)
+    dw = dw_out if dw_out is not None else np.empty(w.shape, dout.dtype)
+    np.matmul(d2, cols.T, out=dw.reshape(F, -1))
+    db = None
+    if has_bias:
+        db = db_out if db_out is not None else np.empty(F, dout.dtype)
+        np.sum(d2, axis=1, out=db)
+    dx = None
+    if need_dx:
+        dcols = _buf(ws, key + "dcols", cols.shape, dout.dtype)
+        np.matmul(w.reshape(F, -1).T, d2, out=dcols)
+        dx = col2im(dcols, geom, KH, KW, stride, pad, ws, key)
+    return dx, dw, db
+
+
+# ----------------------------------------------------------------------------- activations
+def relu_forward(x, inplace=False):
+    out = np.maximum(x, 0, out=x if inplace else None)
+    return out, out
+
+
+def relu_backward(dout, cache, inplace=False):
+    out = cache
+    return np.multiply(dout, out > 0, out=dout if inplace else None)
+
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+
+
+def gelu_forward(x):
+    """GELU, tanh approximation (as airbench's nn.GELU(approximate='tanh') is close to exact)."""
+    inner = _SQRT_2_OVER_PI * (x + 0.044715 * x ** 3)
+    t = np.tanh(inner)
+    return 0.5 * x * (1.0 + t), (x, t)
+
+
+def gelu_backward(dout, cache):
+    x, t = cache
+    dinner = _SQRT_2_OVER_PI * (1.0 + 3 * 0.044715 * x * x)
+    return dout * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * dinner)
+
+
+# --------------------------------------------------------------------------------- pooling
+def maxpool_forward(x, size=2, stride=2, ws=None, key="pool"):
+    """Max over size×size windows of (C, N, H, W). Gradients go to the first maximum of a window."""
+    C, N, H, W = x.shape
+    OH, OW = (H - size) // stride + 1, (W - size) // stride + 1
+    if size == 2 and stride == 2 and H % 2 == 0 and W % 2 == 0:
+        a, b = x[:, :, 0::2, 0::2], x[:, :, 0::2, 1::2]
+        c, d = x[:, :, 1::2, 0::2], x[:, :, 1::2, 1::2]
+        out = _buf(ws, key + "out", (C, N, OH, OW), x.dtype)
+        tmp = _buf(ws, key + "tmp", (C, N, OH, OW), x.dtype)
+        np.maximum(a, b, out=out)
+        np.maximum(c, d, out=tmp)
+        np.maximum(out, tmp, out=out)
+        return out, ("fast2", x, out)
+    sC, sN, sH, sW = x.strides
+    win = as_strided(x, shape=(C, N, OH, OW, size, size),
+                     strides=(sC, sN, sH * stride, sW * stride, sH, sW), writeable=False)
+    flat = win.reshape(C, N, OH, OW, size * size)
+    arg = flat.argmax(axis=-1)
+    out = np.take_along_axis(flat, arg[..., None], axis=-1)[..., 0]
+    return out, ("general", x.shape, arg, size, stride)
+
+
+def maxpool_backward(dout, cache, ws=None, key="pool"):
+    if cache[0] == "fast2":
+        _, x, out = cache
+        dx = _buf(ws, key + "dx", x.shape, dout.dtype)
+        taken = np.zeros(out.shape, bool)
+        for i, j in ((0, 0), (0, 1), (1, 0), (1, 1)):
+            hit = x[:, :, i::2, j::2] == out
+            hit &= ~taken
+            taken |= hit
+            np.multiply(dout, hit, out=dx[:, :, i::2, j::2])
+        return dx
+    _, shape, arg, size, stride = cache
+    C, N, H, W = shape
+    OH, OW = arg.shape[2:]
+    dx = np.zeros(shape, dout.dtype)
+    ki, kj = np.divmod(arg, size)
+    cc, nn, oh, ow = np.indices(arg.shape, sparse=True)
+    # Windows may overlap when stride < size; np.add.at is fine for this rare, general path.
+    np.add.at(dx, (cc, nn, oh * stride + ki, ow * stride + kj), dout)
+    return dx
+
+
+def global_avgpool_forward(x):
+    """(C, N, H, W) -> (N, C)."""
+    return x.mean(axis=(2, 3)).T.copy(), x.shape
+
+
+def global_avgpool_backward(dout, cache):
+    C, N, H, W = cache
+    g = (dout.T / (H * W)).astype(dout.dtype, copy=False)
+    return np.broadcast_to(g[:, :, None, None], cache).copy()
+
+
+def global_maxpool_forward(x):
+    """(C, N, H, W) -> (N, C); gradient to the first maximum."""
+    C, N, H, W = x.shape
+    flat = x.reshape(C, N, H * W)
+    arg = flat.argmax(axis=2)
+    return np.take_along_axis(flat, arg[..., None], axis=2)[..., 0].T.copy(), (x.shape, arg)
+
+
+def global_maxpool_backward(dout, cache):
+    shape, arg = cache
+    C, N, H, W = shape
+    dx = np.zeros((C, N, H * W), dout.dtype)
+    np.put_along_axis(dx, arg[..., None], dout.T[..., None], axis=2)
+    return dx.reshape(shape)
+
+
+# ------------------------------------------------------------------------- affine, flatten
+def affine_forward(x, w, b):
+    """x (N, D), w (D, M), b (M,) -> (N, M)."""
+    out = x @ w
+    if b is not None:
+        out += b
+    return out, (x, w)
+
+
+def affine_backward(dout, cache, need_dx=True, dw_out=None, db_out=None):
+    x, w = cache
+    dw = np.matmul(x.T, dout, out=dw_out)
+    db = None
+    if db_out is not None:
+        db = np.sum(dout, axis=0, out=db_out)
+    dx = dout @ w.T if need_dx else None
+    return dx, dw, db
+
+
+def flatten_forward(x):
+    """(C, N, H, W) -> (N, C·H·W) in the usual (C, H, W) feature order."""
+    C, N = x.shape[:2]
+    return np.ascontiguousarray(x.reshape(C, N, -1).transpose(1, 0, 2)).reshape(N, -1), x.shape
+
+
+def flatten_backward(dout, shape):
+    C, N = shape[:2]
+    return np.ascontiguousarray(dout.reshape(N, C, -1).transpose(1, 0, 2)).reshape(shape)
+
+
+# ----------------------------------------------------------------------------- batch norm
+def batchnorm_forward(x, gamma, beta, groups: list[tuple[int, int]], eps=1e-5):
+    """Training-mode batch norm of (C, N, H, W) with statistics per group of samples.
+
+    groups: [lo, hi) sample ranges ("ghost batches"); each is normalised with its own mean and
+    (biased) variance. Returns out, cache, (sum of group means, sum of group variances) per channel.
+    """
+    out = np.empty_like(x)
+    xhat = np.empty_like(x)
+    inv_stds = []
+    mean_sum = np.zeros(x.shape[0], np.float64)
+    var_sum = np.zeros(x.shape[0], np.float64)
+    for lo, hi in groups:
+        xg = x[:, lo:hi]
+        mu = xg.mean(axis=(1, 2, 3), keepdims=True)
+        xc = xg - mu
+        var = (xc * xc).mean(axis=(1, 2, 3), keepdims=True)
+        inv = 1.0 / np.sqrt(var + eps)
+        np.multiply(xc, inv, out=xhat[:, lo:hi])
+        mean_sum += mu.ravel()
+        var_sum += var.ravel()
+        inv_stds.append(inv)
+    g = gamma.reshape(-1, 1, 1, 1) if gamma is not None else None
+    if g is not None:
+        np.multiply(xhat, g, out=out)
+    else:
+        out[...] = xhat
+    if beta is not None:
+        out += beta.reshape(-1, 1, 1, 1)
+    return out, (xhat, inv_stds, groups, gamma), (mean_sum, var_sum)
+
+
+def batchnorm_backward(dout, cache, dgamma_out=None, dbeta_out=None):
+    """-> (dx, dgamma or None, dbeta or None) for training-mode batch norm."""
+    xhat, inv_stds, groups, gamma = cache
+    dgamma = dbeta = None
+    if dbeta_out is not None:
+        dbeta = np.sum(dout, axis=(1, 2, 3), out=dbeta_out)
+    if dgamma_out is not None:
+        dgamma = np.sum(dout * xhat, axis=(1, 2, 3), out=dgamma_out)
+    dxhat = dout * gamma.reshape(-1, 1, 1, 1) if gamma is not None else dout
+    dx = np.empty_like(dout)
+    for (lo, hi), inv in zip(groups, inv_stds):
+        dh = dxhat[:, lo:hi]
+        xh = xhat[:, lo:hi]
+        m = dh.mean(axis=(1, 2, 3), keepdims=True)
+        mx = (dh * xh).mean(axis=(1, 2, 3), keepdims=True)
+        dx[:, lo:hi] = inv * (dh - m - xh * mx)
+    return dx, dgamma, dbeta
+
+
+def batchnorm_eval(x, gamma, beta, running_mean, running_var, eps=1e-5):
+    inv = 1.0 / np.sqrt(running_var + eps)
+    scale = inv if gamma is None else gamma * inv
+    shift = -running_mean * scale + (0 if beta is None else beta)
+    return x * scale.astype(x.dtype).reshape(-1, 1, 1, 1) + shift.astype(x.dtype).reshape(-1, 1, 1, 1)
+
+
+# --------------------------------------------------------------------------------- dropout
+def dropout_forward(x, p, rng):
+    """Inverted dropout: keep with probability 1-p and scale by 1/(1-p)."""
+    if p <= 0:
+        return x, None
+    mask = (rng.random(x.shape) >= p).astype(x.dtype) / (1.0 - p)
+    return x * mask, mask
+
+
+def dropout_backward(dout, mask):
+    return dout if mask is None else dout * mask
+
+
+# ------------------------------------------------------------------------------------ loss
+def softmax_cross_entropy(logits, y, loss_scale=1.0, smoothing=0.0):
+    """Sum over samples of cross-entropy; gradient of loss_scale·sum w.r.t. logits.
+
+    Label smoothing mixes the one-hot target with a uniform one: (1-s)·onehot + s/K.
+    Returns (loss_sum, n_correct, dlogits).
+    """
+    n, k = logits.shape
+    z = logits - logits.max(axis=1, keepdims=True)
+    ez = np.exp(z)
+    se = ez.sum(axis=1, keepdims=True)
+    logp = z - np.log(se)
+    rows = np.arange(n)
+    if smoothing:
+        loss = -((1 - smoothing) * logp[rows, y] + smoothing * logp.mean(axis=1))
+    else:
+        loss = -logp[rows, y]
+    correct = int((logits.argmax(axis=1) == y).sum())
+    d = ez / se
+    d[rows, y] -= 1.0 - smoothing
+    if smoothing:
+        d -= smoothing / k
+    d *= loss_scale
+    return float(loss.sum(dtype=np.float64)), correct, d.astype(logits.dtype, copy=False)

@@ -1,0 +1,286 @@
+"""Layers: the functional kernels plus the parameters they own.
+
+A layer declares its tensors (`params()`, `state()`), is bound to views into the model's flat
+vectors (`bind`), keeps its forward cache between `forward` and `backward`, and writes its
+gradients straight into its views of the flat gradient vector — nothing is copied afterwards.
+Feature maps are (C, N, H, W); see functional.py for why.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import functional as F
+from .params import ParamSpec
+
+
+@dataclass
+class StepContext:
+    """What a forward pass needs beyond its input: mode, batch-norm groups, statistics output."""
+
+    train: bool
+    groups: list[tuple[int, int]] = field(default_factory=list)
+    stats_out: dict[str, np.ndarray] | None = None
+    rng: np.random.Generator | None = None
+
+
+class Layer:
+    name: str = ""
+    need_dx: bool = True  # the first layer with parameters skips its input gradient
+
+    def params(self) -> list[ParamSpec]:
+        return []
+
+    def state(self) -> list[ParamSpec]:
+        return []
+
+    def stats_size(self) -> int:
+        return 0
+
+    def bind(self, p: dict, g: dict, s: dict) -> None:
+        self.p, self.g, self.s = p, g, s
+
+    def init(self, rng: np.random.Generator) -> None:
+        pass
+
+    def forward(self, x, ctx: StepContext):
+        raise NotImplementedError
+
+    def backward(self, dout):
+        raise NotImplementedError
+
+    def merge_stats(self, stats: np.ndarray, n_groups: int) -> None:
+        pass
+
+    def output_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """Per-sample output shape (C, H, W) or (D,) from the per-sample input shape."""
+        return shape
+
+
+class ToChannelsFirst(Layer):
+    """(N, C, H, W) images -> (C, N, H, W) feature maps (a view; the next conv copies anyway)."""
+
+    def forward(self, x, ctx):
+        return x.transpose(1, 0, 2, 3)
+
+    def backward(self, dout):
+        return dout.transpose(1, 0, 2, 3)
+
+
+class Conv(Layer):
+    def __init__(self, name, c_in, c_out, k, stride=1, pad=None, bias=True, init_std=None,
+                 decay=True):
+        self.name, self.c_in, self.c_out, self.k, self.stride = name, c_in, c_out, k, stride
+        self.pad = (k - 1) // 2 if pad is None else pad
+        self.bias, self.init_std, self.decay = bias, init_std, decay
+        self.ws = F.Workspace()
+
+    def params(self):
+        specs = [ParamSpec("w", (self.c_out, self.c_in, self.k, self.k), decay=self.decay)]
+        if self.bias:
+            specs.append(ParamSpec("b", (self.c_out,)))
+        return specs
+
+    def init(self, rng):
+        fan_in = self.c_in * self.k * self.k
+        std = self.init_std if self.init_std is not None else np.sqrt(2.0 / fan_in)  # He init
+        self.p["w"][...] = rng.standard_normal(self.p["w"].shape) * std
+        if self.bias:
+            self.p["b"][...] = 0
+
+    def forward(self, x, ctx):
+        out, self.cache = F.conv_forward(x, self.p["w"], self.p.get("b"), self.stride, self.pad,
+                                         self.ws)
+        return out
+
+    def backward(self, dout):
+        dx, _, _ = F.conv_backward(dout, self.cache, self.need_dx, self.g["w"], self.g.get("b"),
+                                   self.ws)
+        return dx
+
+    def output_shape(self, shape):
+        _, h, w = shape
+        return (self.c_out, F.conv_out_size(h, self.k, self.stride, self.pad),
+                F.conv_out_size(w, self.k, self.stride, self.pad))
+
+
+class ReLU(Layer):
+    def forward(self, x, ctx):
+        out, self.cache = F.relu_forward(x)
+        return out
+
+    def backward(self, dout):
+        return F.relu_backward(dout, self.cache)
+
+
+class GELU(Layer):
+    def forward(self, x, ctx):
+        out, self.cache = F.gelu_forward(x)
+        return out
+
+    def backward(self, dout):
+        return F.gelu_backward(dout, self.cache)
+
+
+class MaxPool(Layer):
+    def __init__(self, size=2, stride=None):
+        self.size, self.stride = size, stride or size
+        self.ws = F.Workspace()
+
+    def forward(self, x, ctx):
+        out, self.cache = F.maxpool_forward(x, self.size, self.stride, self.ws)
+        return out
+
+    def backward(self, dout):
+        return F.maxpool_backward(dout, self.cache, self.ws)
+
+    def output_shape(self, shape):
+        c, h, w = shape
+        return (c, (h - self.size) // self.stride + 1, (w - self.size) // self.stride + 1)
+
+
+class GlobalAvgPool(Layer):
+    def forward(self, x, ctx):
+        out, self.cache = F.global_avgpool_forward(x)
+        return out
+
+    def backward(self, dout):
+        return F.global_avgpool_backward(dout, self.cache)
+
+    def output_shape(self, shape):
+        return (shape[0],)
+
+
+class GlobalMaxPool(Layer):
+    def forward(self, x, ctx):
+        out, self.cache = F.global_maxpool_forward(x)
+        return out
+
+    def backward(self, dout):
+        return F.global_maxpool_backward(dout, self.cache)
+
+    def output_shape(self, shape):
+        return (shape[0],)
+
+
+class Flatten(Layer):
+    def forward(self, x, ctx):
+        out, self.cache = F.flatten_forward(x)
+        return out
+
+    def backward(self, dout):
+        return F.flatten_backward(dout, self.cache)
+
+    def output_shape(self, shape):
+        return (int(np.prod(shape)),)
+
+
+class Affine(Layer):
+    def __init__(self, name, d_in, d_out, bias=True, init_std=None, decay=True, scale=1.0):
+        self.name, self.d_in, self.d_out, self.bias = name, d_in, d_out, bias
+        self.init_std, self.decay, self.scale = init_std, decay, scale
+
+    def params(self):
+        specs = [ParamSpec("w", (self.d_in, self.d_out), decay=self.decay)]
+        if self.bias:
+            specs.append(ParamSpec("b", (self.d_out,)))
+        return specs
+
+    def init(self, rng):
+        std = self.init_std if self.init_std is not None else np.sqrt(2.0 / self.d_in)
+        self.p["w"][...] = rng.standard_normal(self.p["w"].shape) * std
+        if self.bias:
+            self.p["b"][...] = 0
+
+    def forward(self, x, ctx):
+        out, self.cache = F.affine_forward(x, self.p["w"], self.p.get("b"))
+        if self.scale != 1.0:
+            out *= self.scale
+        return out
+
+    def backward(self, dout):
+        if self.scale != 1.0:
+            dout = dout * self.scale
+        dx, _, _ = F.affine_backward(dout, self.cache, self.need_dx, self.g["w"], self.g.get("b"))
+        return dx
+
+    def output_shape(self, shape):
+        return (self.d_out,)
+
+
+class BatchNorm(Layer):
+    """Batch norm over (C, N, H, W) with per-ghost-batch statistics.
+
+    In training, each group of samples given by the step context is normalised with its own
+    statistics, so results do not depend on how a minibatch is split over workers. The sums of the
+    groups' means and variances go to `stats_out`; `merge_stats` turns the sum over all workers into
+    one momentum update of the running statistics.
+    """
+
+    def __init__(self, name, channels, momentum=0.1, eps=1e-5, affine_weight=True,
+                 affine_bias=True, bias_lr_scale=1.0):
+        self.name, self.c, self.momentum, self.eps = name, channels, momentum, eps
+        self.affine_weight, self.affine_bias, self.bias_lr_scale = affine_weight, affine_bias, bias_lr_scale
+
+    def params(self):
+        specs = []
+        if self.affine_weight:
+            specs.append(ParamSpec("gamma", (self.c,)))
+        if self.affine_bias:
+            specs.append(ParamSpec("beta", (self.c,), lr_scale=self.bias_lr_scale))
+        return specs
+
+    def state(self):
+        return [ParamSpec("running_mean", (self.c,)), ParamSpec("running_var", (self.c,))]
+
+    def stats_size(self):
+        return 2 * self.c
+
+    def init(self, rng):
+        if self.affine_weight:
+            self.p["gamma"][...] = 1
+        if self.affine_bias:
+            self.p["beta"][...] = 0
+        self.s["running_mean"][...] = 0
+        self.s["running_var"][...] = 1
+
+    def forward(self, x, ctx):
+        gamma, beta = self.p.get("gamma"), self.p.get("beta")
+        if not ctx.train:
+            return F.batchnorm_eval(x, gamma, beta, self.s["running_mean"], self.s["running_var"],
+                                    self.eps)
+        groups = ctx.groups or [(0, x.shape[1])]
+        out, self.cache, (mean_sum, var_sum) = F.batchnorm_forward(x, gamma, beta, groups, self.eps)
+        if ctx.stats_out is not None:
+            st = ctx.stats_out[self.name]
+            st[:self.c] = mean_sum
+            st[self.c:] = var_sum
+        return out
+
+    def backward(self, dout):
+        dx, _, _ = F.batchnorm_backward(dout, self.cache, self.g.get("gamma"), self.g.get("beta"))
+        return dx
+
+    def merge_stats(self, stats, n_groups):
+        m = self.momentum
+        rm, rv = self.s["running_mean"], self.s["running_var"]
+        rm *= 1 - m
+        rm += (m / n_groups) * stats[:self.c].astype(rm.dtype)
+        rv *= 1 - m
+        rv += (m / n_groups) * stats[self.c:].astype(rv.dtype)
+
+
+class Dropout(Layer):
+    def __init__(self, p):
+        self.rate = p
+
+    def forward(self, x, ctx):
+        if not ctx.train or self.rate <= 0:
+            self.mask = None
+            return x
+        out, self.mask = F.dropout_forward(x, self.rate, ctx.rng)
+        return out
+
+    def backward(self, dout):
+        return F.dropout_backward(dout, self.mask)

@@ -1,0 +1,198 @@
+"""Models by name. `build_model(name, **options)` is deterministic, so every worker process can
+build the same model and bind it to the shared flat vectors.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from . import functional as F
+from .layers import (Affine, BatchNorm, Conv, Flatten, GlobalAvgPool, Layer, MaxPool, ReLU,
+                     StepContext, ToChannelsFirst)
+from .params import ParamLayout, ParamSpec
+
+
+class Model:
+    """A stack of layers with one flat parameter vector, trained with softmax cross-entropy.
+
+    See docs/INTERFACES.md for the contract the runners rely on.
+    """
+
+    def __init__(self, name: str, layers: list[Layer], input_shape=(3, 32, 32), n_classes=10,
+                 dtype=np.float32, group_size: int = 1, weight_decay: float = 0.0,
+                 label_smoothing: float = 0.0, options: dict | None = None):
+        self.name, self.layers, self.dtype = name, layers, np.dtype(dtype)
+        self.input_shape, self.n_classes = tuple(input_shape), n_classes
+        self.group_size, self.weight_decay = group_size, weight_decay
+        self.label_smoothing = label_smoothing
+        self.options = dict(options or {})
+        self._names = []
+        for i, layer in enumerate(layers):
+            self._names.append(layer.name or f"{type(layer).__name__.lower()}{i}")
+        self.layout = ParamLayout([ParamSpec(f"{n}.{s.name}", s.shape, s.decay, s.lr_scale)
+                                   for n, l in zip(self._names, layers) for s in l.params()])
+        self.state_layout = ParamLayout([ParamSpec(f"{n}.{s.name}", s.shape)
+                                         for n, l in zip(self._names, layers) for s in l.state()])
+        self.stats_layout = ParamLayout([ParamSpec(n, (l.stats_size(),))
+                                         for n, l in zip(self._names, layers) if l.stats_size()])
+        self.stats_size = self.stats_layout.size
+        # Layers before the first one with parameters need no backward pass at all, and that first
+        # layer needs no input gradient (for the course model: skips a third of the conv work).
+        with_params = [i for i, l in enumerate(layers) if l.params()]
+        self._first = with_params[0] if with_params else len(layers)
+        for i, l in enumerate(layers):
+            l.need_dx = i > self._first
+        shape = self.input_shape
+        for l in layers:
+            shape = l.output_shape(shape)
+        if shape != (n_classes,):
+            raise ValueError(f"model {name} ends in shape {shape}, expected ({n_classes},)")
+        self.params = self.grads = self.state = None
+
+    # ------------------------------------------------------------------ binding and init
+    def bind(self, params: np.ndarray, grads: np.ndarray | None, state: np.ndarray | None) -> None:
+        for arr, layout in ((params, self.layout), (grads, self.layout), (state, self.state_layout)):
+            if arr is not None and arr.dtype != self.dtype:
+                raise ValueError(f"flat vector dtype {arr.dtype} does not match model {self.dtype}")
+        self.params, self.grads = params, grads
+        self.state = state if state is not None else np.zeros(self.state_layout.size, self.dtype)
+        pv = self.layout.views(params)
+        gv = self.layout.views(grads) if grads is not None else {}
+        sv = self.state_layout.views(self.state)
+        for n, layer in zip(self._names, self.layers):
+            sub = lambda views: {k.split(".", 1)[1]: v for k, v in views.items()  # noqa: E731
+                                 if k.split(".", 1)[0] == n}
+            layer.bind(sub(pv), sub(gv), sub(sv))
+
+    def init_params(self, rng: np.random.Generator) -> None:
+        for layer in self.layers:
+            layer.init(rng)
+
+    # ------------------------------------------------------------------------ compute
+    def groups(self, n: int) -> list[tuple[int, int]]:
+        g = self.group_size
+        return [(lo, min(lo + g, n)) for lo in range(0, n, g)]
+
+    def forward(self, x: np.ndarray, ctx: StepContext) -> np.ndarray:
+        h = x
+        for layer in self.layers:
+            h = layer.forward(h, ctx)
+        return h
+
+    def train_step(self, x, y, loss_scale: float, stats_out: np.ndarray | None = None):
+        """Overwrite the bound grads with loss_scale·d(Σ losses)/dθ; return (loss_sum, n_correct)."""
+        stats_views = None
+        if self.stats_size:
+            if stats_out is None:
+                stats_out = np.zeros(self.stats_size, self.dtype)
+            stats_views = {k: v for k, v in self.stats_layout.views(stats_out).items()}
+        ctx = StepContext(train=True, groups=self.groups(len(y)), stats_out=stats_views)
+        logits = self.forward(x, ctx)
+        loss_sum, correct, d = F.softmax_cross_entropy(logits, y, loss_scale, self.label_smoothing)
+        for layer in reversed(self.layers[self._first:]):
+            d = layer.backward(d)
+        return loss_sum, correct
+
+    def merge_stats(self, stats_sum: np.ndarray, n_groups: int) -> None:
+        views = self.stats_layout.views(stats_sum)
+        for n, layer in zip(self._names, self.layers):
+            if n in views:
+                layer.merge_stats(views[n], n_groups)
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        return self.forward(x, StepContext(train=False))
+
+    def loss_and_grad(self, x, y) -> tuple[float, np.ndarray]:
+        """Mean loss plus regularisation, and its full gradient — for gradient checks."""
+        loss_sum, _ = self.train_step(x, y, 1.0 / len(y))
+        g = self.grads.copy()
+        for lo, hi in self.layout.decay_ranges():
+            g[lo:hi] += self.weight_decay * self.params[lo:hi]
+        return loss_sum / len(y) + self.reg_loss(), g
+
+    def reg_loss(self) -> float:
+        if not self.weight_decay:
+            return 0.0
+        return 0.5 * self.weight_decay * sum(
+            float(np.dot(self.params[lo:hi].astype(np.float64), self.params[lo:hi]))
+            for lo, hi in self.layout.decay_ranges())
+
+    def flops_per_image(self) -> dict[str, int]:
+        """Multiply-add FLOPs (×2) of the forward pass per image, by layer kind."""
+        total, shape = 0, self.input_shape
+        for layer in self.layers:
+            out = layer.output_shape(shape)
+            if isinstance(layer, Conv):
+                total += 2 * layer.c_in * layer.k * layer.k * out[0] * out[1] * out[2]
+            elif isinstance(layer, Affine):
+                total += 2 * layer.d_in * layer.d_out
+            shape = out
+        return {"forward": total, "train": 3 * total}
+
+    def summary(self) -> list[tuple[str, tuple, int]]:
+        return self.layout.describe()
+
+
+# ------------------------------------------------------------------------------- registry
+def linear(dtype=np.float32, weight_decay=0.0, **_):
+    """Softmax regression on raw pixels: the smallest model, for tests of the machinery."""
+    layers = [ToChannelsFirst(), Flatten(), Affine("fc", 3 * 32 * 32, 10, init_std=1e-3)]
+    return Model("linear", layers, dtype=dtype, weight_decay=weight_decay)
+
+
+def three_layer(dtype=np.float32, num_filters=32, filter_size=7, hidden_dim=512,
+                weight_scale=1e-3, reg=1e-3, input_size=32, **_):
+    """The cs231n course model: conv - relu - 2x2 max pool - affine - relu - affine - softmax.
+
+    Pooling runs before the ReLU: max and ReLU commute (ReLU is monotone), so the result and the
+    gradient are identical, and the ReLU then touches a quarter of the data.
+    """
+    pad = (filter_size - 1) // 2
+    half = input_size // 2
+    layers = [
+        ToChannelsFirst(),
+        Conv("conv1", 3, num_filters, filter_size, pad=pad, init_std=weight_scale),
+        MaxPool(2),
+        ReLU(),
+        Flatten(),
+        Affine("fc1", num_filters * half * half, hidden_dim, init_std=weight_scale),
+        ReLU(),
+        Affine("fc2", hidden_dim, 10, init_std=weight_scale),
+    ]
+    return Model("three-layer", layers, input_shape=(3, input_size, input_size), dtype=dtype,
+                 weight_decay=reg,
+                 options=dict(num_filters=num_filters, filter_size=filter_size,
+                              hidden_dim=hidden_dim, weight_scale=weight_scale, reg=reg))
+
+
+def vgg(dtype=np.float32, widths=(64, 128, 256), ghost_batch=32, weight_decay=5e-4,
+        label_smoothing=0.0, **_):
+    """A VGG-style stack with batch norm: [conv3x3-BN-ReLU ×2, max-pool] per width, global
+    average pool, linear head. Batch statistics per ghost batch of `ghost_batch` samples."""
+    layers: list[Layer] = [ToChannelsFirst()]
+    c_in = 3
+    for i, w in enumerate(widths):
+        for j in range(2):
+            layers += [Conv(f"conv{i}{j}", c_in, w, 3, bias=False), BatchNorm(f"bn{i}{j}", w), ReLU()]
+            c_in = w
+        layers.append(MaxPool(2))
+    layers += [GlobalAvgPool(), Affine("fc", c_in, 10, init_std=0.01)]
+    return Model("vgg", layers, dtype=dtype, group_size=ghost_batch, weight_decay=weight_decay,
+                 label_smoothing=label_smoothing,
+                 options=dict(widths=list(widths), ghost_batch=ghost_batch))
+
+
+MODELS: dict[str, Callable[..., Model]] = {
+    "linear": linear,
+    "three-layer": three_layer,
+    "vgg": vgg,
+}
+
+
+def build_model(name: str, **options) -> Model:
+    try:
+        factory = MODELS[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}") from None
+    return factory(**options)

@@ -1,0 +1,193 @@
+"""Every layer's backward pass against a centred numerical gradient, in float64."""
+import numpy as np
+import pytest
+
+from partrain.nn import functional as F
+from partrain.nn.models import build_model
+
+RNG = np.random.default_rng(0)
+
+
+def numerical_grad(f, x, h=1e-5):
+    """Centred differences of the scalar f() w.r.t. every element of x (modified in place)."""
+    g = np.zeros_like(x)
+    it = np.nditer(x, flags=["multi_index"])
+    for _ in it:
+        i = it.multi_index
+        old = x[i]
+        x[i] = old + h
+        fp = f()
+        x[i] = old - h
+        fm = f()
+        x[i] = old
+        g[i] = (fp - fm) / (2 * h)
+    return g
+
+
+def rel_error(a, b):
+    return np.max(np.abs(a - b) / np.maximum(1e-8, np.abs(a) + np.abs(b)))
+
+
+def check(forward, backward, inputs, dout_shape=None):
+    """forward(*inputs) -> (out, cache); backward(dout, cache) -> grads for each input."""
+    out, _ = forward(*inputs)
+    dout = RNG.standard_normal(out.shape)
+    _, cache = forward(*inputs)
+    analytic = backward(dout.copy(), cache)
+    for x, ga in zip(inputs, analytic):
+        if ga is None:
+            continue
+        gn = numerical_grad(lambda: float(np.sum(forward(*inputs)[0] * dout)), x)
+        assert rel_error(ga, gn) < 1e-6, rel_error(ga, gn)
+
+
+@pytest.mark.parametrize("stride,pad,k", [(1, 1, 3), (2, 1, 3), (1, 3, 7), (2, 0, 2), (1, 0, 1)])
+def test_conv(stride, pad, k):
+    x = RNG.standard_normal((3, 2, 7, 7))
+    w = RNG.standard_normal((4, 3, k, k))
+    b = RNG.standard_normal(4)
+
+    def fwd(x, w, b):
+        return F.conv_forward(x, w, b, stride, pad)
+
+    def bwd(d, cache):
+        dx, dw, db = F.conv_backward(d, cache)
+        return dx, dw, db
+
+    check(fwd, bwd, [x, w, b])
+
+
+def test_conv_matches_direct_sum():
+    """The im2col result equals the convolution written as a plain loop (CNHW layout)."""
+    x = RNG.standard_normal((2, 3, 5, 5))
+    w = RNG.standard_normal((4, 2, 3, 3))
+    out, _ = F.conv_forward(x, w, None, 1, 1)
+    xp = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    ref = np.zeros((4, 3, 5, 5))
+    for f in range(4):
+        for n in range(3):
+            for i in range(5):
+                for j in range(5):
+                    ref[f, n, i, j] = np.sum(xp[:, n, i:i + 3, j:j + 3] * w[f])
+    np.testing.assert_allclose(out, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_relu():
+    x = RNG.standard_normal((3, 2, 4, 4))
+    x[np.abs(x) < 1e-3] = 0.1  # keep away from the kink
+    check(lambda x: F.relu_forward(x), lambda d, c: (F.relu_backward(d, c),), [x])
+
+
+def test_gelu():
+    x = RNG.standard_normal((3, 2, 4, 4))
+    check(lambda x: F.gelu_forward(x), lambda d, c: (F.gelu_backward(d, c),), [x])
+
+
+@pytest.mark.parametrize("size,stride", [(2, 2), (3, 2), (3, 1)])
+def test_maxpool(size, stride):
+    x = RNG.permutation(3 * 2 * 8 * 8).reshape(3, 2, 8, 8).astype(np.float64) / 10.0  # no ties
+    check(lambda x: F.maxpool_forward(x, size, stride), lambda d, c: (F.maxpool_backward(d, c),), [x])
+
+
+def test_maxpool_ties_go_to_one_input():
+    x = np.zeros((1, 1, 2, 2))
+    out, cache = F.maxpool_forward(x)
+    dx = F.maxpool_backward(np.ones_like(out), cache)
+    assert dx.sum() == 1.0 and dx[0, 0, 0, 0] == 1.0
+
+
+def test_global_pools():
+    x = RNG.permutation(3 * 2 * 4 * 4).reshape(3, 2, 4, 4).astype(np.float64)
+    check(F.global_avgpool_forward, lambda d, c: (F.global_avgpool_backward(d, c),), [x])
+    check(F.global_maxpool_forward, lambda d, c: (F.global_maxpool_backward(d, c),), [x])
+
+
+def test_affine_and_flatten():
+    x = RNG.standard_normal((5, 6))
+    w = RNG.standard_normal((6, 3))
+    b = RNG.standard_normal(3)
+    check(F.affine_forward, lambda d, c: F.affine_backward(d, c, True, None, np.empty(3)), [x, w, b])
+    x4 = RNG.standard_normal((3, 2, 2, 2))
+    check(F.flatten_forward, lambda d, c: (F.flatten_backward(d, c),), [x4])
+    flat, _ = F.flatten_forward(x4)
+    np.testing.assert_array_equal(flat[1], x4[:, 1].ravel())  # (C, H, W) order per sample
+
+
+@pytest.mark.parametrize("groups", [[(0, 4)], [(0, 2), (2, 4)], [(0, 3), (3, 4)]])
+def test_batchnorm(groups):
+    x = RNG.standard_normal((3, 4, 2, 2)) * 2 + 1
+    gamma = RNG.standard_normal(3)
+    beta = RNG.standard_normal(3)
+
+    def fwd(x, gamma, beta):
+        out, cache, _ = F.batchnorm_forward(x, gamma, beta, groups)
+        return out, cache
+
+    check(fwd, lambda d, c: F.batchnorm_backward(d, c, np.empty(3), np.empty(3)), [x, gamma, beta])
+
+
+def test_batchnorm_groups_are_independent():
+    x = RNG.standard_normal((2, 4, 3, 3))
+    whole, _, _ = F.batchnorm_forward(x, None, None, [(0, 2), (2, 4)])
+    first, _, _ = F.batchnorm_forward(x[:, :2].copy(), None, None, [(0, 2)])
+    np.testing.assert_allclose(whole[:, :2], first, rtol=1e-12)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_softmax_cross_entropy(smoothing):
+    logits = RNG.standard_normal((6, 10))
+    y = RNG.integers(0, 10, 6)
+    _, _, d = F.softmax_cross_entropy(logits, y, 0.5, smoothing)
+    gn = numerical_grad(lambda: 0.5 * F.softmax_cross_entropy(logits, y, 1.0, smoothing)[0], logits)
+    assert rel_error(d, gn) < 1e-6
+
+
+def test_dropout_backward_uses_mask():
+    x = RNG.standard_normal((4, 5))
+    out, mask = F.dropout_forward(x, 0.5, np.random.default_rng(1))
+    np.testing.assert_allclose(F.dropout_backward(np.ones_like(x), mask), mask)
+    assert set(np.unique(mask)) <= {0.0, 2.0}
+
+
+def model_gradcheck(name, **options):
+    model = build_model(name, dtype=np.float64, **options)
+    params = np.zeros(model.layout.size)
+    grads = np.zeros_like(params)
+    model.bind(params, grads, None)
+    model.init_params(np.random.default_rng(0))
+    n = 4
+    x = RNG.standard_normal((n,) + model.input_shape)
+    y = RNG.integers(0, 10, n)
+    _, g = model.loss_and_grad(x, y)
+    # Check a random subset of coordinates from every tensor.
+    for lo, spec in ((model.layout.offsets[s.name], s) for s in model.layout.specs):
+        idx = lo + RNG.choice(spec.size, size=min(spec.size, 12), replace=False)
+        for i in idx:
+            old = params[i]
+            h = 1e-5 * max(1.0, abs(old))
+            params[i] = old + h
+            fp = model.loss_and_grad(x, y)[0]
+            params[i] = old - h
+            fm = model.loss_and_grad(x, y)[0]
+            params[i] = old
+            num = (fp - fm) / (2 * h)
+            err = abs(num - g[i]) / max(1e-8, abs(num) + abs(g[i]))
+            assert err < 1e-6 or abs(num - g[i]) < 1e-10, (spec.name, i, num, g[i], err)
+
+
+def test_three_layer_model_gradient():
+    # The course model with a larger init so that every path carries signal.
+    model_gradcheck("three-layer", num_filters=4, hidden_dim=8, weight_scale=0.1, reg=0.05)
+
+
+def test_vgg_model_gradient():
+    model_gradcheck("vgg", widths=(4, 6, 8), ghost_batch=2)
+
+
+def test_course_model_shapes_and_flops():
+    m = build_model("three-layer")
+    assert m.layout.size == 32 * 3 * 49 + 32 + 8192 * 512 + 512 + 512 * 10 + 10
+    assert abs(m.flops_per_image()["train"] / 1e6 - 54.1) < 0.05
+    assert m.layout.decay_ranges() == [
+        (0, 32 * 147), (32 * 147 + 32, 32 * 147 + 32 + 8192 * 512),
+        (32 * 147 + 32 + 8192 * 512 + 512, 32 * 147 + 32 + 8192 * 512 + 512 + 5120)]
