@@ -1,0 +1,257 @@
+"""The HDF5 file made by `partrain prepare`: its schema, an atomic writer and a validating reader.
+
+Layout of `cifar10.h5` (schema version 1)::
+
+    /train/images  (N, 3, 32, 32) uint8   NCHW, channels R, G, B
+    /train/labels  (N,)           uint8   0..9
+    /test/images   (M, 3, 32, 32) uint8
+    /test/labels   (M,)           uint8
+    attrs: format="partrain-cifar10", schema_version=1, class_names (10 str),
+           mean, std (3,) float32   per-channel statistics of the train images, pixel units 0..255
+           source_name, source_sha256   what the file was built from
+
+Every later command opens the file through `load_store`, which checks all of the above and raises
+`PartrainError` (one line) on any problem.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import PartrainError
+
+SCHEMA_VERSION = 1
+FORMAT = "partrain-cifar10"
+FILENAME = "cifar10.h5"
+SPLITS = ("train", "test")
+IMAGE_SHAPE = (3, 32, 32)
+NUM_CLASSES = 10
+
+
+@dataclass
+class CifarData:
+    """The contents of a store. Arrays of splits that were not loaded are None."""
+
+    train_images: np.ndarray | None
+    train_labels: np.ndarray | None
+    test_images: np.ndarray | None
+    test_labels: np.ndarray | None
+    class_names: list[str]
+    mean: np.ndarray
+    std: np.ndarray
+    source_name: str
+    source_sha256: str
+    schema_version: int
+    path: Path | None = None
+
+
+def channel_stats(images: np.ndarray, chunk: int = 1000) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and (population) std of uint8 NCHW images, in pixel units, as float32.
+
+    Sums of pixels and of squared pixels are exact integers, so the result is the float64 value
+    rounded once to float32, whatever the chunking. Memory stays at a few chunks' worth.
+    """
+    n_pix = images.shape[0] * images.shape[2] * images.shape[3]
+    if n_pix == 0:
+        raise PartrainError("cannot compute channel statistics of an empty image set")
+    s = [0] * images.shape[1]
+    ss = [0] * images.shape[1]
+    for lo in range(0, images.shape[0], chunk):
+        block = images[lo:lo + chunk]
+        sums = np.sum(block, axis=(0, 2, 3), dtype=np.int64)
+        sq = np.square(block, dtype=np.uint32)
+        sqsums = np.sum(sq, axis=(0, 2, 3), dtype=np.int64)
+        for c in range(len(s)):
+            s[c] += int(sums[c])
+            ss[c] += int(sqsums[c])
+    mean = np.array([sc / n_pix for sc in s], np.float64)
+    var = np.array([(n_pix * q - sc * sc) / (n_pix * n_pix) for sc, q in zip(s, ss)], np.float64)
+    return mean.astype(np.float32), np.sqrt(var).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------- writing
+
+def _write_h5(path: Path, data: CifarData) -> None:
+    """Write every dataset and attribute of `data` into a new HDF5 file at `path`."""
+    import h5py
+
+    with h5py.File(path, "w") as f:
+        for split in SPLITS:
+            g = f.create_group(split)
+            g.create_dataset("images", data=getattr(data, f"{split}_images"))
+            g.create_dataset("labels", data=getattr(data, f"{split}_labels"))
+        f.attrs["format"] = FORMAT
+        f.attrs["schema_version"] = np.int64(data.schema_version)
+        f.attrs["class_names"] = np.array(data.class_names, dtype=h5py.string_dtype())
+        f.attrs["mean"] = np.asarray(data.mean, np.float32)
+        f.attrs["std"] = np.asarray(data.std, np.float32)
+        f.attrs["source_name"] = data.source_name
+        f.attrs["source_sha256"] = data.source_sha256
+
+
+def write_store(path, train_images: np.ndarray, train_labels: np.ndarray,
+                test_images: np.ndarray, test_labels: np.ndarray, class_names: list[str],
+                source_name: str, source_sha256: str) -> CifarData:
+    """Write a store atomically: a temp file in the same folder, then `os.replace`.
+
+    Computes mean/std from the train images. On any failure (disk full, read-only folder,
+    Ctrl-C) the temp file is removed and an existing file at `path` is left as it was.
+    """
+    path = Path(path)
+    arrays = dict(train_images=np.asarray(train_images), train_labels=np.asarray(train_labels),
+                  test_images=np.asarray(test_images), test_labels=np.asarray(test_labels))
+    for split in SPLITS:  # never write a file that load_store would refuse
+        images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+        _check_split(images.shape, images.dtype, labels.shape, labels.dtype, split, "data to write")
+        _check_labels(labels, split, "data to write")
+    mean, std = channel_stats(arrays["train_images"])
+    data = CifarData(**arrays, class_names=[str(n) for n in class_names], mean=mean, std=std,
+                     source_name=str(source_name), source_sha256=str(source_sha256),
+                     schema_version=SCHEMA_VERSION, path=path)
+    _check_header(data, "data to write")
+    folder = path.parent
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    except OSError as e:
+        raise PartrainError(f"cannot write to {folder}: {_reason(e)}") from None
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        _write_h5(tmp, data)
+        os.replace(tmp, path)
+    except OSError as e:
+        _remove_quietly(tmp)
+        raise PartrainError(f"cannot write {path}: {_reason(e)}") from None
+    except BaseException:  # KeyboardInterrupt, bugs: still leave nothing half-written behind
+        _remove_quietly(tmp)
+        raise
+    return data
+
+
+def _remove_quietly(p: Path) -> None:
+    with contextlib.suppress(OSError):
+        p.unlink()
+
+
+def _reason(e: OSError) -> str:
+    if e.errno == errno.ENOSPC:
+        return "no space left on device"
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "permission denied (read-only folder?)"
+    return e.strerror or str(e) or type(e).__name__
+
+
+# --------------------------------------------------------------------------------------- reading
+
+def load_store(path, splits=("train", "test")) -> CifarData:
+    """Open and validate a store; read the arrays of `splits` into memory (others stay None)."""
+    return _open(path, splits, read_images=True)
+
+
+def inspect_store(path) -> CifarData:
+    """Validate a store (attributes, shapes, dtypes, labels) without reading the images."""
+    return _open(path, SPLITS, read_images=False)
+
+
+def _open(path, splits, read_images: bool) -> CifarData:
+    import h5py
+
+    path = Path(path)
+    splits = tuple(splits)
+    bad = [s for s in splits if s not in SPLITS]
+    if bad or not splits:
+        raise ValueError(f"splits must be a non-empty subset of {SPLITS}, got {splits}")
+    if not path.exists():
+        raise PartrainError(f"no dataset at {path}; run `partrain prepare` first")
+    if path.is_dir():
+        raise PartrainError(f"{path} is a folder, expected the {FILENAME} made by `partrain prepare`")
+    try:
+        f = h5py.File(path, "r")
+    except OSError:
+        raise PartrainError(f"{path} is not a readable HDF5 file; rebuild it with "
+                            "`partrain prepare --force`") from None
+    try:
+        with f:
+            data = _read_attrs(f, path)
+            arrays = {}
+            for split in splits:
+                images, labels = _read_split(f, split, path, read_images)
+                arrays[f"{split}_images"] = images
+                arrays[f"{split}_labels"] = labels
+    except OSError as e:  # corrupt or truncated data blocks
+        raise PartrainError(f"cannot read {path} ({_reason(e)}); rebuild it with "
+                            "`partrain prepare --force`") from None
+    for name, value in arrays.items():
+        setattr(data, name, value)
+    return data
+
+
+def _read_attrs(f, path: Path) -> CifarData:
+    a = f.attrs
+    fmt = a.get("format")
+    if not isinstance(fmt, str) or fmt != FORMAT:
+        raise PartrainError(f"{path} is an HDF5 file but not a partrain CIFAR-10 store "
+                            "(made elsewhere?); rebuild it with `partrain prepare --force`")
+    version = a.get("schema_version")
+    if not isinstance(version, (int, np.integer)) or int(version) != SCHEMA_VERSION:
+        raise PartrainError(f"{path} has schema version {version}, this partrain reads version "
+                            f"{SCHEMA_VERSION}; rebuild it with `partrain prepare --force`")
+    try:
+        names = [n.decode() if isinstance(n, bytes) else str(n) for n in a["class_names"]]
+        mean = np.asarray(a["mean"], np.float32)
+        std = np.asarray(a["std"], np.float32)
+        source_name, source_sha256 = str(a["source_name"]), str(a["source_sha256"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise PartrainError(f"{path} lacks a valid attribute ({e}); rebuild it with "
+                            "`partrain prepare --force`") from None
+    data = CifarData(None, None, None, None, names, mean, std, source_name, source_sha256,
+                     int(version), path)
+    _check_header(data, str(path))
+    return data
+
+
+def _read_split(f, split: str, path: Path, read_images: bool):
+    if split not in f or "images" not in f[split] or "labels" not in f[split]:
+        raise PartrainError(f"{path} has no {split}/images and {split}/labels; rebuild it with "
+                            "`partrain prepare --force`")
+    images, labels = f[split]["images"], f[split]["labels"]
+    _check_split(images.shape, images.dtype, labels.shape, labels.dtype, split, str(path))
+    labels = labels[()]
+    _check_labels(labels, split, str(path))
+    return (images[()] if read_images else None), labels
+
+
+# ------------------------------------------------------------------------------------ validation
+
+def _check_header(d: CifarData, where: str) -> None:
+    if len(d.class_names) != NUM_CLASSES or not all(d.class_names):
+        raise PartrainError(f"{where}: expected {NUM_CLASSES} class names, got {d.class_names}")
+    for name in ("mean", "std"):
+        v = getattr(d, name)
+        if v.shape != (3,) or not np.all(np.isfinite(v)):
+            raise PartrainError(f"{where}: attribute {name} must be 3 finite numbers, got {v}")
+    if not np.all(d.std > 0):
+        raise PartrainError(f"{where}: every channel's std must be positive, got {d.std}")
+
+
+def _check_split(ishape, idtype, lshape, ldtype, split: str, where: str) -> None:
+    n = ishape[0] if len(ishape) else 0
+    if len(ishape) != 4 or tuple(ishape[1:]) != IMAGE_SHAPE or idtype != np.uint8:
+        raise PartrainError(f"{where}: {split}/images must be (N, 3, 32, 32) uint8, "
+                            f"got {tuple(ishape)} {idtype}")
+    if tuple(lshape) != (n,) or ldtype != np.uint8:
+        raise PartrainError(f"{where}: {split}/labels must be ({n},) uint8, got {tuple(lshape)} {ldtype}")
+    if n == 0:
+        raise PartrainError(f"{where}: the {split} split is empty")
+
+
+def _check_labels(labels: np.ndarray, split: str, where: str) -> None:
+    if labels.size and int(labels.max()) >= NUM_CLASSES:
+        raise PartrainError(f"{where}: {split} labels must lie in 0..{NUM_CLASSES - 1}, "
+                            f"found {int(labels.max())}")
