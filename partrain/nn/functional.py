@@ -157,14 +157,20 @@ def maxpool_forward(x, size=2, stride=2, ws=None, key="pool"):
     C, N, H, W = x.shape
     OH, OW = (H - size) // stride + 1, (W - size) // stride + 1
     if size == 2 and stride == 2 and H % 2 == 0 and W % 2 == 0:
-        a, b = x[:, :, 0::2, 0::2], x[:, :, 0::2, 1::2]
-        c, d = x[:, :, 1::2, 0::2], x[:, :, 1::2, 1::2]
+        # Two passes of pairwise maxima: rows (views that keep W contiguous, so numpy's inner
+        # loops run long), then columns. Each pass records, as 0/1 floats, which of the pair won
+        # (the first on a tie), so the backward pass routes each gradient to exactly one input.
+        r0, r1 = x[:, :, 0::2, :], x[:, :, 1::2, :]
+        rows = _buf(ws, key + "rows", (C, N, OH, W), x.dtype)
+        np.maximum(r0, r1, out=rows)
+        row1 = _buf(ws, key + "row1", (C, N, OH, W), x.dtype)
+        np.greater(r1, r0, out=row1)
         out = _buf(ws, key + "out", (C, N, OH, OW), x.dtype)
-        tmp = _buf(ws, key + "tmp", (C, N, OH, OW), x.dtype)
-        np.maximum(a, b, out=out)
-        np.maximum(c, d, out=tmp)
-        np.maximum(out, tmp, out=out)
-        return out, ("fast2", x, out)
+        c0, c1 = rows[..., 0::2], rows[..., 1::2]
+        np.maximum(c0, c1, out=out)
+        col1 = _buf(ws, key + "col1", (C, N, OH, OW), x.dtype)
+        np.greater(c1, c0, out=col1)
+        return out, ("fast2", x.shape, row1, col1)
     sC, sN, sH, sW = x.strides
     win = as_strided(x, shape=(C, N, OH, OW, size, size),
                      strides=(sC, sN, sH * stride, sW * stride, sH, sW), writeable=False)
@@ -176,14 +182,14 @@ def maxpool_forward(x, size=2, stride=2, ws=None, key="pool"):
 
 def maxpool_backward(dout, cache, ws=None, key="pool"):
     if cache[0] == "fast2":
-        _, x, out = cache
-        dx = _buf(ws, key + "dx", x.shape, dout.dtype)
-        taken = np.zeros(out.shape, bool)
-        for i, j in ((0, 0), (0, 1), (1, 0), (1, 1)):
-            hit = x[:, :, i::2, j::2] == out
-            hit &= ~taken
-            taken |= hit
-            np.multiply(dout, hit, out=dx[:, :, i::2, j::2])
+        _, shape, row1, col1 = cache
+        C, N, H, W = shape
+        drow = _buf(ws, key + "drow", (C, N, H // 2, W), dout.dtype)
+        np.multiply(dout, col1, out=drow[..., 1::2])
+        np.subtract(dout, drow[..., 1::2], out=drow[..., 0::2])
+        dx = _buf(ws, key + "dx", shape, dout.dtype)
+        np.multiply(drow, row1, out=dx[:, :, 1::2, :])
+        np.subtract(drow, dx[:, :, 1::2, :], out=dx[:, :, 0::2, :])
         return dx
     _, shape, arg, size, stride = cache
     C, N, H, W = shape
