@@ -1,0 +1,138 @@
+"""Tiny synthetic CIFAR-10 look-alikes for tests: archives of both official layouts, and stores.
+
+- `binary_members` / `python_members`: {member name: bytes} of a small archive, which a test can
+  corrupt before `write_tar` packs it; `make_binary_archive` / `make_python_archive` do both.
+- `make_tiny_store(path, n_train, n_test, seed)`: a valid cifar10.h5 whose images are learnable
+  (each class has its own colour and a brighter quadrant, plus noise), for training tests.
+"""
+from __future__ import annotations
+
+import io
+import pickle
+import tarfile
+from pathlib import Path
+
+import numpy as np
+
+CLASS_NAMES = ["airplane", "automobile", "bird", "cat", "deer",
+               "dog", "frog", "horse", "ship", "truck"]
+BIN_TOP = "cifar-10-batches-bin"
+PY_TOP = "cifar-10-batches-py"
+
+
+def random_split(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """n random uint8 images (n, 3, 32, 32) and labels 0..9 (n,)."""
+    images = rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)
+    labels = rng.integers(0, 10, n).astype(np.uint8)
+    return images, labels
+
+
+def make_splits(n_per_batch: int = 40, n_test: int = 50, seed: int = 0):
+    """Five train batches and one test batch: {batch name: (images, labels)}."""
+    rng = np.random.default_rng(seed)
+    batches = {f"data_batch_{i}": random_split(n_per_batch, rng) for i in range(1, 6)}
+    batches["test_batch"] = random_split(n_test, rng)
+    return batches
+
+
+def expected_arrays(batches):
+    """(train_images, train_labels, test_images, test_labels) that `prepare` should store."""
+    train = [batches[f"data_batch_{i}"] for i in range(1, 6)]
+    return (np.concatenate([b[0] for b in train]), np.concatenate([b[1] for b in train]),
+            batches["test_batch"][0], batches["test_batch"][1])
+
+
+def binary_records(images: np.ndarray, labels: np.ndarray) -> bytes:
+    """The official binary encoding: per record, a label byte then 3072 pixel bytes (R, G, B)."""
+    rec = np.empty((len(labels), 3073), np.uint8)
+    rec[:, 0] = labels
+    rec[:, 1:] = images.reshape(len(labels), -1)
+    return rec.tobytes()
+
+
+def binary_members(batches, class_names=CLASS_NAMES) -> dict[str, bytes]:
+    members = {f"{BIN_TOP}/batches.meta.txt": ("\n".join(class_names) + "\n\n").encode()}
+    for name, (images, labels) in batches.items():
+        members[f"{BIN_TOP}/{name}.bin"] = binary_records(images, labels)
+    members[f"{BIN_TOP}/readme.html"] = b"<html>not needed</html>"
+    return members
+
+
+def python_members(batches, class_names=CLASS_NAMES) -> dict[str, bytes]:
+    """The official python layout: protocol-2 pickles of dicts with bytes keys."""
+    meta = {b"label_names": [n.encode() for n in class_names], b"num_cases_per_batch": 10000,
+            b"num_vis": 3072}
+    members = {f"{PY_TOP}/batches.meta": pickle.dumps(meta, protocol=2)}
+    for name, (images, labels) in batches.items():
+        d = {b"batch_label": name.encode(), b"labels": [int(v) for v in labels],
+             b"data": images.reshape(len(labels), -1),
+             b"filenames": [f"img_{i}.png".encode() for i in range(len(labels))]}
+        members[f"{PY_TOP}/{name}"] = pickle.dumps(d, protocol=2)
+    members[f"{PY_TOP}/readme.html"] = b"<html>not needed</html>"
+    return members
+
+
+def write_tar(path, members: dict[str, bytes], gz: bool = True) -> Path:
+    """Pack {name: bytes} into a tar (gzipped by default), with folder entries like the original."""
+    path = Path(path)
+    with tarfile.open(path, "w:gz" if gz else "w") as tar:
+        for folder in sorted({n.rsplit("/", 1)[0] for n in members if "/" in n}):
+            info = tarfile.TarInfo(folder)
+            info.type = tarfile.DIRTYPE
+            info.mode = 0o755
+            tar.addfile(info)
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            info.mode = 0o644
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def write_folder(root, members: dict[str, bytes]) -> Path:
+    """Write {name: bytes} as files under `root` (an 'already extracted' archive)."""
+    root = Path(root)
+    for name, data in members.items():
+        f = root / name
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_bytes(data)
+    return root
+
+
+def make_binary_archive(path, n_per_batch: int = 40, n_test: int = 50, seed: int = 0):
+    """A tiny cifar-10-binary.tar.gz; returns (path, batches)."""
+    batches = make_splits(n_per_batch, n_test, seed)
+    return write_tar(path, binary_members(batches)), batches
+
+
+def make_python_archive(path, n_per_batch: int = 40, n_test: int = 50, seed: int = 0):
+    """A tiny cifar-10-python.tar.gz; returns (path, batches)."""
+    batches = make_splits(n_per_batch, n_test, seed)
+    return write_tar(path, python_members(batches)), batches
+
+
+def learnable_split(n: int, rng: np.random.Generator, noise: float = 40.0):
+    """n images whose class shows in the colour and in which quadrant is brighter, plus noise."""
+    palette = np.random.default_rng(12345).uniform(50, 205, (10, 3))  # fixed per class
+    labels = (np.arange(n) % 10).astype(np.uint8)
+    rng.shuffle(labels)
+    x = palette[labels][:, :, None, None] + rng.normal(0, noise, (n, 3, 32, 32))
+    quadrant = labels % 4
+    for q in range(4):
+        r, c = divmod(q, 2)
+        x[quadrant == q, :, r * 16:(r + 1) * 16, c * 16:(c + 1) * 16] += 30
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8), labels
+
+
+def make_tiny_store(path, n_train: int = 500, n_test: int = 100, seed: int = 0) -> Path:
+    """Write a valid small cifar10.h5 with learnable images; returns its path."""
+    from partrain.datasets.store import write_store
+
+    rng = np.random.default_rng(seed)
+    train_images, train_labels = learnable_split(n_train, rng)
+    test_images, test_labels = learnable_split(n_test, rng)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_store(path, train_images, train_labels, test_images, test_labels, CLASS_NAMES,
+                source_name=f"synthetic(seed={seed})", source_sha256="0" * 64)
+    return path
