@@ -1,0 +1,171 @@
+"""Atomic checkpoints: named arrays plus JSON metadata in one HDF5 file.
+
+A save writes a temporary file beside the target, fsyncs it, then `os.replace`s it over the target
+and fsyncs the directory, so a writer killed at any moment leaves either the old checkpoint or the
+new one, never a half-written file at `path`. Loading checks everything and turns any problem into
+one PartrainError line, because resuming from a bad file is a user-fixable situation.
+
+File layout (format version 1): root attributes `format`, `format_version`, `partrain_version`;
+group `arrays` with one dataset per array (exact dtype and shape, uncompressed); scalar string
+dataset `meta` holding the JSON text. (meta is a dataset, not an attribute: HDF5 attributes are
+limited to 64 KB in the default file format and meta may hold a whole run history.)
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from . import __version__
+from .errors import PartrainError
+
+FORMAT = "partrain-checkpoint"
+FORMAT_VERSION = 1
+_BIT_GENERATORS = ("PCG64", "PCG64DXSM", "Philox", "SFC64", "MT19937")
+
+
+def save_checkpoint(path: str | os.PathLike, arrays: dict[str, np.ndarray],
+                    meta: dict[str, Any]) -> Path:
+    """Write `arrays` and JSON-serialisable `meta` to `path` atomically; returns the path.
+
+    numpy scalars and arrays inside meta are converted to Python numbers and lists.
+    """
+    path = Path(path)
+    meta_text = json.dumps(meta, default=_to_json)  # fail before touching the disk
+    arrays = {_check_name(k): np.asarray(v) for k, v in arrays.items()}
+    for k, v in arrays.items():
+        if v.dtype.hasobject:
+            raise ValueError(f"array {k!r} has dtype object; checkpoints hold numeric arrays")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}.{secrets.token_hex(4)}")
+    try:
+        with h5py.File(tmp, "w-") as f:
+            f.attrs["format"] = FORMAT
+            f.attrs["format_version"] = FORMAT_VERSION
+            f.attrs["partrain_version"] = __version__
+            group = f.create_group("arrays")
+            for k, v in arrays.items():
+                group.create_dataset(k, data=v)
+            f.create_dataset("meta", data=meta_text, dtype=h5py.string_dtype("utf-8"))
+        _fsync(tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise PartrainError(f"could not write checkpoint {path}: {_one_line(e)}") from e
+        raise
+    _fsync(path.parent, directory=True)  # make the rename itself durable
+    _remove_stale_temps(path)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """(arrays, meta) from a checkpoint; PartrainError if missing, damaged, foreign or too new."""
+    path = Path(path)
+    if not path.is_file():
+        raise PartrainError(f"checkpoint {path} does not exist" if not path.exists()
+                            else f"checkpoint {path} is not a file")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise PartrainError(f"{path} is not a readable checkpoint (truncated or not HDF5): "
+                            f"{_one_line(e)}") from None
+    try:
+        with f:
+            if f.attrs.get("format") != FORMAT:
+                raise PartrainError(f"{path} is an HDF5 file but not a partrain checkpoint")
+            version = int(f.attrs.get("format_version", -1))
+            if version > FORMAT_VERSION:
+                raise PartrainError(
+                    f"{path} has checkpoint format {version}, written by partrain "
+                    f"{f.attrs.get('partrain_version', '?')}; this partrain {__version__} reads "
+                    f"up to format {FORMAT_VERSION}: upgrade partrain")
+            if version < 1:
+                raise PartrainError(f"{path} has an invalid checkpoint format version {version}")
+            arrays = {k: ds[()] for k, ds in f["arrays"].items()}
+            raw = f["meta"][()]
+            meta = json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
+    except PartrainError:
+        raise
+    except (OSError, KeyError, ValueError, TypeError, RuntimeError) as e:
+        raise PartrainError(f"checkpoint {path} is damaged: {_one_line(e)}") from None
+    if not isinstance(meta, dict):
+        raise PartrainError(f"checkpoint {path} is damaged: meta is not a JSON object")
+    return {k: np.asarray(v) for k, v in arrays.items()}, meta
+
+
+def rng_state(rng: np.random.Generator) -> dict[str, Any]:
+    """The generator's state as a JSON-able dict (put it in meta to resume the same stream)."""
+    return rng.bit_generator.state
+
+
+def rng_from_state(state: dict[str, Any]) -> np.random.Generator:
+    """A Generator that continues exactly where the one saved with `rng_state` stopped."""
+    name = state.get("bit_generator") if isinstance(state, dict) else None
+    if name not in _BIT_GENERATORS:
+        raise PartrainError(f"checkpoint holds an unknown random generator state ({name!r})")
+    bit_generator = getattr(np.random, name)()
+    bit_generator.state = state
+    return np.random.Generator(bit_generator)
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+def _check_name(name: str) -> str:
+    if not isinstance(name, str) or not name or "/" in name or name in (".", ".."):
+        raise ValueError(f"bad array name {name!r}: use a non-empty string without '/'")
+    return name
+
+
+def _to_json(x: Any) -> Any:
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, os.PathLike):
+        return os.fspath(x)
+    raise TypeError(f"meta value of type {type(x).__name__} is not JSON-serialisable")
+
+
+def _fsync(path: Path, directory: bool = False) -> None:
+    """Flush a file to disk (errors raise); for a directory, best effort (some filesystems refuse)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        if not directory:
+            raise
+
+
+def _remove_stale_temps(path: Path) -> None:
+    """Delete temporaries of `path` left by writers that were killed (their pid is gone)."""
+    for tmp in path.parent.glob(f".{path.name}.tmp.*"):
+        try:
+            pid = int(tmp.name.rsplit(".", 2)[-2])
+        except ValueError:
+            continue
+        if pid != os.getpid() and not _alive(pid):
+            tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists but belongs to someone else
+    return True
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
