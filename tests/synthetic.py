@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import pickle
+import struct
 import tarfile
 from pathlib import Path
 
@@ -58,16 +59,41 @@ def binary_members(batches, class_names=CLASS_NAMES) -> dict[str, bytes]:
     return members
 
 
-def python_members(batches, class_names=CLASS_NAMES) -> dict[str, bytes]:
-    """The official python layout: protocol-2 pickles of dicts with bytes keys."""
+class _Py2Pickler(pickle._Pickler):
+    """Protocol 2 as Python 2's cPickle wrote the official files: byte strings as BINSTRING.
+
+    (Python 3's protocol 2 would instead call `_codecs.encode`, which the real files never do.)
+    """
+
+    dispatch = pickle._Pickler.dispatch.copy()
+
+    def save_bytes(self, obj):
+        n = len(obj)
+        op = pickle.SHORT_BINSTRING + bytes([n]) if n < 256 else pickle.BINSTRING + struct.pack("<i", n)
+        self.write(op + obj)
+        self.memoize(obj)
+
+    dispatch[bytes] = save_bytes
+
+
+def py2_pickle(obj, numpy_module: str = "numpy.core.multiarray") -> bytes:
+    """A protocol-2 pickle like the official ones, naming `numpy_module` for `_reconstruct`."""
+    f = io.BytesIO()
+    _Py2Pickler(f, protocol=2).dump(obj)
+    return f.getvalue().replace(b"cnumpy._core.multiarray\n_reconstruct\n",
+                                f"c{numpy_module}\n_reconstruct\n".encode())
+
+
+def python_members(batches, class_names=CLASS_NAMES, dumps=py2_pickle) -> dict[str, bytes]:
+    """The official python layout: pickles of dicts with bytes keys (see `py2_pickle`)."""
     meta = {b"label_names": [n.encode() for n in class_names], b"num_cases_per_batch": 10000,
             b"num_vis": 3072}
-    members = {f"{PY_TOP}/batches.meta": pickle.dumps(meta, protocol=2)}
+    members = {f"{PY_TOP}/batches.meta": dumps(meta)}
     for name, (images, labels) in batches.items():
         d = {b"batch_label": name.encode(), b"labels": [int(v) for v in labels],
              b"data": images.reshape(len(labels), -1),
              b"filenames": [f"img_{i}.png".encode() for i in range(len(labels))]}
-        members[f"{PY_TOP}/{name}"] = pickle.dumps(d, protocol=2)
+        members[f"{PY_TOP}/{name}"] = dumps(d)
     members[f"{PY_TOP}/readme.html"] = b"<html>not needed</html>"
     return members
 

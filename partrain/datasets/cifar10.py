@@ -85,6 +85,10 @@ def decode_binary_meta(buf: bytes, where: str) -> list[str]:
     return _check_names(names, where)
 
 
+class RefusedGlobal(pickle.UnpicklingError):
+    """A pickle named a global that `SafeUnpickler` does not allow."""
+
+
 class SafeUnpickler(pickle.Unpickler):
     """Unpickler that can rebuild numpy arrays and plain containers, and nothing else.
 
@@ -108,16 +112,16 @@ class SafeUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
         obj = self._allowed().get((module, name))
         if obj is None:
-            raise pickle.UnpicklingError(f"refused to load {module}.{name}")
+            raise RefusedGlobal(f"refused to load {module}.{name}")
         return obj
 
 
 def _unpickle(buf: bytes, where: str):
     try:
         return SafeUnpickler(io.BytesIO(buf), encoding="bytes").load()
-    except pickle.UnpicklingError as e:
-        raise PartrainError(f"{where}: unsafe or corrupt pickle ({e}); "
-                            "only CIFAR-10's numpy arrays are accepted") from None
+    except RefusedGlobal as e:
+        raise PartrainError(f"{where}: unsafe pickle, {e}; only the numpy arrays of "
+                            "CIFAR-10 are accepted") from None
     except Exception as e:  # noqa: BLE001 - any failure to parse untrusted bytes is bad input
         raise PartrainError(f"{where}: not a CIFAR-10 pickle ({type(e).__name__}: {e})") from None
 
