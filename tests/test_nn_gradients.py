@@ -188,6 +188,24 @@ def test_course_model_shapes_and_flops():
     m = build_model("three-layer")
     assert m.layout.size == 32 * 3 * 49 + 32 + 8192 * 512 + 512 + 512 * 10 + 10
     assert abs(m.flops_per_image()["train"] / 1e6 - 54.1) < 0.05
-    assert m.layout.decay_ranges() == [
-        (0, 32 * 147), (32 * 147 + 32, 32 * 147 + 32 + 8192 * 512),
-        (32 * 147 + 32 + 8192 * 512 + 512, 32 * 147 + 32 + 8192 * 512 + 512 + 5120)]
+    sizes = {name: size for name, _, size in m.summary()}
+    assert sizes == {"conv1.w": 4704, "conv1_bias.b": 32, "fc1.w": 8192 * 512, "fc1.b": 512,
+                     "fc2.w": 5120, "fc2.b": 10}
+    decayed = sum(hi - lo for lo, hi in m.layout.decay_ranges())
+    assert decayed == 4704 + 8192 * 512 + 5120  # weights only, no biases
+
+
+def test_three_layer_equals_textbook_order():
+    """conv+bias -> ReLU -> pool (the course order) equals our conv -> pool -> bias+ReLU."""
+    m = build_model("three-layer", dtype=np.float64, num_filters=4, hidden_dim=8, weight_scale=0.1)
+    params = np.zeros(m.layout.size)
+    m.bind(params, np.zeros_like(params), None)
+    m.init_params(np.random.default_rng(0))
+    v = m.layout.views(params)
+    v["conv1_bias.b"][...] = RNG.standard_normal(4)
+    x = RNG.standard_normal((3, 3, 32, 32))
+    conv, _ = F.conv_forward(x.transpose(1, 0, 2, 3), v["conv1.w"], v["conv1_bias.b"], 1, 3)
+    pooled = np.maximum(conv, 0).reshape(4, 3, 16, 2, 16, 2).max(axis=(3, 5))
+    h = np.maximum(pooled.transpose(1, 0, 2, 3).reshape(3, -1) @ v["fc1.w"] + v["fc1.b"], 0)
+    ref = h @ v["fc2.w"] + v["fc2.b"]
+    np.testing.assert_allclose(m.logits(x), ref, rtol=1e-10, atol=1e-12)

@@ -105,6 +105,36 @@ class Conv(Layer):
                 F.conv_out_size(w, self.k, self.stride, self.pad))
 
 
+class ChannelBias(Layer):
+    """Adds a per-channel bias to (C, N, H, W) maps.
+
+    Lets a model move a convolution's bias past a max-pool (a per-channel constant commutes with a
+    max), where it touches a quarter of the data; `fused_relu` applies ReLU in the same pass.
+    """
+
+    def __init__(self, name, channels, fused_relu=False):
+        self.name, self.c, self.fused_relu = name, channels, fused_relu
+
+    def params(self):
+        return [ParamSpec("b", (self.c,))]
+
+    def init(self, rng):
+        self.p["b"][...] = 0
+
+    def forward(self, x, ctx):
+        out = x + self.p["b"].reshape(-1, 1, 1, 1)
+        if self.fused_relu:
+            np.maximum(out, 0, out=out)
+            self.out = out
+        return out
+
+    def backward(self, dout):
+        if self.fused_relu:
+            dout = F.relu_backward(dout, self.out)
+        np.sum(dout, axis=(1, 2, 3), out=self.g["b"])
+        return dout
+
+
 class ReLU(Layer):
     def forward(self, x, ctx):
         out, self.cache = F.relu_forward(x)
