@@ -46,6 +46,7 @@ def test_round_trip(tmp_path):
     np.testing.assert_allclose(d.mean, x.mean(axis=(0, 2, 3)), rtol=1e-6)
     np.testing.assert_allclose(d.std, x.std(axis=(0, 2, 3)), rtol=1e-6)
     assert leftovers(tmp_path) == []
+    assert path.stat().st_mode & 0o777 == 0o666 & ~store._umask()  # not mkstemp's private 0600
 
 
 def test_load_only_test_split(tmp_path):

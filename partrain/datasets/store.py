@@ -124,7 +124,11 @@ def write_store(path, train_images: np.ndarray, train_labels: np.ndarray,
     tmp = Path(tmp_name)
     try:
         _write_h5(tmp, data)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp made it private; give it a normal file's mode
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())  # the bytes are on disk before the name points at them
         os.replace(tmp, path)
+        _fsync_dir(folder)
     except OSError as e:
         _remove_quietly(tmp)
         raise PartrainError(f"cannot write {path}: {_reason(e)}") from None
@@ -132,6 +136,21 @@ def write_store(path, train_images: np.ndarray, train_labels: np.ndarray,
         _remove_quietly(tmp)
         raise
     return data
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # not every platform or filesystem allows this
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def _remove_quietly(p: Path) -> None:
