@@ -53,5 +53,125 @@ def prepare(data_dir, source, force, url, md5):
                 echo=click.echo)
 
 
+def _usable_cores() -> int:
+    import os
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def _model_options(pairs) -> dict:
+    import json
+    out = {}
+    for item in pairs:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise PartrainError(f"--model-option wants KEY=VALUE, got {item!r}")
+        try:
+            out[key.replace("-", "_")] = json.loads(value)
+        except ValueError:
+            out[key.replace("-", "_")] = value
+    return out
+
+
+@main.command()
+@click.option("--model", default="three-layer", show_default=True,
+              help="Model name: three-layer (the course model), vgg, linear.")
+@click.option("--model-option", "model_option", multiple=True, metavar="KEY=VALUE",
+              help="Model setting, e.g. hidden_dim=256 (repeatable).")
+@click.option("--optimizer", type=click.Choice(["adam", "sgd"]), default="adam", show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True, help="Learning rate.")
+@click.option("--momentum", type=float, default=0.9, show_default=True, help="SGD momentum.")
+@click.option("--nesterov", is_flag=True, help="Nesterov momentum (SGD).")
+@click.option("--weight-decay", type=float, default=None,
+              help="L2 regularisation strength [default: the model's own; 1e-3 for three-layer].")
+@click.option("--schedule", type=click.Choice(["constant", "step", "cosine", "linear", "onecycle"]),
+              default="constant", show_default=True, help="Learning-rate schedule.")
+@click.option("--warmup-epochs", type=float, default=0.0, show_default=True)
+@click.option("--batch-size", type=int, default=50, show_default=True,
+              help="Global minibatch size (the same whatever --workers is).")
+@click.option("--epochs", type=int, default=3, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--val-size", type=int, default=1000, show_default=True,
+              help="Training images held out for validation.")
+@click.option("--workers", type=int, default=None,
+              help="Worker processes [default: usable cores]; 1 trains in this process.")
+@click.option("--reduction", type=click.Choice(["sharded", "parent"]), default="sharded",
+              show_default=True, help="How gradients are summed and the optimizer stepped.")
+@click.option("--data-dir", default="data", show_default=True, type=click.Path(path_type=Path),
+              help="Folder holding cifar10.h5 (made by partrain prepare).")
+@click.option("--runs-dir", default="runs", show_default=True, type=click.Path(path_type=Path))
+@click.option("--name", default=None, help="Run folder name [default: MODEL-DATE-TIME].")
+@click.option("--resume", type=click.Path(path_type=Path), default=None,
+              help="Continue the run in this folder exactly where it stopped.")
+@click.option("--log-every", type=int, default=20, show_default=True, help="Steps per history row.")
+@click.option("--quiet", is_flag=True, help="Print only the final summary.")
+@click.option("--dry-run", is_flag=True, help="Print the model's parameters and exit.")
+@click.option("--max-steps", type=int, default=None, hidden=True,
+              help="Stop (with a checkpoint) after this many steps; for tests.")
+@click.pass_context
+@user_errors
+def fit(ctx, model, model_option, optimizer, lr, momentum, nesterov, weight_decay, schedule,
+        warmup_epochs, batch_size, epochs, seed, val_size, workers, reduction, data_dir, runs_dir,
+        name, resume, log_every, quiet, dry_run, max_steps):
+    """Train a model on DATA_DIR/cifar10.h5 with N worker processes."""
+    from click.core import ParameterSource
+
+    from .train import (Interrupted, TrainConfig, fit as run_fit, new_run_dir, read_run_config,
+                        resume_conflicts)
+
+    settings = dict(model=model, model_options=_model_options(model_option), optimizer=optimizer,
+                    lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
+                    schedule=schedule, warmup_epochs=warmup_epochs, batch_size=batch_size,
+                    epochs=epochs, seed=seed, val_size=val_size,
+                    workers=workers or _usable_cores(), reduction=reduction,
+                    data=str(data_dir / "cifar10.h5"), log_every=log_every)
+    if dry_run:
+        _print_model(settings["model"], settings["model_options"])
+        return
+    if resume is not None:
+        saved = TrainConfig.from_dict(read_run_config(resume)["config"])
+        given = {k: v for k, v in settings.items()
+                 if ctx.get_parameter_source(_CLI_NAME.get(k, k)) == ParameterSource.COMMANDLINE}
+        if workers is None:
+            given.pop("workers", None)
+        conflicts = resume_conflicts(saved, given)
+        if conflicts:
+            raise PartrainError("cannot resume exactly with changed settings: " + ", ".join(conflicts))
+        cfg = TrainConfig.from_dict({**saved.to_dict(), **given})
+        run = resume
+    else:
+        cfg = TrainConfig(**settings)
+        cfg.check()
+        if not Path(cfg.data).exists():
+            raise PartrainError(f"{cfg.data} not found; run `partrain prepare` first")
+        run = new_run_dir(runs_dir, name, cfg.model)
+    try:
+        summary = run_fit(cfg, run, resume=resume is not None, quiet=quiet, max_steps=max_steps)
+    except Interrupted as e:
+        click.echo(str(e), err=True)
+        ctx.exit(130)
+    if quiet:
+        click.echo(" ".join(f"{k}={v}" for k, v in summary.items()))
+
+
+_CLI_NAME = {"model_options": "model_option", "data": "data_dir"}
+
+
+def _print_model(name: str, options: dict) -> None:
+    from .nn.models import build_model
+
+    try:
+        m = build_model(name, **options)
+    except (ValueError, TypeError) as e:
+        raise PartrainError(str(e)) from None
+    click.echo(f"model {name}: {m.layout.size:,} parameters")
+    for pname, shape, size in m.summary():
+        click.echo(f"  {pname:<20} {str(shape):<20} {size:>12,}")
+    f = m.flops_per_image()
+    click.echo(f"forward {f['forward'] / 1e6:.1f} MFLOP/image, training {f['train'] / 1e6:.1f} MFLOP/image")
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
