@@ -1,7 +1,6 @@
 """Checkpoints: exact round trip, clear errors for bad files, and atomicity under SIGKILL."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess

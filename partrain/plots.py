@@ -1,0 +1,255 @@
+"""A run's history file and the figures made from it (loss, accuracy, confusion, scaling).
+
+history.csv is written one row at a time by the training loop (`append_history`), so a run killed
+at any point still has a readable history. Figures use matplotlib's object API (`Figure` +
+`savefig`), never pyplot: no GUI backend, no global state, safe on a headless machine or in a
+worker. matplotlib is imported inside the functions, so importing partrain stays fast.
+"""
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from .errors import PartrainError
+
+# Column order of history.csv. kind is "step" (epoch, step, loss, lr, images_per_s) or "epoch"
+# (epoch, step, train_acc, val_acc, time_s, loss = mean training loss of the epoch); columns that
+# do not apply to a row are empty. Accuracies are fractions in [0, 1]; step is 1-based global.
+HISTORY_FIELDS = ("kind", "epoch", "step", "loss", "lr", "images_per_s", "train_acc", "val_acc",
+                  "time_s")
+_INT_FIELDS = ("epoch", "step")
+DPI = 130          # 7 x 4 inches -> 910 x 520 px: sharp when a README shrinks it to ~700 px
+FIGSIZE = (7, 4)
+
+
+# -- history.csv -------------------------------------------------------------------------------
+
+def append_history(path: str | os.PathLike, row: dict[str, Any]) -> None:
+    """Append one row (a dict of some HISTORY_FIELDS, `kind` required); writes the header first."""
+    path = Path(path)
+    unknown = set(row) - set(HISTORY_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown history columns {sorted(unknown)}; known: {HISTORY_FIELDS}")
+    if row.get("kind") not in ("step", "epoch"):
+        raise ValueError(f"history row kind must be 'step' or 'epoch', got {row.get('kind')!r}")
+    new = not path.exists() or path.stat().st_size == 0
+    if not new:
+        with open(path, newline="") as f:
+            header = next(csv.reader(f), [])
+        if tuple(header) != HISTORY_FIELDS:
+            raise PartrainError(f"{path} has columns {header}, not partrain's history columns")
+    with open(path, "a", newline="") as f:
+        writer = csv.writer(f)
+        if new:
+            writer.writerow(HISTORY_FIELDS)
+        writer.writerow([_format(row.get(k)) for k in HISTORY_FIELDS])
+
+
+def read_history(path: str | os.PathLike) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(step_rows, epoch_rows) as dicts holding only the filled columns, as int or float."""
+    path = Path(path)
+    if not path.is_file():
+        raise PartrainError(f"no history file at {path}")
+    steps: list[dict[str, Any]] = []
+    epochs: list[dict[str, Any]] = []
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames is None or "kind" not in reader.fieldnames:
+            raise PartrainError(f"{path} is not a history file (no 'kind' column)")
+        for line, raw in enumerate(reader, start=2):
+            kind = raw.pop("kind")
+            if kind not in ("step", "epoch"):
+                raise PartrainError(f"{path} line {line}: kind must be step or epoch, not {kind!r}")
+            try:
+                row = {k: (int(float(v)) if k in _INT_FIELDS else float(v))
+                       for k, v in raw.items() if k is not None and v not in ("", None)}
+            except ValueError as e:
+                raise PartrainError(f"{path} line {line}: {e}") from None
+            (steps if kind == "step" else epochs).append(row)
+    return steps, epochs
+
+
+def _format(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, (int, np.integer)) or isinstance(v, str):
+        return str(v)
+    return f"{float(v):.7g}"
+
+
+# -- figures -----------------------------------------------------------------------------------
+
+def plot_runs(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
+              pdf: bool = False) -> list[Path]:
+    """loss.png (per iteration, raw and smoothed) and accuracy.png (per epoch) for one or more runs.
+
+    Each run is a folder holding history.csv (or the csv itself); its folder name labels it.
+    """
+    if not run_dirs:
+        raise PartrainError("no runs to plot")
+    runs = []
+    for d in map(Path, run_dirs):
+        csv_path = d if d.suffix == ".csv" else d / "history.csv"
+        name = (csv_path.parent if d.suffix == ".csv" else d).resolve().name
+        runs.append((name, *read_history(csv_path)))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    colors = _colors(len(runs))
+
+    loss_fig, ax = _figure()
+    for (name, steps, _), color in zip(runs, colors):
+        pts = [(r["step"], r["loss"]) for r in steps if "step" in r and "loss" in r]
+        if not pts:
+            continue
+        x, y = np.array(pts, dtype=float).T
+        ax.plot(x, y, color=color, alpha=0.2, linewidth=0.7)
+        ax.plot(x, _ema(y), color=color, linewidth=1.8, label=name)
+    ax.set(title="Training loss", xlabel="iteration", ylabel="training loss")
+    from matplotlib.lines import Line2D
+    styles = [Line2D([], [], color="0.3", alpha=0.3, linewidth=0.7, label="per iteration"),
+              Line2D([], [], color="0.3", linewidth=1.8, label="moving average")]
+    _finish(ax, "no step rows yet", extra_handles=styles)
+
+    acc_fig, ax = _figure()
+    for (name, _, epochs), color in zip(runs, colors):
+        rows = [r for r in epochs if "epoch" in r]
+        for key, style in (("train_acc", "--"), ("val_acc", "-")):
+            pts = [(r["epoch"], r[key]) for r in rows if key in r]
+            if pts:
+                x, y = np.array(pts, dtype=float).T
+                y = _percent(y)
+                label = f"{name} (last val {y[-1]:.1f}%)" if key == "val_acc" else None
+                ax.plot(x, y, style, color=color, marker="o", markersize=3, label=label)
+    ax.set(title="Accuracy per epoch", xlabel="epoch", ylabel="accuracy (%)")
+    styles = [Line2D([], [], color="0.3", linestyle="--", label="train"),
+              Line2D([], [], color="0.3", linestyle="-", label="validation")]
+    _finish(ax, "no epoch rows yet", extra_handles=styles)
+
+    paths = []
+    for fig, stem in ((loss_fig, "loss"), (acc_fig, "accuracy")):
+        paths += _save(fig, out_dir / f"{stem}.png", pdf)
+    return paths
+
+
+def plot_confusion(matrix: np.ndarray, class_names: Sequence[str],
+                   out_path: str | os.PathLike) -> Path:
+    """Heatmap of counts (rows: true class, columns: predicted), each cell annotated."""
+    m = np.asarray(matrix)
+    k = len(class_names)
+    if m.shape != (k, k):
+        raise ValueError(f"confusion matrix has shape {m.shape}, expected ({k}, {k})")
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(6.4, 5.6), dpi=DPI, layout="constrained")
+    ax = fig.subplots()
+    image = ax.imshow(m, cmap="Blues", interpolation="nearest")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.03, label="samples")
+    threshold = m.max() / 2 if m.size else 0
+    for i in range(k):
+        for j in range(k):
+            ax.text(j, i, f"{m[i, j]:g}", ha="center", va="center", fontsize=7 if k > 10 else 8,
+                    color="white" if m[i, j] > threshold else "black")
+    ax.set_xticks(range(k), class_names, rotation=45, ha="right", rotation_mode="anchor")
+    ax.set_yticks(range(k), class_names)
+    total = m.sum()
+    acc = f" (accuracy {100 * np.trace(m) / total:.1f}%)" if total else ""
+    ax.set(title=f"Confusion matrix{acc}", xlabel="predicted", ylabel="true")
+    return _save(fig, Path(out_path), pdf=False)[0]
+
+
+def plot_scaling(rows: Iterable[dict[str, Any]], out_path: str | os.PathLike) -> Path:
+    """Throughput and parallel efficiency against worker count, one line per (reduction, batch).
+
+    rows: dicts with workers, batch, reduction, images_per_s, efficiency (a fraction; 1 = ideal).
+    """
+    groups: dict[tuple[str, int], list[tuple[int, float, float]]] = {}
+    for r in rows:
+        try:
+            key = (str(r["reduction"]), int(r["batch"]))
+            groups.setdefault(key, []).append(
+                (int(r["workers"]), float(r["images_per_s"]), float(r["efficiency"])))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"bad scaling row {r!r}: {e}") from None
+    if not groups:
+        raise PartrainError("no scaling results to plot")
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(9, 4), dpi=DPI, layout="constrained")
+    left, right = fig.subplots(1, 2)
+    workers_all = sorted({w for pts in groups.values() for w, _, _ in pts})
+    for (reduction, batch), color in zip(sorted(groups), _colors(len(groups))):
+        w, ips, eff = np.array(sorted(groups[reduction, batch]), dtype=float).T
+        label = f"{reduction}, batch {batch}"
+        left.plot(w, ips, "-o", color=color, markersize=4, label=label)
+        left.plot(w, ips[0] * w / w[0], ":", color=color, linewidth=1)   # ideal: linear
+        right.plot(w, _percent(eff, cutoff=3.0), "-o", color=color, markersize=4, label=label)
+    right.axhline(100, color="0.3", linestyle="--", linewidth=1, label="ideal")
+    left.plot([], [], ":", color="0.3", label="ideal (linear)")
+    left.set(title="Throughput", xlabel="workers", ylabel="images / s")
+    right.set(title="Parallel efficiency", xlabel="workers", ylabel="efficiency (%)")
+    right.set_ylim(bottom=0, top=max(110, right.get_ylim()[1]))
+    left.set_ylim(bottom=0)
+    for ax in (left, right):
+        ax.set_xticks(workers_all)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return _save(fig, Path(out_path), pdf=False)[0]
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+def _figure():
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=FIGSIZE, dpi=DPI, layout="constrained")
+    return fig, fig.subplots()
+
+
+def _finish(ax, empty_text: str, extra_handles: list | None = None) -> None:
+    """Legend (runs, then style keys), grid, whole-number x ticks, x range at least 2 wide."""
+    from matplotlib.ticker import MaxNLocator
+    lo, hi = ax.get_xlim()
+    if hi - lo < 2:
+        ax.set_xlim((lo + hi) / 2 - 1, (lo + hi) / 2 + 1)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 2.5, 5, 10]))
+    handles, _ = ax.get_legend_handles_labels()
+    if not handles:
+        ax.text(0.5, 0.5, empty_text, transform=ax.transAxes, ha="center", color="0.4")
+    else:
+        ax.legend(handles=handles + (extra_handles or []), fontsize=8, loc="best")
+    ax.grid(alpha=0.3)
+
+
+def _save(fig, png: Path, pdf: bool) -> list[Path]:
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png)
+    paths = [png]
+    if pdf:
+        fig.savefig(png.with_suffix(".pdf"))
+        paths.append(png.with_suffix(".pdf"))
+    return paths
+
+
+def _colors(n: int) -> list:
+    from matplotlib import colormaps
+    cmap = colormaps["tab10" if n <= 10 else "tab20"]
+    return [cmap(i % cmap.N) for i in range(n)]
+
+
+def _ema(y: np.ndarray) -> np.ndarray:
+    """Bias-corrected exponential moving average with a time constant of ~4% of the points."""
+    window = min(200, max(1, len(y) // 25))
+    beta = 1.0 - 1.0 / window
+    out = np.empty_like(y)
+    acc = 0.0
+    for i, v in enumerate(y):
+        acc = beta * acc + (1 - beta) * v
+        out[i] = acc / (1 - beta ** (i + 1)) if beta > 0 else v
+    return out
+
+
+def _percent(y: np.ndarray, cutoff: float = 1.0) -> np.ndarray:
+    """Fractions to percent; values already in percent (max above cutoff) pass through."""
+    y = np.asarray(y, dtype=float)
+    return y if y.size and np.nanmax(y) > cutoff else 100.0 * y
