@@ -249,9 +249,10 @@ def make_schedule(kind: str, base_lr: float, total_steps: int, warmup_steps: int
                   **kw) -> Callable[[int], float]:
     """A function from the 0-based step number to the learning rate.
 
-    constant; step (step_size, gamma=0.1: base*gamma^(step//step_size)); cosine (to final_lr=0 at
-    total_steps); linear (straight down to final_lr=0 at total_steps); onecycle / triangular
-    (start_frac=0.2 -> 1 at peak_frac=0.23 of training -> end_frac=0.07, airbench94's triangle).
+    constant; step (base*gamma^(step//step_size), gamma=0.1, step_size=ceil(total_steps/3): the
+    classic two drops by 10x); cosine (to final_lr=0 at total_steps); linear (straight down to
+    final_lr=0 at total_steps); onecycle / triangular (start_frac=0.2 -> 1 at peak_frac=0.23 of
+    training -> end_frac=0.07 at total_steps: airbench94's triangle).
     warmup_steps multiplies any of them by min(1, (step+1)/warmup_steps), so step 0 already moves.
     Past total_steps every schedule holds its final value.
     """
@@ -267,7 +268,8 @@ def make_schedule(kind: str, base_lr: float, total_steps: int, warmup_steps: int
     _check(total_steps >= 1, f"total_steps must be >= 1, got {total_steps}")
     _check(warmup_steps >= 0, f"warmup_steps must be >= 0, got {warmup_steps}")
     if kind == "step":
-        _check("step_size" in kw and kw["step_size"] >= 1, "the step schedule needs step_size >= 1")
+        kw.setdefault("step_size", -(-total_steps // 3))
+        _check(kw["step_size"] >= 1, f"step_size must be >= 1, got {kw['step_size']}")
     if kind in ("onecycle", "triangular"):
         kind = "onecycle"
         _check(0 < kw.get("peak_frac", 0.23) < 1, "peak_frac must be in (0, 1)")

@@ -253,6 +253,8 @@ def test_constant_and_step():
     assert f(0) == f(99) == 0.1
     f = make_schedule("step", 1.0, 100, step_size=30, gamma=0.5)
     assert [f(s) for s in (0, 29, 30, 59, 60, 99, 500)] == [1, 1, .5, .5, .25, .125, .125]
+    f = make_schedule("step", 1.0, 90)   # default: drop 10x after each third of training
+    assert [f(s) for s in (0, 29, 30, 60, 89)] == pytest.approx([1, 1, .1, .01, .01])
 
 
 def test_cosine():
@@ -297,6 +299,6 @@ def test_schedules_pickle_and_reject_bad_input():
     with pytest.raises(ValueError, match="takes no"):
         make_schedule("cosine", 1.0, 10, gamma=0.5)
     with pytest.raises(ValueError, match="step_size"):
-        make_schedule("step", 1.0, 10)
+        make_schedule("step", 1.0, 10, step_size=0)
     with pytest.raises(ValueError):
         make_schedule("constant", 1.0, 0)
