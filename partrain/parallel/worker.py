@@ -1,0 +1,132 @@
+"""What one worker process runs: attach, build the model, then obey the parent's commands.
+
+Protocol (bytes over the worker's own Pipe; the parent sends only indices — data, parameters,
+gradients, optimizer state and results all live in shared memory):
+
+  parent -> worker                       worker -> parent
+  b"S" + STEP(lo, hi, lr, t, then_reduce)  b"c" (gradient of my shard written; results in ctl[w])
+                                           or b"r" when then_reduce (also reduced and stepped)
+  b"R" + REDUCE(lr, t)                     b"r" (my slice of the sum reduced, optimizer stepped)
+  b"Q"                                     (exits)
+                                           b"k" once after start-up: attached and ready
+                                           b"E" + one-line message: failed (traceback in the log)
+
+The worker never waits on another worker, only on its pipe; the pipe reports EOF when the parent
+dies, so a worker never outlives its parent by more than one step.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import struct
+import sys
+import time
+import traceback
+
+from threadpoolctl import threadpool_limits
+
+from ..nn.models import build_model
+from ..runner import make_optimizer, shard_gradient, split_shards
+from .reduce import get_reduction, reduce_and_step
+from .shm import SharedArrays
+
+STEP = struct.Struct("<qqdq?")     # lo, hi, lr, t, then_reduce
+REDUCE = struct.Struct("<dq")      # lr, t
+# Columns of the control block ctl (float64, one row per worker), written by worker w in row w.
+LOSS, CORRECT, T_COMPUTE, T_REDUCE, T_OPTIM, PID = range(6)
+CTL_COLUMNS = 8
+
+
+def main(w: int, conn, cfg: dict) -> None:
+    """Process entry point (see engine.ParallelRunner for cfg)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides what Ctrl-C means
+    try:
+        code = _serve(w, conn, cfg)
+    except (EOFError, BrokenPipeError, ConnectionResetError):
+        code = 0  # the parent has gone: nothing to report to
+    except BaseException as e:  # noqa: BLE001 - everything goes to the log and the parent
+        code = 1
+        _report(w, conn, cfg.get("log_path"), e)
+    sys.exit(code)
+
+
+def _report(w: int, conn, log_path: str | None, e: BaseException) -> None:
+    text = traceback.format_exc()
+    if log_path:
+        try:
+            with open(log_path, "a") as f:
+                f.write(f"partrain worker {w} (pid {os.getpid()}) failed:\n{text}\n")
+        except OSError:
+            pass
+    first = (str(e).strip().splitlines() or [""])[0][:300]
+    try:
+        conn.send_bytes(b"E" + f"{type(e).__name__}: {first}".encode("utf-8", "replace"))
+    except OSError:
+        pass
+
+
+def _serve(w: int, conn, cfg: dict) -> int:
+    with threadpool_limits(limits=1):  # N workers on N cores: no BLAS oversubscription
+        shm = SharedArrays.attach(cfg["descriptor"])
+        n_workers = cfg["n_workers"]
+        name, options = cfg["model_spec"]
+        model = build_model(name, **options) if isinstance(name, str) else name(**options)
+        params, state = shm["params"], shm["state"]
+        grads = [shm[f"grad{v}"] for v in range(n_workers)]
+        reduced, perm = shm["reduced"], shm["perm"]
+        images, labels = shm["images"], shm["labels"]
+        stats = shm["stats"][w] if model.stats_size else None
+        ctl = shm["ctl"][w]
+        model.bind(params, grads[w], state)
+        optimizer = make_optimizer(model, cfg["optimizer_spec"])
+        opt_state = {k: shm[f"opt_{k}"] for k in optimizer.state_names}
+        scale, shift = cfg["scale"], cfg["shift"]
+        group = model.group_size
+        reduction = get_reduction(cfg["reduction"])
+        my_lo, my_hi = (reduction.ranges(params.size, n_workers)[w] if reduction.in_workers
+                        else (0, 0))
+        ctl[:] = 0
+        ctl[PID] = os.getpid()
+        xbuf = None
+        conn.send_bytes(b"k")
+        while True:
+            msg = conn.recv_bytes()
+            op = msg[:1]
+            if op == b"S":
+                lo, hi, lr, t, then_reduce = STEP.unpack_from(msg, 1)
+                c0 = time.perf_counter()
+                s_lo, s_hi = split_shards(lo, hi, n_workers, group)[w]
+                loss, correct, xbuf = shard_gradient(
+                    model, images, labels, perm[s_lo:s_hi], scale, shift, 1.0 / (hi - lo),
+                    stats, xbuf)
+                ctl[LOSS], ctl[CORRECT] = loss, correct
+                ctl[T_COMPUTE] = time.perf_counter() - c0
+                if then_reduce:
+                    ctl[T_REDUCE], ctl[T_OPTIM] = reduce_and_step(
+                        grads, reduced, params, opt_state, optimizer, my_lo, my_hi, t, lr)
+                    conn.send_bytes(b"r")
+                else:
+                    conn.send_bytes(b"c")
+            elif op == b"R":
+                lr, t = REDUCE.unpack_from(msg, 1)
+                ctl[T_REDUCE], ctl[T_OPTIM] = reduce_and_step(
+                    grads, reduced, params, opt_state, optimizer, my_lo, my_hi, t, lr)
+                conn.send_bytes(b"r")
+            elif op == b"Q":
+                return 0
+            else:
+                raise RuntimeError(f"unknown command {msg[:16]!r} from the parent")
+
+
+def describe_exit(exitcode: int | None) -> str:
+    """'killed by signal 9 (SIGKILL)' / 'exited with code 3' / 'is still running'."""
+    if exitcode is None:
+        return "is still running"
+    if exitcode < 0:
+        try:
+            sig = signal.Signals(-exitcode).name
+        except ValueError:
+            sig = "unknown signal"
+        return f"killed by signal {-exitcode} ({sig})"
+    return f"exited with code {exitcode}"
+

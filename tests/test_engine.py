@@ -1,0 +1,301 @@
+"""The data-parallel engine with real worker processes: equivalence across N, determinism, the two
+reductions, batch norm under data parallelism, shared-memory lifetime, a failing worker.
+
+Tolerance across N (held in `assert_same_run`): max |p_N - p_1| <= 1e-4 * max |p_1| after 50 steps.
+Why: N workers compute the same sums in a different order (each GEMM over a shard instead of the
+whole batch, then a sum over workers), so one step's gradient differs by float32 round-off only
+(measured: ~2e-7 relative, `test_one_step_gradient_matches_local`). The training dynamics feed those
+differences back; after 50 steps of these small models the drift measured ~4e-6 of the largest
+parameter (Adam and SGD with momentum). 1e-4 leaves a 25x margin and is still ~10x smaller than a
+single step's update, so a lost, repeated or mis-scaled shard fails the test by orders of
+magnitude. Models with max-pool and ReLU can flip an argmax on round-off and jump by one update; the
+batch-norm model is therefore compared over 10 steps.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from threadpoolctl import threadpool_limits
+
+from partrain.datasets.store import channel_stats
+from partrain.errors import PartrainError
+from partrain.parallel import shm as shm_mod
+from partrain.parallel.engine import ParallelRunner, step_breakdown
+from partrain.parallel.reduce import reduce_and_step, shard_slices, sum_into
+from partrain.parallel.shm import SharedArrays, leftovers
+from partrain.runner import LocalRunner, split_shards
+from synthetic import learnable_split
+
+N_IMAGES = 300
+LINEAR = ("linear", {})
+SMALL_CNN = ("three-layer", dict(num_filters=4, hidden_dim=16, weight_scale=1e-2))
+SMALL_BN = ("vgg", dict(widths=(4, 8), ghost_batch=4))
+ADAM = ("adam", {"lr": 1e-3})
+SGD = ("sgd", {"lr": 0.05, "momentum": 0.9})
+
+
+@pytest.fixture(scope="module")
+def data():
+    images, labels = learnable_split(N_IMAGES, np.random.default_rng(0))
+    mean, std = channel_stats(images)
+    return images, labels, mean, std
+
+
+def run(data, model, opt, n_workers=None, steps=50, batch=25, seed=3, runner=None,
+        reduction="sharded", **kw):
+    """Train `steps` steps; returns (params, state, opt_state, [(loss, correct)])."""
+    images, labels, mean, std = data
+    if runner is None:
+        r = ParallelRunner(model, opt, images, labels, mean, std, seed=seed, n_workers=n_workers,
+                           reduction=reduction, **kw)
+    else:
+        r = runner(model, opt, images, labels, mean, std, seed=seed)
+    with r:
+        out = []
+        order = np.random.default_rng(7).permutation(N_IMAGES)
+        r.set_order(order)
+        for t in range(1, steps + 1):
+            lo = ((t - 1) * batch) % (N_IMAGES - batch + 1)
+            lr = opt[1]["lr"]
+            out.append(r.step(lo, lo + batch, lr, t))
+    return r.params, r.state, r.opt_state, out
+
+
+def assert_same_run(a, b, tol=1e-4):
+    pa, sa, _, la = a
+    pb, sb, _, lb = b
+    scale = np.abs(pa).max()
+    assert np.abs(pa - pb).max() <= tol * scale, (np.abs(pa - pb).max(), scale)
+    if sa.size:
+        assert np.abs(sa - sb).max() <= tol * np.abs(sa).max()
+    assert [c for _, c in la] == pytest.approx([c for _, c in lb], abs=1)
+    np.testing.assert_allclose([loss for loss, _ in la], [loss for loss, _ in lb], rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------ pure parts
+def test_shard_slices_cover_and_align():
+    for size, n in [(30730, 1), (30730, 3), (4_200_000, 4), (100, 8), (5, 3), (17, 2)]:
+        s = shard_slices(size, n)
+        assert len(s) == n and s[0][0] == 0 and s[-1][1] == size
+        assert all(a[1] == b[0] for a, b in zip(s, s[1:]))
+        assert all(lo % 16 == 0 and lo <= hi for lo, hi in s)
+        if size >= 16 * n:
+            lens = [hi - lo for lo, hi in s]
+            assert max(lens) - min(lens) <= 16
+
+
+def test_sum_into_is_ordered_and_reduce_and_step_is_slice_invariant():
+    from partrain.optim import build_optimizer
+
+    rng = np.random.default_rng(1)
+    grads = [rng.standard_normal(1000).astype(np.float32) for _ in range(3)]
+    out = np.zeros(1000, np.float32)
+    sum_into(grads, out, 0, 1000)
+    assert np.array_equal(out, (grads[0] + grads[1]) + grads[2])
+    opt = build_optimizer("adam", lr=1e-2, weight_decay=1e-3, decay_ranges=[(0, 600)])
+    runs = []
+    for slices, chunk in [([(0, 1000)], 1000), (shard_slices(1000, 3), 7)]:
+        p = np.linspace(-1, 1, 1000, dtype=np.float32)
+        st = {k: np.zeros(1000, np.float32) for k in opt.state_names}
+        red = np.zeros(1000, np.float32)
+        for t in (1, 2):
+            for lo, hi in slices:
+                reduce_and_step(grads, red, p, st, opt, lo, hi, t, 1e-2, chunk=chunk)
+        runs.append((p, st["m"], st["v"]))
+    for a, b in zip(*runs):
+        assert np.array_equal(a, b)
+
+
+def test_step_breakdown_adds_up():
+    parts = step_breakdown(0.030, [0.010, 0.014], [0.002, 0.003], [0.001, 0.001])
+    assert parts["compute"] == pytest.approx(0.012)
+    assert parts["wait"] == pytest.approx(0.002 + 0.0005)
+    assert parts["reduction"] == pytest.approx(0.0025)
+    assert parts["optimizer"] == pytest.approx(0.001)
+    assert sum(parts.values()) == pytest.approx(0.030)
+    assert step_breakdown(0.001, [0.002], [0.0], [0.0])["signalling"] == 0.0
+
+
+# ------------------------------------------------------------------------------ shared memory
+def test_shared_arrays_create_attach_unlink():
+    sa = SharedArrays.create({"a": ((10,), np.float32), "b": ((2, 3), np.int64),
+                              "empty": ((0,), np.float32)})
+    try:
+        names = sa.names()
+        assert len(names) == 2 and all(n.startswith(f"partrain-{os.getpid()}-") for n in names)
+        assert set(leftovers(os.getpid())) >= set(names)
+        sa["a"][:] = 7
+        other = SharedArrays.attach(sa.descriptor())
+        assert other["a"].sum() == 70 and other["empty"].shape == (0,)
+        other["b"][1, 2] = 5
+        assert sa["b"][1, 2] == 5
+        other.close()
+        kept = sa["a"]  # an outside view keeps the mapping valid after close
+    finally:
+        sa.close()
+    assert not set(leftovers(os.getpid())) & set(names)
+    assert kept.sum() == 70
+
+
+def test_shared_memory_too_small_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(shm_mod, "free_bytes", lambda path=None: 1 << 20)
+    before = leftovers(os.getpid())
+    with pytest.raises(PartrainError, match=r"needs 3\.0 MiB.*/dev/shm"):
+        SharedArrays.create({"x": ((3 << 20,), np.uint8)})
+    assert leftovers(os.getpid()) == before
+
+
+def test_runner_too_big_for_shm_names_size(data, monkeypatch):
+    monkeypatch.setattr(shm_mod, "free_bytes", lambda path=None: 1 << 20)
+    images, labels, mean, std = data
+    with pytest.raises(PartrainError, match=r"has 1\.0 MiB free but .* needs"):
+        ParallelRunner(LINEAR, ADAM, images, labels, mean, std, n_workers=2)
+    assert leftovers(os.getpid()) == []
+
+
+# ------------------------------------------------------------------------------ equivalence
+def test_one_worker_equals_local_runner_bit_for_bit(data):
+    # Workers use one BLAS thread; a multi-threaded GEMM may split its sums differently.
+    a = run(data, SMALL_CNN, ADAM, n_workers=1, steps=10)
+    with threadpool_limits(1):
+        b = run(data, SMALL_CNN, ADAM, steps=10, runner=LocalRunner)
+    assert np.array_equal(a[0], b[0])
+    assert all(np.array_equal(a[2][k], b[2][k]) for k in a[2])
+    assert a[3] == b[3]
+
+
+def test_one_step_gradient_matches_local(data):
+    images, labels, mean, std = data
+    order = np.random.default_rng(7).permutation(N_IMAGES)
+    local = LocalRunner(SMALL_CNN, SGD, images, labels, mean, std, seed=3)
+    local.set_order(order)
+    local.step(0, 25, 0.05, 1)
+    with ParallelRunner(SMALL_CNN, SGD, images, labels, mean, std, seed=3, n_workers=3) as r:
+        r.set_order(order)
+        r.step(0, 25, 0.05, 1)
+        rel = np.abs(r.reduced - local.grads).max() / np.abs(local.grads).max()
+        assert rel < 1e-5
+        # the reduced gradient is the in-order sum of the workers' buffers
+        assert np.array_equal(r.reduced, (r.grads[0] + r.grads[1]) + r.grads[2])
+        # (SGD here: Adam's first step is lr·sign(g), which round-off can flip where g ~ 0)
+        assert np.abs(r.params - local.params).max() <= 1e-6 * np.abs(local.params).max()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model,opt", [(LINEAR, SGD), (SMALL_CNN, ADAM), (SMALL_CNN, SGD)],
+                         ids=["linear-sgd", "cnn-adam", "cnn-sgd"])
+def test_workers_1_to_4_agree_after_50_steps(data, model, opt):
+    runs = {n: run(data, model, opt, n_workers=n, steps=50, batch=25) for n in (1, 2, 3, 4)}
+    for n in (2, 3, 4):
+        assert_same_run(runs[1], runs[n])
+
+
+@pytest.mark.slow
+def test_batch_norm_model_agrees_across_workers(data):
+    # 24 samples = 6 ghost batches of 4: shards of 6, 3 + 3, 2 + 2 + 2, 2 + 2 + 1 + 1 groups
+    runs = {n: run(data, SMALL_BN, ADAM, n_workers=n, steps=10, batch=24) for n in (1, 2, 3, 4)}
+    assert np.abs(runs[1][1]).max() > 0  # running statistics were merged
+    for n in (2, 3, 4):
+        assert_same_run(runs[1], runs[n])
+    local = run(data, SMALL_BN, ADAM, steps=10, batch=24, runner=LocalRunner)
+    assert_same_run(local, runs[3])
+
+
+def test_same_seed_same_n_is_bit_identical(data):
+    a = run(data, SMALL_CNN, ADAM, n_workers=2, steps=8)
+    b = run(data, SMALL_CNN, ADAM, n_workers=2, steps=8)
+    assert np.array_equal(a[0], b[0]) and a[3] == b[3]
+    c = run(data, SMALL_CNN, ADAM, n_workers=2, steps=8, seed=4)
+    assert not np.array_equal(a[0], c[0])
+
+
+def test_sharded_and_parent_reductions_are_bit_identical(data):
+    a = run(data, SMALL_BN, SGD, n_workers=3, steps=5, batch=24, reduction="sharded")
+    b = run(data, SMALL_BN, SGD, n_workers=3, steps=5, batch=24, reduction="parent")
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    assert all(np.array_equal(a[2][k], b[2][k]) for k in a[2])
+
+
+def test_more_workers_than_samples_or_groups(data):
+    # 3 samples over 4 workers: one worker has an empty shard and must contribute zero
+    a = run(data, LINEAR, SGD, n_workers=4, steps=3, batch=3)
+    b = run(data, LINEAR, SGD, steps=3, batch=3, runner=LocalRunner)
+    assert np.abs(a[0] - b[0]).max() <= 1e-6 * np.abs(b[0]).max()
+    assert split_shards(0, 3, 4) == [(0, 1), (1, 2), (2, 3), (3, 3)]
+
+
+# ------------------------------------------------------------------------------ lifetime
+def test_close_unlinks_and_keeps_results(data):
+    images, labels, mean, std = data
+    r = ParallelRunner(LINEAR, ADAM, images, labels, mean, std, n_workers=2)
+    names, pids = r.shm_names, r.worker_pids
+    assert names and set(names) <= set(leftovers(os.getpid()))
+    assert r.shm_bytes >= images.nbytes
+    r.step(0, 10, 1e-3, 1)
+    params = r.params.copy()
+    r.close()
+    r.close()  # idempotent
+    assert not set(names) & set(leftovers(os.getpid()))
+    assert np.array_equal(r.params, params) and r.opt_state["m"].any()
+    assert all(not _alive(p) for p in pids)
+    with pytest.raises(PartrainError, match="closed"):
+        r.step(0, 10, 1e-3, 2)
+
+
+def test_bad_step_range_and_order(data):
+    images, labels, mean, std = data
+    with ParallelRunner(LINEAR, ADAM, images, labels, mean, std, n_workers=1) as r:
+        with pytest.raises(ValueError):
+            r.step(0, N_IMAGES + 1, 1e-3, 1)
+        with pytest.raises(ValueError):
+            r.set_order(np.array([0, N_IMAGES]))
+        r.set_order(np.arange(50))
+        with pytest.raises(ValueError):
+            r.step(40, 60, 1e-3, 1)
+        r.step(40, 50, 1e-3, 1)
+
+
+def test_worker_exception_is_reported(data, tmp_path):
+    images, labels, mean, std = data
+    labels = labels.copy()
+    labels[[12, 13]] = 200  # samples in worker 1's half of the first batch: an IndexError there
+    r = ParallelRunner(LINEAR, ADAM, images, labels, mean, std, n_workers=2, log_dir=tmp_path)
+    names, pids = r.shm_names, r.worker_pids
+    with pytest.raises(PartrainError) as e:
+        with r:
+            r.step(0, 20, 1e-3, 1)
+    msg = str(e.value)
+    assert msg.startswith("worker 1 failed: IndexError: ") and "traceback in" in msg
+    log = tmp_path / f"{r.tag}-worker1.log"
+    assert str(log) in msg and "Traceback" in log.read_text()
+    assert not set(names) & set(leftovers(os.getpid()))
+    assert all(not _alive(p) for p in pids)
+
+
+def test_worker_killed_is_reported(data):
+    import signal
+    import time
+
+    images, labels, mean, std = data
+    r = ParallelRunner(SMALL_CNN, ADAM, images, labels, mean, std, n_workers=2)
+    names, pids = r.shm_names, r.worker_pids
+    os.kill(pids[0], signal.SIGKILL)
+    t0 = time.monotonic()
+    with pytest.raises(PartrainError, match=r"^worker 0 died \(killed by signal 9 \(SIGKILL\)\)$"):
+        with r:
+            for t in range(1, 100):
+                r.step(0, 20, 1e-3, t)
+    assert time.monotonic() - t0 < 1.5
+    assert not set(names) & set(leftovers(os.getpid()))
+    assert all(not _alive(p) for p in pids)
+
+
+def _alive(pid: int) -> bool:
+    """True if pid runs and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
