@@ -184,7 +184,7 @@ def read_source(path) -> RawCifar:
         layout, files, digest = _read_folder(path)
     else:
         layout, files, digest = _read_archive(path)
-    return _assemble(layout, files, path.name, digest, str(path))
+    return _assemble(layout, files, path.resolve().name, digest, str(path))
 
 
 def _assemble(layout: str, files: dict[str, bytes], source_name: str, digest: str,
