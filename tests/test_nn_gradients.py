@@ -104,7 +104,7 @@ def test_global_pools():
 
 def test_affine_and_flatten():
     x = RNG.standard_normal((5, 6))
-    w = RNG.standard_normal((6, 3))
+    w = RNG.standard_normal((3, 6))  # (out, in)
     b = RNG.standard_normal(3)
     check(F.affine_forward, lambda d, c: F.affine_backward(d, c, True, None, np.empty(3)), [x, w, b])
     x4 = RNG.standard_normal((3, 2, 2, 2))
@@ -206,6 +206,6 @@ def test_three_layer_equals_textbook_order():
     x = RNG.standard_normal((3, 3, 32, 32))
     conv, _ = F.conv_forward(x.transpose(1, 0, 2, 3), v["conv1.w"], v["conv1_bias.b"], 1, 3)
     pooled = np.maximum(conv, 0).reshape(4, 3, 16, 2, 16, 2).max(axis=(3, 5))
-    h = np.maximum(pooled.transpose(1, 0, 2, 3).reshape(3, -1) @ v["fc1.w"] + v["fc1.b"], 0)
-    ref = h @ v["fc2.w"] + v["fc2.b"]
+    h = np.maximum(pooled.transpose(1, 0, 2, 3).reshape(3, -1) @ v["fc1.w"].T + v["fc1.b"], 0)
+    ref = h @ v["fc2.w"].T + v["fc2.b"]
     np.testing.assert_allclose(m.logits(x), ref, rtol=1e-10, atol=1e-12)

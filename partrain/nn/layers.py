@@ -212,7 +212,7 @@ class Affine(Layer):
         self.init_std, self.decay, self.scale = init_std, decay, scale
 
     def params(self):
-        specs = [ParamSpec("w", (self.d_in, self.d_out), decay=self.decay)]
+        specs = [ParamSpec("w", (self.d_out, self.d_in), decay=self.decay)]
         if self.bias:
             specs.append(ParamSpec("b", (self.d_out,)))
         return specs
