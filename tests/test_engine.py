@@ -4,12 +4,14 @@ reductions, batch norm under data parallelism, shared-memory lifetime, a failing
 Tolerance across N (held in `assert_same_run`): max |p_N - p_1| <= 1e-4 * max |p_1| after 50 steps.
 Why: N workers compute the same sums in a different order (each GEMM over a shard instead of the
 whole batch, then a sum over workers), so one step's gradient differs by float32 round-off only
-(measured: ~2e-7 relative, `test_one_step_gradient_matches_local`). The training dynamics feed those
-differences back; after 50 steps of these small models the drift measured ~4e-6 of the largest
-parameter (Adam and SGD with momentum). 1e-4 leaves a 25x margin and is still ~10x smaller than a
-single step's update, so a lost, repeated or mis-scaled shard fails the test by orders of
-magnitude. Models with max-pool and ReLU can flip an argmax on round-off and jump by one update; the
-batch-norm model is therefore compared over 10 steps.
+(measured ~2e-7 relative, `test_one_step_gradient_matches_local`). The training dynamics feed those
+differences back; after 50 steps of these small models the drift measured 4e-7 to 1e-6 of the
+largest parameter (Adam, and SGD with momentum). 1e-4 leaves a 100x margin for other BLAS builds
+and is still far below one step's update (lr·|g|), so a lost, repeated or mis-scaled shard fails by
+orders of magnitude. Two limits of "round-off only": (1) max-pool and ReLU decide by comparisons
+that round-off can flip, and in an unstable regime (SGD lr 0.05 with momentum 0.9 on this CNN, loss
+bouncing) such a flip grows chaotically (7e-4 after 50 steps), so the runs use a stable lr; (2) the
+batch-norm model with ghost batches of 4 is compared over 10 steps for the same reason.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ LINEAR = ("linear", {})
 SMALL_CNN = ("three-layer", dict(num_filters=4, hidden_dim=16, weight_scale=1e-2))
 SMALL_BN = ("vgg", dict(widths=(4, 8), ghost_batch=4))
 ADAM = ("adam", {"lr": 1e-3})
-SGD = ("sgd", {"lr": 0.05, "momentum": 0.9})
+SGD = ("sgd", {"lr": 0.02, "momentum": 0.9})
 
 
 @pytest.fixture(scope="module")
@@ -96,13 +98,13 @@ def test_sum_into_is_ordered_and_reduce_and_step_is_slice_invariant():
     assert np.array_equal(out, (grads[0] + grads[1]) + grads[2])
     opt = build_optimizer("adam", lr=1e-2, weight_decay=1e-3, decay_ranges=[(0, 600)])
     runs = []
-    for slices, chunk in [([(0, 1000)], 1000), (shard_slices(1000, 3), 7)]:
+    for slices in [[(0, 1000)], shard_slices(1000, 3)]:
         p = np.linspace(-1, 1, 1000, dtype=np.float32)
         st = {k: np.zeros(1000, np.float32) for k in opt.state_names}
         red = np.zeros(1000, np.float32)
         for t in (1, 2):
             for lo, hi in slices:
-                reduce_and_step(grads, red, p, st, opt, lo, hi, t, 1e-2, chunk=chunk)
+                reduce_and_step(grads, red, p, st, opt, lo, hi, t, 1e-2)
         runs.append((p, st["m"], st["v"]))
     for a, b in zip(*runs):
         assert np.array_equal(a, b)

@@ -305,8 +305,9 @@ class ParallelRunner:
 
     @property
     def reduced(self) -> np.ndarray:
-        """The summed gradient of the last step (shared memory; for tests)."""
-        return self._reduced
+        """The summed gradient of the last step (shared memory; for tests). With one worker the
+        optimizer reads that worker's buffer directly, so that buffer is returned."""
+        return self._grads[0] if self.n_workers == 1 and self._grads else self._reduced
 
     @property
     def worker_pids(self) -> list[int]:
