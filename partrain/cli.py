@@ -173,5 +173,54 @@ def _print_model(name: str, options: dict) -> None:
     click.echo(f"forward {f['forward'] / 1e6:.1f} MFLOP/image, training {f['train'] / 1e6:.1f} MFLOP/image")
 
 
+
+def _int_list(text: str | None, what: str) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise PartrainError(f"{what} wants comma-separated integers, got {text!r}") from None
+
+
+@main.command()
+@click.option("--workers", default=None, metavar="N,N,...",
+              help="Worker counts to measure [default: 1, 2, 4, ... up to the usable cores].")
+@click.option("--batch-size", "batch_sizes", default="50,200", show_default=True,
+              metavar="B,B,...", help="Global batch sizes to measure.")
+@click.option("--reduction", type=click.Choice(["both", "sharded", "parent"]), default="both",
+              show_default=True, help="Which reductions to measure.")
+@click.option("--model", default="three-layer", show_default=True, help="Model name.")
+@click.option("--model-option", "model_option", multiple=True, metavar="KEY=VALUE",
+              help="Model setting, e.g. hidden_dim=256 (repeatable).")
+@click.option("--optimizer", type=click.Choice(["adam", "sgd"]), default="adam", show_default=True)
+@click.option("--steps", type=int, default=30, show_default=True, help="Timed steps per point.")
+@click.option("--warmup", type=int, default=5, show_default=True,
+              help="Untimed steps before each point.")
+@click.option("--data-dir", default="data", show_default=True, type=click.Path(path_type=Path),
+              help="Folder holding cifar10.h5; random images are used if it has none.")
+@click.option("--synthetic", type=int, default=None, metavar="N",
+              help="Use N random images instead of the data set.")
+@click.option("--out-dir", default="bench-out", show_default=True,
+              type=click.Path(path_type=Path), help="Where scaling.csv/.json/.png go.")
+@user_errors
+def bench(workers, batch_sizes, reduction, model, model_option, optimizer, steps, warmup,
+          data_dir, synthetic, out_dir):
+    """Scaling benchmark: images/s, speed-up and efficiency against the number of workers."""
+    from .bench import BenchConfig, format_table, run_scaling, write_results
+
+    store = data_dir / "cifar10.h5"
+    cfg = BenchConfig(model=model, model_options=_model_options(model_option),
+                      optimizer=optimizer, workers=_int_list(workers, "--workers"),
+                      batches=_int_list(batch_sizes, "--batch-size"),
+                      reductions=["sharded", "parent"] if reduction == "both" else [reduction],
+                      steps=steps, warmup=warmup,
+                      data=None if synthetic or not store.exists() else str(store),
+                      synthetic=synthetic or 10000)
+    rows, meta = run_scaling(cfg, echo=click.echo)
+    click.echo(format_table(rows))
+    for path in write_results(rows, meta, out_dir):
+        click.echo(f"wrote {path}")
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
