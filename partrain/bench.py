@@ -160,6 +160,7 @@ def run_scaling(cfg: BenchConfig, echo: Callable[[str], None] = print) -> tuple[
                         rows.append(row)
                         echo(f"{reduction:>8}  N={n:<3} batch {batch:<5} "
                              f"{row['images_per_s']:>9.1f} img/s  step {row['step_ms']:.2f} ms")
+                del runner  # its private copies of the parameters would count in the next PSS
     add_efficiency(rows)
     return rows, meta
 

@@ -294,6 +294,22 @@ def test_worker_killed_is_reported(data):
     assert all(not _alive(p) for p in pids)
 
 
+def test_worker_dead_before_a_step_is_reported(data):
+    import signal
+    import time
+
+    images, labels, mean, std = data
+    with ParallelRunner(LINEAR, ADAM, images, labels, mean, std, n_workers=2) as r:
+        r.step(0, 20, 1e-3, 1)
+        pid = r.worker_pids[1]
+        os.kill(pid, signal.SIGKILL)
+        while _alive(pid):
+            time.sleep(0.01)
+        time.sleep(0.05)
+        with pytest.raises(PartrainError, match=r"^worker 1 died \(killed by signal 9"):
+            r.step(20, 40, 1e-3, 2)
+
+
 def _alive(pid: int) -> bool:
     """True if pid runs and is not a zombie."""
     try:

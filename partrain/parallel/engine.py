@@ -192,6 +192,7 @@ class ParallelRunner:
             shm["labels"][:] = labels
             shm["perm"][:] = np.arange(n_images)
             self._n_order = n_images
+            self.images, self.labels = shm["images"], shm["labels"]  # as LocalRunner has them
             self.params, self.state = shm["params"], shm["state"]
             self.opt_state = {k: shm[f"opt_{k}"] for k in self.optimizer.state_names}
             self._grads = [shm[f"grad{w}"] for w in range(self.n_workers)]
@@ -246,9 +247,7 @@ class ParallelRunner:
         n = self.n_workers
         sharded = self.reduction.in_workers
         then_reduce = sharded and n == 1  # nobody to wait for: reduce in the same round trip
-        msg = b"S" + W.STEP.pack(lo, hi, float(lr), t, then_reduce)
-        for conn in self._conns:
-            conn.send_bytes(msg)
+        self._send_all(b"S" + W.STEP.pack(lo, hi, float(lr), t, then_reduce))
         self._collect(b"r" if then_reduce else b"c")
         ctl = self._ctl
         loss, correct = 0.0, 0
@@ -257,9 +256,7 @@ class ParallelRunner:
             correct += int(ctl[w, W.CORRECT])
         compute = ctl[:, W.T_COMPUTE].copy()
         if sharded and not then_reduce:
-            msg = b"R" + W.REDUCE.pack(float(lr), t)
-            for conn in self._conns:
-                conn.send_bytes(msg)
+            self._send_all(b"R" + W.REDUCE.pack(float(lr), t))
             self._merge_stats(hi - lo)  # overlaps with the workers' reduction
             self._collect(b"r")
         else:
@@ -274,14 +271,15 @@ class ParallelRunner:
         self.last_times = StepTimes(time.perf_counter() - t0, compute, red, opt)
         return loss, correct
 
-    def close(self) -> None:
+    def close(self, graceful: bool = True) -> None:
         """Stop the workers, copy params/state/opt_state out, unlink all shared memory.
-        Idempotent; safe on every exit path."""
+        Idempotent; safe on every exit path. graceful=False terminates the workers at once
+        instead of letting them finish their command (used when an exception is on its way)."""
         if self._closed:
             return
         self._closed = True
         try:
-            self._stop_workers(graceful=not self._failed)
+            self._stop_workers(graceful=graceful and not self._failed)
         finally:
             try:
                 self._copy_out()
@@ -294,8 +292,8 @@ class ParallelRunner:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.close()
+    def __exit__(self, exc_type, exc, tb):
+        self.close(graceful=exc_type is None)
 
     # ------------------------------------------------------------------------- extras
     @property
@@ -366,6 +364,14 @@ class ParallelRunner:
             self._procs.append(p)
             p.start()
             child_end.close()  # the worker holds the only other end: its death means EOF here
+
+    def _send_all(self, msg: bytes) -> None:
+        for w, conn in enumerate(self._conns):
+            try:
+                conn.send_bytes(msg)
+            except OSError:  # EPIPE: the worker is gone (it may have left an error message)
+                self._check_alive()
+                self._fail_dead(w)
 
     def _collect(self, expect: bytes, timeout: float | None = None, what: str = "step") -> None:
         """Wait until every worker has sent `expect`, in order w = 0..N-1; raise on a dead or
