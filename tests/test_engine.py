@@ -289,7 +289,7 @@ def test_worker_killed_is_reported(data):
         with r:
             for t in range(1, 100):
                 r.step(0, 20, 1e-3, t)
-    assert time.monotonic() - t0 < 1.5
+    assert time.monotonic() - t0 < 3.0  # noticed within POLL_S; the rest is the cleanup
     assert not set(names) & set(leftovers(os.getpid()))
     assert all(not _alive(p) for p in pids)
 
