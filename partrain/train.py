@@ -174,7 +174,8 @@ def read_run_config(run: Path) -> dict:
         raise PartrainError(f"run folder {run} does not exist")
     try:
         meta = json.loads(path.read_text())
-        meta["config"]
+        if not isinstance(meta["config"], dict):
+            raise TypeError("config is not an object")
     except FileNotFoundError:
         raise PartrainError(f"{run} is not a partrain run folder (no {CONFIG_FILE})") from None
     except (ValueError, KeyError, TypeError):
@@ -201,44 +202,77 @@ def resume_conflicts(saved: TrainConfig, asked: dict) -> list[str]:
 
 # --------------------------------------------------------------------------------- fit
 class Progress:
-    """A tqdm bar per epoch on a terminal; plain lines elsewhere (CI logs); nothing when quiet."""
+    """What the user sees while training.
 
-    def __init__(self, quiet: bool, stream=None):
-        self.quiet = quiet
+    - On a terminal (the stream is a TTY): a tqdm bar per epoch with steps done, elapsed and ETA,
+      the loss of the last logged window, the accuracy so far this epoch and images/s; at the end
+      of the epoch the bar is replaced by a one-line summary (`line`).
+    - Elsewhere (CI logs, pipes, files): the same numbers as a plain line, with the epoch's ETA,
+      at most every tenth of an epoch and every `plain_every` seconds; no carriage returns, so
+      logs stay readable.
+    - quiet: nothing at all; the caller prints the final summary.
+    Summaries (`line`) go to stdout; the bar goes to `stream` (stderr by default).
+    """
+
+    def __init__(self, quiet: bool, stream=None, tty: bool | None = None,
+                 plain_every: float = 5.0):
+        self.quiet, self.plain_every = quiet, plain_every
         self.stream = stream or sys.stderr
-        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.tty = (hasattr(self.stream, "isatty") and self.stream.isatty()) if tty is None else tty
         self.bar = None
+        self.epoch = self.epochs = self.total = self.done0 = self.next_plain = 0
+        self.t0 = self.last_plain = time.perf_counter()
 
     def line(self, text: str) -> None:
-        if not self.quiet:
-            if self.bar is not None:
-                self.bar.write(text, file=sys.stdout)
-            else:
-                print(text, flush=True)
+        if self.quiet:
+            return
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stdout)
+        else:
+            print(text, flush=True)
 
     def start_epoch(self, epoch: int, epochs: int, total: int, done: int) -> None:
+        """Epoch `epoch` (0-based) of `epochs` has `total` steps, `done` of them already (resume)."""
+        self.epoch, self.epochs, self.total, self.done0 = epoch, epochs, total, done
+        self.t0 = self.last_plain = time.perf_counter()
+        self.next_plain = done + max(1, total // 10)
         if self.quiet or not self.tty:
             return
         from tqdm import tqdm
         self.bar = tqdm(total=total, initial=done, desc=f"epoch {epoch + 1}/{epochs}",
                         unit="step", file=self.stream, leave=False, dynamic_ncols=True)
 
-    def update(self, n: int, loss: float, acc: float, ips: float, epoch: int, step: int,
-               steps: int, plain: bool) -> None:
+    def update(self, pos: int, loss: float, acc: float, ips: float) -> None:
+        """`pos` steps of the epoch are done; loss of the last window, accuracy so far, img/s."""
         if self.quiet:
             return
         if self.bar is not None:
-            self.bar.update(n)
-            self.bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.1%}", img_s=f"{ips:.0f}",
-                                 refresh=False)
-        elif plain:
-            print(f"epoch {epoch + 1} step {step}/{steps} loss {loss:.4f} acc {acc:.1%} "
-                  f"{ips:.0f} img/s", flush=True)
+            self.bar.set_postfix_str(f"loss {loss:.3f}, acc {acc:.1%}, {ips:,.0f} img/s",
+                                     refresh=False)
+            self.bar.update(pos - self.bar.n)
+        elif (not self.tty and self.next_plain <= pos < self.total  # the epoch line ends it
+              and time.perf_counter() - self.last_plain >= self.plain_every):
+            self.next_plain = pos + max(1, self.total // 10)
+            self.last_plain = now = time.perf_counter()
+            eta = (now - self.t0) / max(pos - self.done0, 1) * (self.total - pos)
+            print(f"epoch {self.epoch + 1}/{self.epochs} step {pos}/{self.total}: loss {loss:.4f}"
+                  f"  acc {acc:.1%}  {ips:,.0f} img/s  ETA {format_duration(eta)}", flush=True)
 
     def end_epoch(self) -> None:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+def format_duration(seconds: float) -> str:
+    """12.3 s, 4 min 05 s, 1 h 02 min."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    m, s = divmod(int(round(seconds)), 60)
+    if m < 60:
+        return f"{m} min {s:02d} s"
+    h, m = divmod(m, 60)
+    return f"{h} h {m:02d} min"
 
 
 def make_runner(cfg: TrainConfig, data, model_spec, opt_spec):
@@ -281,7 +315,7 @@ def fit(cfg: TrainConfig, run: Path, resume: bool = False, quiet: bool = False,
                              warmup_steps=int(round(cfg.warmup_epochs * steps_per_epoch)))
 
     epoch, pos, t, best_val = 0, 0, 0, -1.0
-    elapsed_before = 0.0
+    elapsed_before, carried = 0.0, None
     if resume:
         meta_run = read_run_config(run)
         if meta_run.get("data_sha256") != sha:
@@ -301,18 +335,32 @@ def fit(cfg: TrainConfig, run: Path, resume: bool = False, quiet: bool = False,
             arrays, meta = load_checkpoint(run / CHECKPOINT_FILE)
             _restore(runner, arrays, meta, run)
             epoch, pos, t = meta["epoch"], meta["position"], meta["t"]
+            if epoch >= cfg.epochs:
+                raise PartrainError(f"{run} has already finished its {epoch} epochs"
+                                    + (" (--epochs N trains it further)"
+                                       if cfg.schedule == "constant" else ""))
             _truncate_history(run / HISTORY_FILE, t)
             best_val, elapsed_before = meta.get("best_val", -1.0), meta.get("elapsed_s", 0.0)
+            carried = meta.get("epoch_sums") if pos else None
+            if cfg.to_dict() != meta_run["config"]:  # e.g. more epochs: config.json says so
+                write_json_atomic(run / CONFIG_FILE, {**meta_run, "config": cfg.to_dict()})
             progress.line(f"resuming {run} at epoch {epoch + 1}, step {pos}/{steps_per_epoch}")
         eval_model = build_model(cfg.model, **cfg.model_options)
         eval_model.bind(runner.params, None, runner.state)
 
         def checkpoint(ep, p, path=CHECKPOINT_FILE):
+            # No RNG state is saved because there is none to save: every random choice (the
+            # train/val split, each epoch's order, initialisation) is drawn from a generator
+            # seeded by (seed, epoch) when needed, so (epoch, position, t) fixes all of them.
+            # epoch_sums are the running totals of a half-done epoch, so that its history row
+            # after a resume is the one the uninterrupted run writes.
             arrays = {"params": runner.params, "state": runner.state}
             arrays.update({f"opt.{k}": v for k, v in runner.opt_state.items()})
             save_checkpoint(run / path, arrays, {
                 "epoch": ep, "position": p, "t": t, "best_val": best_val,
                 "elapsed_s": elapsed_before + (time.perf_counter() - t_start),
+                "epoch_sums": [ep_loss, ep_correct, ep_seen, win_loss, win_n,
+                               ep_time_before + time.perf_counter() - ep_t0] if p else None,
                 "config": cfg.to_dict(), "model": cfg.model})
 
         t_start = time.perf_counter()
@@ -329,6 +377,10 @@ def fit(cfg: TrainConfig, run: Path, resume: bool = False, quiet: bool = False,
                 progress.start_epoch(epoch, cfg.epochs, steps_per_epoch, pos)
                 ep_t0, ep_loss, ep_correct, ep_seen = time.perf_counter(), 0.0, 0, 0
                 win_t0, win_imgs, win_loss, win_n = time.perf_counter(), 0, 0.0, 0
+                ep_time_before = 0.0
+                if carried:  # resuming mid-epoch: continue the epoch's and the window's sums
+                    ep_loss, ep_correct, ep_seen, win_loss, win_n, ep_time_before = carried
+                    carried = None
                 with threadpool_limits(1 if cfg.workers == 1 else None):
                     while pos < steps_per_epoch:
                         lo, hi = bounds[pos]
@@ -351,9 +403,7 @@ def fit(cfg: TrainConfig, run: Path, resume: bool = False, quiet: bool = False,
                             append_history(run / HISTORY_FILE, {
                                 "kind": "step", "epoch": epoch + 1, "step": t,
                                 "loss": win_loss / win_n, "lr": lr, "images_per_s": round(ips, 1)})
-                            progress.update(win_n and cfg.log_every, win_loss / win_n,
-                                            ep_correct / ep_seen, ips, epoch, pos, steps_per_epoch,
-                                            plain=pos % (cfg.log_every * 10) == 0)
+                            progress.update(pos, win_loss / win_n, ep_correct / ep_seen, ips)
                             win_t0, win_imgs, win_loss, win_n = now, 0, 0.0, 0
                         if not np.isfinite(loss_sum):
                             raise PartrainError(f"loss became {loss_sum} at step {t}; "
@@ -370,7 +420,7 @@ def fit(cfg: TrainConfig, run: Path, resume: bool = False, quiet: bool = False,
                     break
                 val_acc = accuracy(eval_model, data.train_images, data.train_labels, scale, shift,
                                    val_idx)[0] if len(val_idx) else float("nan")
-                ep_time = time.perf_counter() - ep_t0
+                ep_time = ep_time_before + time.perf_counter() - ep_t0
                 train_acc = ep_correct / max(ep_seen, 1)
                 append_history(run / HISTORY_FILE, {
                     "kind": "epoch", "epoch": epoch + 1, "step": t, "loss": ep_loss / max(ep_seen, 1),
@@ -400,9 +450,14 @@ def fit(cfg: TrainConfig, run: Path, resume: bool = False, quiet: bool = False,
         write_json_atomic(run / "summary.json", summary)
         if stopped is None:
             progress.line(
-                f"done: {epoch} epochs in {train_time:.1f} s ({summary['images_per_s']:.0f} img/s), "
-                f"best val acc {best_val:.1%}"
-                + (f", test acc {summary['test_acc']:.1%}" if "test_acc" in summary else ""))
+                f"done: {epoch} epochs in {format_duration(elapsed_before + train_time)} "
+                f"({summary['images_per_s']:,.0f} img/s), best val acc {best_val:.1%}"
+                + (f", test acc {summary['test_acc']:.1%}" if "test_acc" in summary else "")
+                + f"\nnext: partrain plot {run}; partrain evaluate {run}")
+        else:
+            progress.line(f"stopped after {steps_this_call} steps (--max-steps) at epoch "
+                          f"{epoch + 1}, step {pos}/{steps_per_epoch}; continue with: "
+                          f"partrain fit --resume {run}")
         return summary
 
 
@@ -449,14 +504,18 @@ def load_params_for_eval(run: Path, which: str = BEST_FILE):
     """(model, config, meta) with the parameters of a run's best (or last) checkpoint bound."""
     from .checkpoint import load_checkpoint
     meta_run = read_run_config(run)
-    cfg = TrainConfig.from_dict(meta_run["config"])
+    try:
+        cfg = TrainConfig.from_dict(meta_run["config"])
+        model = build_model(cfg.model, **cfg.model_options)
+    except (TypeError, ValueError, KeyError) as e:
+        raise PartrainError(f"{Path(run) / CONFIG_FILE} describes no model this partrain can "
+                            f"build ({e})") from None
     path = Path(run) / which
     if not path.exists():
         path = Path(run) / CHECKPOINT_FILE
     if not path.exists():
         raise PartrainError(f"{run} has no checkpoint yet")
     arrays, meta = load_checkpoint(path)
-    model = build_model(cfg.model, **cfg.model_options)
     params = np.zeros(model.layout.size, model.dtype)
     state = np.zeros(model.state_layout.size, model.dtype)
     for name, dst in (("params", params), ("state", state)):
@@ -465,4 +524,6 @@ def load_params_for_eval(run: Path, which: str = BEST_FILE):
             raise PartrainError(f"checkpoint {path} does not match model {cfg.model}")
         dst[...] = src
     model.bind(params, None, state)
+    meta_run["checkpoint"] = {"path": str(path), "epoch": meta.get("epoch"),
+                              "position": meta.get("position"), "best_val": meta.get("best_val")}
     return model, cfg, meta_run
