@@ -159,6 +159,76 @@ def fit(ctx, model, model_option, optimizer, lr, momentum, nesterov, weight_deca
 _CLI_NAME = {"model_options": "model_option", "data": "data_dir"}
 
 
+_RUN = click.argument("run", type=click.Path(path_type=Path))
+_DATA_DIR = click.option("--data-dir", type=click.Path(path_type=Path), default=None,
+                         help="Folder holding cifar10.h5 [default: the file the run was trained on].")
+_CHECKPOINT = click.option("--checkpoint", type=click.Choice(["best", "last"]), default="best",
+                           show_default=True,
+                           help="best.h5 (best validation accuracy) or checkpoint.h5 (latest).")
+
+
+@main.command()
+@click.argument("runs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Folder for the figures [default: the run folder; for several runs, "
+                   "compare/ beside the first].")
+@click.option("--pdf", is_flag=True, help="Also write PDF versions.")
+@user_errors
+def plot(runs, out, pdf):
+    """Training loss per iteration and accuracy per epoch of one run, or several overlaid."""
+    from .plots import plot_runs
+    from .train import HISTORY_FILE, read_run_config
+
+    for run in runs:
+        read_run_config(run)
+        if not (run / HISTORY_FILE).is_file():
+            raise PartrainError(f"{run} has no {HISTORY_FILE} yet (no step logged)")
+    if out is None:
+        out = runs[0] if len(runs) == 1 else runs[0].parent / "compare"
+    for path in plot_runs(runs, out, pdf=pdf):
+        click.echo(f"wrote {path}")
+
+
+@main.command()
+@_RUN
+@_DATA_DIR
+@_CHECKPOINT
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Folder for confusion.png and evaluation.json [default: the run folder].")
+@user_errors
+def evaluate(run, data_dir, checkpoint, out):
+    """Test accuracy, accuracy per class and a confusion-matrix PNG of a run."""
+    from .evaluate import evaluate_run, format_report
+
+    result = evaluate_run(run, data_dir=data_dir, checkpoint=checkpoint, out_dir=out,
+                          warn=lambda text: click.echo(text, err=True))
+    click.echo("\n".join(format_report(result)))
+
+
+@main.command()
+@_RUN
+@click.argument("inputs", nargs=-1, metavar="IMAGE...")
+@click.option("--test-index", is_flag=True,
+              help="The arguments are indices into the test set, not image files (needs no Pillow).")
+@click.option("--top", type=click.IntRange(1, 10), default=3, show_default=True,
+              help="How many classes to show.")
+@_DATA_DIR
+@_CHECKPOINT
+@user_errors
+def predict(run, inputs, test_index, top, data_dir, checkpoint):
+    """Top classes with probabilities for PNG/JPEG files, or test images by index.
+
+    \b
+    partrain predict runs/NAME cat.png dog.jpg
+    partrain predict runs/NAME --test-index 0 5 9
+    """
+    from .predict import format_predictions, predict_run
+
+    out = predict_run(run, inputs, test_index=test_index, data_dir=data_dir,
+                      checkpoint=checkpoint, top=top)
+    click.echo("\n".join(format_predictions(out)))
+
+
 def _print_model(name: str, options: dict) -> None:
     from .nn.models import build_model
 
