@@ -2,7 +2,8 @@
 
 For each reduction (`sharded`, `parent`), each worker count N and each global batch size it starts a
 `ParallelRunner`, runs `warmup` steps, then times `steps` steps and reports:
-- images/s, speed-up (throughput_N / throughput_1) and efficiency (throughput_N / (N · throughput_1));
+- images/s, speed-up (throughput_N / throughput_1) and efficiency
+  (throughput_N / (N · throughput_1));
 - the mean per-step breakdown (`engine.step_breakdown`): compute, waiting for the slowest worker,
   reduction, optimizer, signalling (the rest: messages, wake-ups, the parent's bookkeeping);
 - worker start-up time, and memory: the sum of PSS (proportional set size, from

@@ -196,7 +196,8 @@ def test_worker_error_reported_with_traceback_in_log(tmp_path, tiny_store):
     rc, err = run.finish()
     assert rc == 1
     line = [x for x in err.splitlines() if x.startswith("Error:")]
-    assert line and line[0].startswith("Error: worker 1 failed: IndexError: index 10 is out of bounds")
+    assert line and line[0].startswith(
+        "Error: worker 1 failed: IndexError: index 10 is out of bounds")
     assert "Traceback" not in err  # the traceback goes to the log, not the terminal
     log = line[0].rsplit("(traceback in ", 1)[1].rstrip(")")
     assert Path(log).parent == run.log_dir and "Traceback" in Path(log).read_text()

@@ -170,7 +170,8 @@ class ParallelRunner:
         if tuple(images.shape) != (n_images,) + tuple(m.input_shape) or images.dtype != np.uint8:
             raise PartrainError(f"images must be uint8 {(n_images,) + tuple(m.input_shape)}, got "
                                 f"{images.dtype} {tuple(images.shape)}")
-        specs = {"images": (images.shape, np.uint8), "labels": ((n_images,), np.asarray(labels).dtype),
+        specs = {"images": (images.shape, np.uint8),
+                 "labels": ((n_images,), np.asarray(labels).dtype),
                  "perm": ((n_images,), np.int64), "params": ((size,), m.dtype),
                  "reduced": ((size,), m.dtype), "state": ((m.state_layout.size,), m.dtype),
                  "stats": ((self.n_workers, m.stats_size), m.dtype),

@@ -15,7 +15,8 @@ Both give bit-identical parameters: every element sees the same additions in the
 optimizer's per-element arithmetic does not depend on the slice (see `optim`).
 
 Beyond one machine, `reduce_and_step(..., allreduce=f)` calls `f(reduced[lo:hi])` between the
-node-local sum and the optimizer step: an MPI backend passes an in-place all-reduce over ranks there.
+node-local sum and the optimizer step: an MPI backend passes an in-place all-reduce over ranks
+there.
 """
 from __future__ import annotations
 

@@ -8,8 +8,9 @@ Lifetime, on every exit path:
 - `SharedArrays.unlink()` (idempotent) is called by the engine's `close()`, its signal handlers and
   its failure path; a `weakref.finalize` (which also runs at interpreter exit) covers callers that
   forget to close.
-- If the parent is killed outright (SIGKILL), the multiprocessing resource tracker unlinks the blocks
-  once the parent and its workers are gone: the parent registers each block there on creation.
+- If the parent is killed outright (SIGKILL), the multiprocessing resource tracker unlinks the
+  blocks once the parent and its workers are gone (the parent registers each block there on
+  creation), with a "leaked shared_memory objects" warning.
 
 Workers attach *without* registering with the resource tracker. With `spawn`/`forkserver` the
 children share the parent's tracker process, which keeps one set of names: a worker's register is a
