@@ -188,6 +188,7 @@ MODELS: dict[str, Callable[..., Model]] = {
     "linear": linear,
     "three-layer": three_layer,
     "vgg": vgg,
+    "airbench": lambda **o: __import__("partrain.nn.airbench", fromlist=[""]).airbench(**o),  # lazy
 }
 
 
