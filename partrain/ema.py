@@ -40,7 +40,7 @@ class ParamEMA:
         return self._scratch
 
     def init(self, params: np.ndarray, out: np.ndarray | None = None) -> None:
-        """Start the average at `params` (into `out` if given, e.g. a shared or checkpoint array)."""
+        """Start the average at `params` (into `out` if given: a shared or checkpoint array)."""
         self.ema = np.array(params, copy=True) if out is None else out
         if out is not None:
             np.copyto(out, params)
