@@ -139,16 +139,33 @@ _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
 
 def gelu_forward(x):
-    """GELU, tanh approximation (as airbench's nn.GELU(approximate='tanh') is close to exact)."""
-    inner = _SQRT_2_OVER_PI * (x + 0.044715 * x ** 3)
-    t = np.tanh(inner)
-    return 0.5 * x * (1.0 + t), (x, t)
+    """GELU, tanh approximation. Written with in-place products: `x ** 3` calls powf, 3x slower."""
+    t = x * x
+    t *= 0.044715 * _SQRT_2_OVER_PI
+    t += _SQRT_2_OVER_PI
+    t *= x                      # sqrt(2/pi) * (x + 0.044715 x^3)
+    np.tanh(t, out=t)
+    out = t + 1.0
+    out *= x
+    out *= 0.5
+    return out, (x, t)
 
 
 def gelu_backward(dout, cache):
+    """d/dx = 0.5 (1 + tanh u) + 0.5 x (1 - tanh^2 u) u',  u' = sqrt(2/pi) (1 + 3·0.044715 x^2)."""
     x, t = cache
-    dinner = _SQRT_2_OVER_PI * (1.0 + 3 * 0.044715 * x * x)
-    return dout * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * dinner)
+    du = x * x
+    du *= 3 * 0.044715 * _SQRT_2_OVER_PI
+    du += _SQRT_2_OVER_PI
+    sech2 = t * t
+    np.subtract(1.0, sech2, out=sech2)
+    du *= sech2
+    du *= x
+    du += t
+    du += 1.0
+    du *= 0.5
+    du *= dout
+    return du
 
 
 # --------------------------------------------------------------------------------- pooling
