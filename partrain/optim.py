@@ -48,25 +48,18 @@ class Optimizer:
         self.lr_scale_ranges = _disjoint(
             [(int(a), int(b), float(s)) for a, b, s in (lr_scale_ranges or [])], "lr_scale_ranges")
         self._scratch: dict[np.dtype, tuple[np.ndarray, np.ndarray]] = {}
-        self._sums: dict[np.dtype, np.ndarray] = {}  # chunk of the summed gradient (list input)
 
-    def step(self, params: np.ndarray, grads, state: dict[str, np.ndarray], t: int,
-             lr: float | None = None, lo: int = 0, hi: int | None = None,
-             grad_out: np.ndarray | None = None) -> None:
+    def step(self, params: np.ndarray, grads: np.ndarray, state: dict[str, np.ndarray], t: int,
+             lr: float | None = None, lo: int = 0, hi: int | None = None) -> None:
         """Update params[lo:hi] and state[name][lo:hi] in place from grads[lo:hi] (read only).
 
         t is the 1-based step count; lr defaults to the constructor's lr (schedules pass their own).
-        grads may also be a sequence of flat vectors (one per worker): the step then uses their sum,
-        added chunk by chunk in the given order while the chunk is in cache (a fused reduce-scatter
-        and step); grad_out, if given, receives that sum over [lo, hi).
         """
-        many = not isinstance(grads, np.ndarray)
-        glist = list(grads) if many else [grads]
         n = params.shape[0]
         hi = n if hi is None else hi
-        _check(params.ndim == 1 and all(g.shape == params.shape for g in glist) and glist,
+        _check(params.ndim == 1 and grads.shape == params.shape,
                f"params and grads must be flat vectors of one length, got {params.shape} and "
-               f"{[g.shape for g in glist]}")
+               f"{grads.shape}")
         _check(0 <= lo <= hi <= n, f"slice [{lo}, {hi}) is outside a vector of {n}")
         _check(t >= 1, f"step count t is 1-based, got {t}")
         for name in self.state_names:
@@ -76,7 +69,6 @@ class Optimizer:
         lr = self.lr if lr is None else float(lr)
         dtype = params.dtype
         a, b = self._buffers(dtype)
-        gsum = self._sum_buffer(dtype) if many and grad_out is None else None
         st = [state[name] for name in self.state_names]
         self._begin(t, dtype)
         size = self.chunk
@@ -84,19 +76,8 @@ class Optimizer:
             k = self._scalars(lr * scale, decay, dtype)   # 0-d arrays: cheaper ufunc operands
             for cs in range(s, e, size):
                 ce = min(cs + size, e)
-                if many:
-                    g = grad_out[cs:ce] if grad_out is not None else gsum[:ce - cs]
-                    _sum_chunk(glist, cs, ce, g)
-                else:
-                    g = grads[cs:ce]
-                self._update(params[cs:ce], g, [x[cs:ce] for x in st], k, decay,
+                self._update(params[cs:ce], grads[cs:ce], [x[cs:ce] for x in st], k, decay,
                              a[:ce - cs], b[:ce - cs])
-
-    def _sum_buffer(self, dtype) -> np.ndarray:
-        dtype = np.dtype(dtype)
-        if dtype not in self._sums:
-            self._sums[dtype] = np.empty(self.chunk, dtype)
-        return self._sums[dtype]
 
     # -- for subclasses -------------------------------------------------------------------------
     def _begin(self, t: int, dtype: np.dtype) -> None:
@@ -329,16 +310,6 @@ _SCHEDULE_FNS = {"constant": _constant, "step": _step, "cosine": _cosine, "linea
 
 
 # -- small helpers -------------------------------------------------------------------------------
-
-def _sum_chunk(grads: list, lo: int, hi: int, out: np.ndarray) -> None:
-    """out = grads[0][lo:hi] + grads[1][lo:hi] + ..., always in this order (bit-reproducible)."""
-    if len(grads) == 1:
-        np.copyto(out, grads[0][lo:hi])
-        return
-    np.add(grads[0][lo:hi], grads[1][lo:hi], out=out)
-    for g in grads[2:]:
-        np.add(out, g[lo:hi], out=out)
-
 
 def _check(ok: bool, message: str) -> None:
     if not ok:

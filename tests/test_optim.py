@@ -302,28 +302,3 @@ def test_schedules_pickle_and_reject_bad_input():
         make_schedule("step", 1.0, 10, step_size=0)
     with pytest.raises(ValueError):
         make_schedule("constant", 1.0, 0)
-
-
-@pytest.mark.parametrize("name", ["adam", "sgd"])
-def test_step_with_gradient_list_equals_step_with_their_sum(name):
-    """The fused reduce-and-step: a list of worker gradients acts as their in-order sum."""
-    rng = np.random.default_rng(5)
-    n = 1000
-    gs = [rng.standard_normal(n).astype(np.float32) for _ in range(3)]
-    total = (gs[0] + gs[1]) + gs[2]
-    hyper = {"weight_decay": 0.01, "decay_ranges": [(100, 700)], "chunk": 64}
-    if name == "sgd":
-        hyper.update(momentum=0.9, nesterov=True)
-    runs = []
-    for grads, out in ((total, None), (gs, None), (gs, np.zeros(n, np.float32))):
-        opt = build_optimizer(name, **hyper)
-        p = rng.standard_normal(n).astype(np.float32) if not runs else runs[0][1].copy()
-        p0 = p.copy()
-        st = {k: np.zeros(n, np.float32) for k in opt.state_names}
-        for t in (1, 2):
-            opt.step(p, grads, st, t, 0.01, 130, 870, grad_out=out)
-        runs.append((p, p0, out))
-    np.testing.assert_array_equal(runs[0][0], runs[1][0])
-    np.testing.assert_array_equal(runs[0][0], runs[2][0])
-    np.testing.assert_array_equal(runs[2][2][130:870], total[130:870])
-    assert not runs[2][2][:130].any()
