@@ -47,6 +47,8 @@ def bench_model(model_name: str, batch: int, repeats: int = 20, optimizer: str =
     model.bind(params, grads, None)
     model.init_params(np.random.default_rng(0))
     hyper = {"lr": 1e-3, "weight_decay": model.weight_decay}
+    if optimizer == "sgd":
+        hyper["momentum"] = 0.9
     opt = make_optimizer(model, (optimizer, hyper))
     state = {k: np.zeros_like(params) for k in opt.state_names}
     rng = np.random.default_rng(1)
@@ -110,7 +112,8 @@ def layer_profile(model, x, y, batch, stats, repeats) -> list[tuple[str, float, 
 
 
 def run_kernel_bench(model: str = "three-layer", batches=(50, 256), repeats: int = 20,
-                     per_layer: bool = False, echo=print) -> dict:
+                     per_layer: bool = False, echo=print, model_options: dict | None = None,
+                     optimizer: str = "adam") -> dict:
     """The whole benchmark on one BLAS thread; prints a table and returns all figures."""
     from threadpoolctl import threadpool_info, threadpool_limits
 
@@ -118,7 +121,8 @@ def run_kernel_bench(model: str = "three-layer", batches=(50, 256), repeats: int
         info = [i for i in threadpool_info() if i.get("user_api") == "blas"]
         kernel = info[0].get("architecture", "?") if info else "?"
         g = gemm_rate()
-        rows = [bench_model(model, b, repeats, per_layer=per_layer) for b in batches]
+        rows = [bench_model(model, b, repeats, optimizer, per_layer, model_options)
+                for b in batches]
         g_after = gemm_rate()
     gemm = (g + g_after) / 2
     echo(f"BLAS: {info[0].get('internal_api', '?') if info else '?'} {kernel} kernel, 1 thread; "
@@ -132,4 +136,5 @@ def run_kernel_bench(model: str = "three-layer", batches=(50, 256), repeats: int
              f"{r['gflops']:>8.1f} {r['fraction_of_gemm']:>8.2f}")
         for name, f_ms, b_ms in r.get("layers", []):
             echo(f"    {name:<22} fwd {f_ms:7.2f} ms   bwd {b_ms:7.2f} ms")
-    return {"gemm_gflops": gemm, "blas_kernel": kernel, "rows": rows}
+    return {"gemm_gflops": gemm, "gemm_before": g, "gemm_after": g_after, "blas_kernel": kernel,
+            "rows": rows}

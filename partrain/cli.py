@@ -273,12 +273,27 @@ def _int_list(text: str | None, what: str) -> list[int] | None:
               help="Use N random images instead of the data set.")
 @click.option("--out-dir", default="bench-out", show_default=True,
               type=click.Path(path_type=Path), help="Where scaling.csv/.json/.png go.")
+@click.option("--kernels", is_flag=True,
+              help="Instead: time one training step in this process on one BLAS thread "
+                   "(forward, backward, optimizer) against the machine's GEMM rate.")
+@click.option("--layers", is_flag=True, help="With --kernels: also time every layer.")
 @user_errors
 def bench(workers, batch_sizes, reduction, model, model_option, optimizer, steps, warmup,
-          data_dir, synthetic, out_dir):
+          data_dir, synthetic, out_dir, kernels, layers):
     """Scaling benchmark: images/s, speed-up and efficiency against the number of workers."""
     from .bench import BenchConfig, format_table, run_scaling, write_results
 
+    if kernels:
+        import json
+
+        from .bench_kernels import run_kernel_bench
+        res = run_kernel_bench(model, tuple(_int_list(batch_sizes, "--batch-size")), steps,
+                               per_layer=layers, echo=click.echo,
+                               model_options=_model_options(model_option), optimizer=optimizer)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "kernels.json").write_text(json.dumps(res, indent=2) + "\n")
+        click.echo(f"wrote {out_dir / 'kernels.json'}")
+        return
     store = data_dir / "cifar10.h5"
     cfg = BenchConfig(model=model, model_options=_model_options(model_option),
                       optimizer=optimizer, workers=_int_list(workers, "--workers"),
@@ -291,6 +306,7 @@ def bench(workers, batch_sizes, reduction, model, model_option, optimizer, steps
     click.echo(format_table(rows))
     for path in write_results(rows, meta, out_dir):
         click.echo(f"wrote {path}")
+
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -64,3 +64,22 @@ def test_bench_command_tiny_run(tmp_path):
 def test_bench_rejects_bad_lists():
     result = CliRunner().invoke(main, ["bench", "--workers", "1,x"])
     assert result.exit_code == 1 and "comma-separated integers" in result.output
+
+
+def test_bench_kernels_prints_rates_and_writes_json(tmp_path):
+    """`partrain bench --kernels`: per-phase times and the fraction of the GEMM rate, as JSON too."""
+    import json
+
+    from click.testing import CliRunner
+
+    from partrain.cli import main
+
+    res = CliRunner().invoke(main, ["bench", "--kernels", "--model", "linear", "--batch-size", "8,16",
+                                    "--steps", "2", "--layers", "--out-dir", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    assert "GEMM" in res.output and "of GEMM" in res.output
+    data = json.loads((tmp_path / "kernels.json").read_text())
+    assert [r["batch"] for r in data["rows"]] == [8, 16]
+    for r in data["rows"]:
+        assert r["step_ms"] > 0 and 0 < r["fraction_of_gemm"] < 2
+        assert r["layers"] and r["images_per_s"] == pytest.approx(r["batch"] / (r["step_ms"] / 1e3))
