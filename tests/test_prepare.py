@@ -30,7 +30,10 @@ from synthetic import (BIN_TOP, CLASS_NAMES, PY_TOP, binary_members, expected_ar
                        python_members, write_folder, write_tar)
 
 REPO = Path(__file__).resolve().parents[1]
-REAL_ARCHIVE = REPO.parent / "shared" / "data" / "cifar-10-binary.tar.gz"
+# The real archive sits in shared/ beside the checkout; .ci/run, which tests a copy elsewhere,
+# passes its path on in PARTRAIN_CIFAR_ARCHIVE.
+REAL_ARCHIVE = Path(os.environ.get("PARTRAIN_CIFAR_ARCHIVE")
+                    or REPO.parent / "shared" / "data" / "cifar-10-binary.tar.gz")
 
 
 def run(*args):
