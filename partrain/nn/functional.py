@@ -93,8 +93,160 @@ def col2im(dcols: np.ndarray, geom: tuple, kh: int, kw: int, stride: int, pad: i
     return dxp[:, :, pad:pad + H, pad:pad + W] if pad else dxp
 
 
-def conv_forward(x, w, b, stride=1, pad=0, ws=None, key="conv"):
-    """x (C, N, H, W), w (F, C, KH, KW), b (F,) or None -> out (F, N, OH, OW)."""
+# Winograd F(2x2, 3x3) (Lavin & Gray 2016) for stride-1, pad-1 3x3 convolutions. Each 2x2 block of
+# outputs comes from a 4x4 input tile d:  Y = At [(G g Gt) * (Bt d B)] A, so the 36 multiplies per
+# (filter, channel, block) of a direct/im2col conv become 16: one (F x C) @ (C x tiles) GEMM per
+# tile position (16 of them). The transforms are small Kronecker matrices applied as GEMMs (one
+# streaming pass each). Backward is the exact adjoint of that computation: the transformed output
+# gradient dM feeds both dU = dM Vt (-> dW) and dV = Ut dM (-> dX), so the gradient is that of the
+# Winograd forward and equals the im2col one up to float round-off.
+_WBT = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float64)
+_WG = np.array([[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]], np.float64)
+_WAT = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.float64)
+_WMATS: dict = {}
+
+# Auto-selection (see winograd_eligible). WINOGRAD=False forces the im2col reference everywhere.
+WINOGRAD = True
+WINOGRAD_MIN_CHANNELS = 32      # below this the (F x C) GEMMs are too thin to pay for transforms
+WINOGRAD_MAX_WASTE = 1.4        # padded tile area / output area (15x15: 1.14, 7x7: 1.31, 3x3: 1.78)
+WINOGRAD_CHUNK_BYTES = 8 << 20  # samples per chunk so that the (16, F, tiles) product stays this big
+
+
+def _wino_mats(dtype):
+    m = _WMATS.get(np.dtype(dtype))
+    if m is None:
+        kb, kg, ka = np.kron(_WBT, _WBT), np.kron(_WG, _WG), np.kron(_WAT, _WAT)
+        m = tuple(a.astype(dtype) for a in (kb, kb.T.copy(), kg, kg.T.copy(), ka, ka.T.copy()))
+        _WMATS[np.dtype(dtype)] = m
+    return m  # KB (16x16), KB^T, KG (16x9), KG^T, KA (4x16), KA^T
+
+
+def winograd_eligible(x_shape, w_shape, stride, pad) -> bool:
+    """Shape rule for the Winograd path: 3x3, stride 1, pad 1, enough channels, little padding."""
+    F_, C, KH, KW = w_shape
+    if not WINOGRAD or (KH, KW) != (3, 3) or stride != 1 or pad != 1 or len(x_shape) != 4:
+        return False
+    H, W = x_shape[2:]
+    waste = 4 * ((H + 1) // 2) * ((W + 1) // 2) / (H * W)
+    return min(C, F_) >= WINOGRAD_MIN_CHANNELS and waste <= WINOGRAD_MAX_WASTE
+
+
+def _wino_chunks(N, F_, T, dtype):
+    per_sample = 16 * F_ * T * np.dtype(dtype).itemsize
+    nc = max(1, min(N, WINOGRAD_CHUNK_BYTES // per_sample))
+    return [(n0, min(N, n0 + nc)) for n0 in range(0, N, nc)], nc
+
+
+def winograd_conv_forward(x, w, b, ws=None, key="conv"):
+    """3x3 stride-1 pad-1 conv of x (C, N, H, W) by Winograd F(2x2, 3x3) -> (F, N, H, W), cache."""
+    C, N, H, W = x.shape
+    F_ = w.shape[0]
+    dt = x.dtype
+    KB, _, KG, _, KA, _ = _wino_mats(dt)
+    th, tw = (H + 1) // 2, (W + 1) // 2
+    T = th * tw
+    xp = _buf(ws, key + "wxpad", (C, N, 2 * th + 2, 2 * tw + 2), dt)
+    xp[:, :, 0, :] = 0
+    xp[:, :, H + 1:, :] = 0
+    xp[:, :, 1:H + 1, 0] = 0
+    xp[:, :, 1:H + 1, W + 1:] = 0
+    xp[:, :, 1:H + 1, 1:W + 1] = x
+    # U[ab] (F, C): transformed filters.
+    U = (KG @ w.astype(dt, copy=False).transpose(2, 3, 0, 1).reshape(9, F_ * C)).reshape(16, F_, C)
+    chunks, nc = _wino_chunks(N, F_, T, dt)
+    Vall = _buf(ws, key + "wV", (16 * C * N * T,), dt)   # chunk-major: chunk k is (16, C, m*T)
+    Dbuf = _buf(ws, key + "wD", (16 * C * nc * T,), dt)
+    Mbuf = _buf(ws, key + "wM", (16 * F_ * nc * T,), dt)
+    Ybuf = _buf(ws, key + "wY", (4 * F_ * nc * T,), dt)
+    out = _buf(ws, key + "out", (F_, N, H, W), dt)
+    sC, sN, sH, sW = xp.strides
+    for n0, n1 in chunks:
+        m = n1 - n0
+        P = m * T
+        tiles = as_strided(xp[:, n0:n1], shape=(4, 4, C, m, th, tw),
+                           strides=(sH, sW, sC, sN, 2 * sH, 2 * sW), writeable=False)
+        D = Dbuf[:16 * C * P].reshape(16, C * P)
+        np.copyto(D.reshape(4, 4, C, m, th, tw), tiles)
+        V = Vall[16 * C * n0 * T:16 * C * n1 * T].reshape(16, C * P)
+        np.matmul(KB, D, out=V)
+        M = Mbuf[:16 * F_ * P].reshape(16, F_, P)
+        np.matmul(U, V.reshape(16, C, P), out=M)
+        Y = Ybuf[:4 * F_ * P].reshape(4, F_ * P)
+        np.matmul(KA, M.reshape(16, F_ * P), out=Y)
+        Y6 = Y.reshape(2, 2, F_, m, th, tw)
+        for a in range(2):
+            for c in range(2):
+                out[:, n0:n1, a::2, c::2] = Y6[a, c, :, :, :(H - a + 1) // 2, :(W - c + 1) // 2]
+    if b is not None:
+        out += b.reshape(-1, 1, 1, 1)
+    return out, ("winograd", Vall, U, w, x.shape, chunks, b is not None)
+
+
+def winograd_conv_backward(dout, cache, need_dx=True, dw_out=None, db_out=None, ws=None,
+                           key="conv"):
+    """Adjoint of winograd_conv_forward -> (dx or None, dw, db or None)."""
+    _, Vall, U, w, (C, N, H, W), chunks, has_bias = cache
+    F_ = w.shape[0]
+    dt = dout.dtype
+    _, KBt, _, KGt, _, KAt = _wino_mats(dt)
+    th, tw = (H + 1) // 2, (W + 1) // 2
+    T = th * tw
+    nc = chunks[0][1] - chunks[0][0]
+    Gbuf = _buf(ws, key + "wG", (4 * F_ * nc * T,), dt)
+    dMbuf = _buf(ws, key + "wM", (16 * F_ * nc * T,), dt)   # the forward's M buffer, reused
+    dU = _buf(ws, key + "wdU", (16, F_, C), dt)
+    dUc = _buf(ws, key + "wdUc", (16, F_, C), dt) if len(chunks) > 1 else dU
+    if need_dx:
+        Ut = U.transpose(0, 2, 1)
+        dVbuf = _buf(ws, key + "wdV", (16 * C * nc * T,), dt)
+        dDbuf = _buf(ws, key + "wdD", (16 * C * nc * T,), dt)
+        dxp = _buf(ws, key + "wdxpad", (C, N, 2 * th + 2, 2 * tw + 2), dt)
+        dxp.fill(0)
+    odd = H % 2 or W % 2
+    for k, (n0, n1) in enumerate(chunks):
+        m = n1 - n0
+        P = m * T
+        G = Gbuf[:4 * F_ * P].reshape(4, F_ * P)
+        G6 = G.reshape(2, 2, F_, m, th, tw)
+        if odd:
+            G.fill(0)
+        for a in range(2):
+            for c in range(2):
+                G6[a, c, :, :, :(H - a + 1) // 2, :(W - c + 1) // 2] = dout[:, n0:n1, a::2, c::2]
+        dM = dMbuf[:16 * F_ * P].reshape(16, F_, P)
+        np.matmul(KAt, G, out=dM.reshape(16, F_ * P))
+        V = Vall[16 * C * n0 * T:16 * C * n1 * T].reshape(16, C, P)
+        np.matmul(dM, V.transpose(0, 2, 1), out=dUc if k else dU)
+        if k:
+            dU += dUc
+        if need_dx:
+            dV = dVbuf[:16 * C * P].reshape(16, C, P)
+            np.matmul(Ut, dM, out=dV)
+            dD = dDbuf[:16 * C * P].reshape(16, C * P)
+            np.matmul(KBt, dV.reshape(16, C * P), out=dD)
+            dD6 = dD.reshape(4, 4, C, m, th, tw)
+            dxc = dxp[:, n0:n1]
+            for i in range(4):
+                for j in range(4):
+                    dxc[:, :, i:i + 2 * th:2, j:j + 2 * tw:2] += dD6[i, j]
+    dw = dw_out if dw_out is not None else np.empty(w.shape, dt)
+    dw[...] = (KGt @ dU.reshape(16, F_ * C)).reshape(3, 3, F_, C).transpose(2, 3, 0, 1)
+    db = None
+    if has_bias:
+        db = db_out if db_out is not None else np.empty(F_, dt)
+        np.sum(dout, axis=(1, 2, 3), out=db)
+    dx = dxp[:, :, 1:H + 1, 1:W + 1] if need_dx else None
+    return dx, dw, db
+
+
+def conv_forward(x, w, b, stride=1, pad=0, ws=None, key="conv", method="auto"):
+    """x (C, N, H, W), w (F, C, KH, KW), b (F,) or None -> out (F, N, OH, OW).
+
+    method "auto" picks Winograd F(2x2, 3x3) where `winograd_eligible` says so, else im2col + one
+    GEMM (the reference); "im2col" or "winograd" force one.
+    """
+    if method == "winograd" or (method == "auto" and winograd_eligible(x.shape, w.shape, stride, pad)):
+        return winograd_conv_forward(x, w, b, ws, key)
     F, C, KH, KW = w.shape
     cols, geom = im2col(x, KH, KW, stride, pad, ws, key)
     _, N, _, _, OH, OW = geom
@@ -107,6 +259,8 @@ def conv_forward(x, w, b, stride=1, pad=0, ws=None, key="conv"):
 
 def conv_backward(dout, cache, need_dx=True, dw_out=None, db_out=None, ws=None, key="conv"):
     """-> (dx or None, dw, db or None). dw/db are written into dw_out/db_out when given."""
+    if isinstance(cache[0], str) and cache[0] == "winograd":
+        return winograd_conv_backward(dout, cache, need_dx, dw_out, db_out, ws, key)
     cols, geom, w, stride, pad, has_bias = cache
     F, C, KH, KW = w.shape
     d2 = dout.reshape(F, -1) if dout.flags.c_contiguous else np.ascontiguousarray(dout).reshape(F, -1)

@@ -1,0 +1,168 @@
+"""The fast conv paths against the im2col reference: equality, float32 round-off, gradient checks,
+and the shape rule that picks them."""
+import numpy as np
+import pytest
+
+from partrain.nn import functional as F
+from partrain.nn.models import build_model
+
+RNG = np.random.default_rng(0)
+
+
+def numerical_grad(f, x, h=1e-5):
+    g = np.zeros_like(x)
+    it = np.nditer(x, flags=["multi_index"])
+    for _ in it:
+        i = it.multi_index
+        old = x[i]
+        x[i] = old + h
+        fp = f()
+        x[i] = old - h
+        fm = f()
+        x[i] = old
+        g[i] = (fp - fm) / (2 * h)
+    return g
+
+
+def rel_error(a, b):
+    return np.max(np.abs(a - b) / np.maximum(1e-8, np.abs(a) + np.abs(b)))
+
+
+def both(x, w, b, dout, need_dx=True, ws=None):
+    """(out, dx, dw, db) of the im2col reference and of the Winograd path."""
+    res = []
+    for method in ("im2col", "winograd"):
+        out, cache = F.conv_forward(x, w, b, 1, 1, ws, method=method)
+        out = out.copy()
+        if method == "winograd":
+            assert cache[0] == "winograd"
+        dx, dw, db = F.conv_backward(dout, cache, need_dx, ws=ws)
+        res.append((out, None if dx is None else dx.copy(), dw.copy(),
+                    None if db is None else db.copy()))
+    return res
+
+
+@pytest.mark.parametrize("C,Fo,N,H,W", [(3, 4, 2, 5, 5), (2, 3, 3, 6, 6), (4, 5, 2, 7, 4),
+                                         (3, 2, 1, 3, 3), (2, 2, 2, 1, 2)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_winograd_equals_im2col_float64(C, Fo, N, H, W, bias):
+    x = RNG.standard_normal((C, N, H, W))
+    w = RNG.standard_normal((Fo, C, 3, 3))
+    b = RNG.standard_normal(Fo) if bias else None
+    dout = RNG.standard_normal((Fo, N, H, W))
+    ref, win = both(x, w, b, dout)
+    for r, v in zip(ref, win):
+        if r is None:
+            assert v is None
+        else:
+            np.testing.assert_allclose(v, r, rtol=1e-12, atol=1e-12)
+
+
+def test_winograd_chunks_and_workspace(monkeypatch):
+    """Several sample chunks (an uneven last one) and reused Workspace buffers give the same
+    result as one chunk; need_dx=False skips dx only."""
+    x = RNG.standard_normal((3, 5, 6, 7))
+    w = RNG.standard_normal((4, 3, 3, 3))
+    dout = RNG.standard_normal((4, 5, 6, 7))
+    ref, _ = both(x, w, None, dout)
+    monkeypatch.setattr(F, "WINOGRAD_CHUNK_BYTES", 16 * 4 * 12 * 8 * 2)  # 2 samples per chunk
+    ws = F.Workspace()
+    for _ in range(2):
+        _, win = both(x, w, None, dout, ws=ws)
+        for r, v in zip(ref[:3], win[:3]):
+            np.testing.assert_allclose(v, r, rtol=1e-12, atol=1e-12)
+    _, win = both(x, w, None, dout, need_dx=False, ws=ws)
+    assert win[1] is None
+    np.testing.assert_allclose(win[2], ref[2], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("C,Fo,H", [(64, 64, 15), (256, 256, 7)])
+def test_winograd_float32_roundoff(C, Fo, H):
+    """Relative to the largest value, Winograd's extra float32 round-off stays below 1e-5."""
+    x = RNG.standard_normal((C, 4, H, H)).astype(np.float32)
+    w = (RNG.standard_normal((Fo, C, 3, 3)) / np.sqrt(9 * C)).astype(np.float32)
+    dout = RNG.standard_normal((Fo, 4, H, H)).astype(np.float32)
+    x64, w64, d64 = (a.astype(np.float64) for a in (x, w, dout))
+    exact, _ = both(x64, w64, None, d64)
+    ref, win = both(x, w, None, dout)
+    for e, r, v in zip(exact[:3], ref[:3], win[:3]):
+        scale = np.max(np.abs(e))
+        assert np.max(np.abs(v - e)) / scale < 1e-5
+        assert np.max(np.abs(v - r)) / scale < 1e-5
+
+
+@pytest.mark.parametrize("H,W", [(5, 5), (4, 6)])
+def test_winograd_gradient(H, W):
+    x = RNG.standard_normal((3, 2, H, W))
+    w = RNG.standard_normal((4, 3, 3, 3))
+    b = RNG.standard_normal(4)
+    dout = RNG.standard_normal((4, 2, H, W))
+
+    def loss():
+        return float(np.sum(F.conv_forward(x, w, b, 1, 1, method="winograd")[0] * dout))
+
+    _, cache = F.conv_forward(x, w, b, 1, 1, method="winograd")
+    dx, dw, db = (a.copy() for a in F.conv_backward(dout, cache))
+    for v, g in ((x, dx), (w, dw), (b, db)):
+        assert rel_error(g, numerical_grad(loss, v)) < 1e-6
+
+
+def test_shape_rule():
+    ok = F.winograd_eligible
+    assert ok((64, 64, 15, 15), (256, 64, 3, 3), 1, 1)
+    assert ok((256, 64, 7, 7), (256, 256, 3, 3), 1, 1)
+    assert not ok((256, 64, 3, 3), (256, 256, 3, 3), 1, 1)     # 4x4 tiles for 3x3: too much padding
+    assert not ok((3, 64, 32, 32), (32, 3, 7, 7), 1, 3)        # the course model's 7x7 conv
+    assert not ok((64, 64, 15, 15), (64, 64, 3, 3), 2, 1)      # strided
+    assert not ok((64, 64, 15, 15), (64, 64, 3, 3), 1, 0)      # unpadded
+    assert not ok((8, 64, 15, 15), (64, 8, 3, 3), 1, 1)        # too few channels
+    x = RNG.standard_normal((3, 2, 32, 32)).astype(np.float32)
+    w = RNG.standard_normal((32, 3, 7, 7)).astype(np.float32)
+    _, cache = F.conv_forward(x, w, None, 1, 3)
+    assert not isinstance(cache[0], str)                       # im2col, as before
+
+
+def test_auto_path_matches_reference_on_airbench_shape(monkeypatch):
+    x = RNG.standard_normal((64, 2, 15, 15)).astype(np.float32)
+    w = (RNG.standard_normal((64, 64, 3, 3)) / 24).astype(np.float32)
+    auto, cache = F.conv_forward(x, w, None, 1, 1)
+    assert cache[0] == "winograd"
+    monkeypatch.setattr(F, "WINOGRAD", False)
+    ref, cache = F.conv_forward(x, w, None, 1, 1)
+    assert not isinstance(cache[0], str)
+    assert np.max(np.abs(auto - ref)) / np.max(np.abs(ref)) < 1e-5
+
+
+def test_airbench_gradient_through_winograd(monkeypatch):
+    """Whole-model float64 gradient check of a tiny airbench with every eligible 3x3 conv on the
+    Winograd path (the channel threshold lowered so that the tiny widths qualify): the gradient
+    equals the im2col model's, and centred differences (away from max-pool kinks) agree."""
+    monkeypatch.setattr(F, "WINOGRAD_MIN_CHANNELS", 1)
+    rng = np.random.default_rng(5)
+    m = build_model("airbench", dtype=np.float64, widths=(4, 6, 8), ghost_batch=2)
+    params = np.zeros(m.layout.size)
+    m.bind(params, np.zeros_like(params), np.zeros(m.state_layout.size))
+    m.init_params(np.random.default_rng(0))
+    params += 0.05 * rng.standard_normal(params.shape)
+    x = rng.standard_normal((4, 3, 32, 32))
+    y = rng.integers(0, 10, 4)
+    monkeypatch.setattr(F, "WINOGRAD", False)
+    loss_ref, g_ref = m.loss_and_grad(x, y)
+    monkeypatch.setattr(F, "WINOGRAD", True)
+    loss, g = m.loss_and_grad(x, y)
+    assert sum(isinstance(l.cache[0], str) for l in m.layers if type(l).__name__ == "DiracConv") == 5
+    assert abs(loss - loss_ref) < 1e-12
+    np.testing.assert_allclose(g, g_ref, rtol=1e-10, atol=1e-13)
+    for spec in m.layout.specs:
+        lo = m.layout.offsets[spec.name]
+        for i in lo + rng.choice(spec.size, size=min(spec.size, 3), replace=False):
+            old = params[i]
+            h = 1e-5 * max(1.0, abs(old))
+            params[i] = old + h
+            fp = m.loss_and_grad(x, y)[0]
+            params[i] = old - h
+            fm = m.loss_and_grad(x, y)[0]
+            params[i] = old
+            num = (fp - fm) / (2 * h)
+            err = abs(num - g[i]) / max(1e-8, abs(num) + abs(g[i]))
+            assert err < 1e-6 or abs(num - g[i]) < 1e-10, (spec.name, i, num, g[i], err)
