@@ -2,7 +2,7 @@
 """A/B timing of the conv kernels (im2col reference vs Winograd F(2x2,3x3)) on airbench's 3x3 conv
 shapes, one BLAS thread, interleaved in one process (the machine is noisy).
 
-Usage: python scripts/bench_conv.py [--batch 64] [--repeats 5] [--chunk-mb 8]
+Usage: python scripts/bench_conv.py [--batch 64] [--repeats 5]
 """
 import argparse
 import time
@@ -20,7 +20,7 @@ def time_conv(x, w, method, need_dx, ws):
     t0 = time.perf_counter()
     out, cache = F.conv_forward(x, w, None, 1, 1, ws, method=method)
     t1 = time.perf_counter()
-    F.conv_backward(np.ones_like(out) if False else out, cache, need_dx, ws=ws)
+    F.conv_backward(out, cache, need_dx, ws=ws)
     t2 = time.perf_counter()
     return t1 - t0, t2 - t1
 
@@ -29,7 +29,6 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--chunk-mb", type=float, action="append")
     a = ap.parse_args()
     rng = np.random.default_rng(0)
     with threadpool_limits(1):
@@ -37,21 +36,19 @@ def main():
         for C, Fo, H in SHAPES:
             x = rng.standard_normal((C, a.batch, H, H), dtype=np.float32)
             w = rng.standard_normal((Fo, C, 3, 3), dtype=np.float32)
-            variants = [("im2col", None)] + [("winograd", mb) for mb in (a.chunk_mb or [8])]
+            variants = ["im2col", "winograd"]
             times = {v: [] for v in variants}
             wss = {v: F.Workspace() for v in variants}
             for r in range(a.repeats + 1):
                 for v in variants:
-                    if v[1] is not None:
-                        F.WINOGRAD_CHUNK_BYTES = int(v[1] * (1 << 20))
-                    t = time_conv(x, w, v[0], True, wss[v])
+                    t = time_conv(x, w, v, True, wss[v])
                     if r:
                         times[v].append(t)
             gf = 2 * Fo * C * 9 * a.batch * H * H / 1e9
             line = [f"C={C:3d} F={Fo:3d} {H:2d}x{H:<2d} ({gf:.2f} GFLOP fwd)"]
             for v in variants:
                 f, b = np.median(np.array(times[v]), axis=0) * 1e3
-                line.append(f"{v[0]}{'' if v[1] is None else f'@{v[1]:g}MB'} fwd {f:6.1f} bwd {b:6.1f}")
+                line.append(f"{v} fwd {f:6.1f} bwd {b:6.1f}")
             print("  ".join(line))
         print(f"GEMM {gemm_rate():.1f} GFLOP/s")
 

@@ -109,7 +109,6 @@ _WMATS: dict = {}
 WINOGRAD = True
 WINOGRAD_MIN_CHANNELS = 32      # below this the (F x C) GEMMs are too thin to pay for transforms
 WINOGRAD_MAX_WASTE = 1.4        # padded tile area / output area (15x15: 1.14, 7x7: 1.31, 3x3: 1.78)
-WINOGRAD_CHUNK_BYTES = 8 << 20  # samples per chunk so that the (16, F, tiles) product stays this big
 
 
 def _wino_mats(dtype):
@@ -131,111 +130,104 @@ def winograd_eligible(x_shape, w_shape, stride, pad) -> bool:
     return min(C, F_) >= WINOGRAD_MIN_CHANNELS and waste <= WINOGRAD_MAX_WASTE
 
 
-def _wino_chunks(N, F_, T, dtype):
-    per_sample = 16 * F_ * T * np.dtype(dtype).itemsize
-    nc = max(1, min(N, WINOGRAD_CHUNK_BYTES // per_sample))
-    return [(n0, min(N, n0 + nc)) for n0 in range(0, N, nc)], nc
-
-
 def winograd_conv_forward(x, w, b, ws=None, key="conv"):
-    """3x3 stride-1 pad-1 conv of x (C, N, H, W) by Winograd F(2x2, 3x3) -> (F, N, H, W), cache."""
+    """3x3 stride-1 pad-1 conv of x (C, N, H, W) by Winograd F(2x2, 3x3) -> (F, N, H, W), cache.
+
+    Inside, tiles are ordered (tile row, tile column, sample): the sample index is innermost, so
+    every gather, transform and overlap-add runs over N contiguous values (with (N, H, W) order the
+    inner loops would be one tile row long, 4 values on a 7x7 map, and numpy's per-loop overhead
+    dominates). The transposes happen once, on the padded input and on the output.
+    """
     C, N, H, W = x.shape
     F_ = w.shape[0]
     dt = x.dtype
     KB, _, KG, _, KA, _ = _wino_mats(dt)
     th, tw = (H + 1) // 2, (W + 1) // 2
-    T = th * tw
-    xp = _buf(ws, key + "wxpad", (C, N, 2 * th + 2, 2 * tw + 2), dt)
-    xp[:, :, 0, :] = 0
-    xp[:, :, H + 1:, :] = 0
-    xp[:, :, 1:H + 1, 0] = 0
-    xp[:, :, 1:H + 1, W + 1:] = 0
-    xp[:, :, 1:H + 1, 1:W + 1] = x
+    P = th * tw * N
+    xp = _buf(ws, key + "wxpad", (C, 2 * th + 2, 2 * tw + 2, N), dt)   # padded, samples last
+    xp[:, 0] = 0
+    xp[:, H + 1:] = 0
+    xp[:, 1:H + 1, 0] = 0
+    xp[:, 1:H + 1, W + 1:] = 0
+    xp[:, 1:H + 1, 1:W + 1] = x.transpose(0, 2, 3, 1)
     # U[ab] (F, C): transformed filters.
     U = (KG @ w.astype(dt, copy=False).transpose(2, 3, 0, 1).reshape(9, F_ * C)).reshape(16, F_, C)
-    chunks, nc = _wino_chunks(N, F_, T, dt)
-    Vall = _buf(ws, key + "wV", (16 * C * N * T,), dt)   # chunk-major: chunk k is (16, C, m*T)
-    Dbuf = _buf(ws, key + "wD", (16 * C * nc * T,), dt)
-    Mbuf = _buf(ws, key + "wM", (16 * F_ * nc * T,), dt)
-    Ybuf = _buf(ws, key + "wY", (4 * F_ * nc * T,), dt)
+    sC, sH, sW, sN = xp.strides
+    tiles = as_strided(xp, shape=(4, 4, C, th, tw, N),
+                       strides=(sH, sW, sC, 2 * sH, 2 * sW, sN), writeable=False)
+    D = _buf(ws, key + "wD", (16, C * P), dt)
+    np.copyto(D.reshape(4, 4, C, th, tw, N), tiles)
+    V = _buf(ws, key + "wV", (16, C * P), dt)
+    np.matmul(KB, D, out=V)
+    M = _buf(ws, key + "wM", (16, F_, P), dt)
+    np.matmul(U, V.reshape(16, C, P), out=M)
+    Y = _buf(ws, key + "wY", (4, F_ * P), dt)
+    np.matmul(KA, M.reshape(16, F_ * P), out=Y)
+    Y6 = Y.reshape(2, 2, F_, th, tw, N)
     out = _buf(ws, key + "out", (F_, N, H, W), dt)
-    sC, sN, sH, sW = xp.strides
-    for n0, n1 in chunks:
-        m = n1 - n0
-        P = m * T
-        tiles = as_strided(xp[:, n0:n1], shape=(4, 4, C, m, th, tw),
-                           strides=(sH, sW, sC, sN, 2 * sH, 2 * sW), writeable=False)
-        D = Dbuf[:16 * C * P].reshape(16, C * P)
-        np.copyto(D.reshape(4, 4, C, m, th, tw), tiles)
-        V = Vall[16 * C * n0 * T:16 * C * n1 * T].reshape(16, C * P)
-        np.matmul(KB, D, out=V)
-        M = Mbuf[:16 * F_ * P].reshape(16, F_, P)
-        np.matmul(U, V.reshape(16, C, P), out=M)
-        Y = Ybuf[:4 * F_ * P].reshape(4, F_ * P)
-        np.matmul(KA, M.reshape(16, F_ * P), out=Y)
-        Y6 = Y.reshape(2, 2, F_, m, th, tw)
-        for a in range(2):
-            for c in range(2):
-                out[:, n0:n1, a::2, c::2] = Y6[a, c, :, :, :(H - a + 1) // 2, :(W - c + 1) // 2]
+    for a in range(2):
+        for c in range(2):
+            out[:, :, a::2, c::2] = Y6[a, c, :, :(H - a + 1) // 2, :(W - c + 1) // 2].transpose(
+                0, 3, 1, 2)
     if b is not None:
         out += b.reshape(-1, 1, 1, 1)
-    return out, ("winograd", Vall, U, w, x.shape, chunks, b is not None)
+    return out, ("winograd", V, U, w, x.shape, b is not None)
 
 
 def winograd_conv_backward(dout, cache, need_dx=True, dw_out=None, db_out=None, ws=None,
                            key="conv"):
     """Adjoint of winograd_conv_forward -> (dx or None, dw, db or None)."""
-    _, Vall, U, w, (C, N, H, W), chunks, has_bias = cache
+    _, V, U, w, (C, N, H, W), has_bias = cache
     F_ = w.shape[0]
     dt = dout.dtype
     _, KBt, _, KGt, _, KAt = _wino_mats(dt)
     th, tw = (H + 1) // 2, (W + 1) // 2
-    T = th * tw
-    nc = chunks[0][1] - chunks[0][0]
-    Gbuf = _buf(ws, key + "wG", (4 * F_ * nc * T,), dt)
-    dMbuf = _buf(ws, key + "wM", (16 * F_ * nc * T,), dt)   # the forward's M buffer, reused
+    P = th * tw * N
+    # Output gradient into the tile layout (zeros where the last tile row/column overhangs).
+    G = _buf(ws, key + "wY", (4, F_ * P), dt)
+    G6 = G.reshape(2, 2, F_, th, tw, N)
+    if H % 2 or W % 2:
+        G.fill(0)
+    for a in range(2):
+        for c in range(2):
+            G6[a, c, :, :(H - a + 1) // 2, :(W - c + 1) // 2] = dout[:, :, a::2, c::2].transpose(
+                0, 2, 3, 1)
+    dM = _buf(ws, key + "wM", (16, F_, P), dt)         # the forward's M buffer, reused
+    np.matmul(KAt, G, out=dM.reshape(16, F_ * P))
     dU = _buf(ws, key + "wdU", (16, F_, C), dt)
-    dUc = _buf(ws, key + "wdUc", (16, F_, C), dt) if len(chunks) > 1 else dU
-    if need_dx:
-        Ut = U.transpose(0, 2, 1)
-        dVbuf = _buf(ws, key + "wdV", (16 * C * nc * T,), dt)
-        dDbuf = _buf(ws, key + "wdD", (16 * C * nc * T,), dt)
-        dxp = _buf(ws, key + "wdxpad", (C, N, 2 * th + 2, 2 * tw + 2), dt)
-        dxp.fill(0)
-    odd = H % 2 or W % 2
-    for k, (n0, n1) in enumerate(chunks):
-        m = n1 - n0
-        P = m * T
-        G = Gbuf[:4 * F_ * P].reshape(4, F_ * P)
-        G6 = G.reshape(2, 2, F_, m, th, tw)
-        if odd:
-            G.fill(0)
-        for a in range(2):
-            for c in range(2):
-                G6[a, c, :, :, :(H - a + 1) // 2, :(W - c + 1) // 2] = dout[:, n0:n1, a::2, c::2]
-        dM = dMbuf[:16 * F_ * P].reshape(16, F_, P)
-        np.matmul(KAt, G, out=dM.reshape(16, F_ * P))
-        V = Vall[16 * C * n0 * T:16 * C * n1 * T].reshape(16, C, P)
-        np.matmul(dM, V.transpose(0, 2, 1), out=dUc if k else dU)
-        if k:
-            dU += dUc
-        if need_dx:
-            dV = dVbuf[:16 * C * P].reshape(16, C, P)
-            np.matmul(Ut, dM, out=dV)
-            dD = dDbuf[:16 * C * P].reshape(16, C * P)
-            np.matmul(KBt, dV.reshape(16, C * P), out=dD)
-            dD6 = dD.reshape(4, 4, C, m, th, tw)
-            dxc = dxp[:, n0:n1]
-            for i in range(4):
-                for j in range(4):
-                    dxc[:, :, i:i + 2 * th:2, j:j + 2 * tw:2] += dD6[i, j]
+    np.matmul(dM, V.reshape(16, C, P).transpose(0, 2, 1), out=dU)
     dw = dw_out if dw_out is not None else np.empty(w.shape, dt)
     dw[...] = (KGt @ dU.reshape(16, F_ * C)).reshape(3, 3, F_, C).transpose(2, 3, 0, 1)
     db = None
     if has_bias:
         db = db_out if db_out is not None else np.empty(F_, dt)
         np.sum(dout, axis=(1, 2, 3), out=db)
-    dx = dxp[:, :, 1:H + 1, 1:W + 1] if need_dx else None
+    if not need_dx:
+        return None, dw, db
+    dV = _buf(ws, key + "wD", (16, C * P), dt)         # the forward's D buffer, reused
+    np.matmul(U.transpose(0, 2, 1), dM, out=dV.reshape(16, C, P))
+    dD = _buf(ws, key + "wdD", (16, C * P), dt)
+    np.matmul(KBt, dV, out=dD)
+    dD6 = dD.reshape(4, 4, C, th, tw, N)
+    # Overlap-add of the 4x4 tiles (stride 2) by phase: padded row 2u + p gets tile row u at
+    # offset p and tile row u - 1 at offset p + 2; likewise for columns.
+    Z = _buf(ws, key + "wZ", (2, 2, C, th + 1, tw + 1, N), dt)
+    Z.fill(0)
+    for p in range(2):
+        for q in range(2):
+            z = Z[p, q]
+            z[:, :th, :tw] += dD6[p, q]
+            z[:, 1:, :tw] += dD6[p + 2, q]
+            z[:, :th, 1:] += dD6[p, q + 2]
+            z[:, 1:, 1:] += dD6[p + 2, q + 2]
+    # Unpadded row h is padded row h + 1: even h come from phase 1 (u = h/2), odd h from phase 0
+    # (u = (h+1)/2).
+    dx = _buf(ws, key + "wdx", (C, N, H, W), dt)
+    for ph in range(2):
+        for pw in range(2):
+            nh, nw = (H - ph + 1) // 2, (W - pw + 1) // 2
+            dx[:, :, ph::2, pw::2] = Z[1 - ph, 1 - pw, :, ph:ph + nh, pw:pw + nw].transpose(
+                0, 3, 1, 2)
     return dx, dw, db
 
 
