@@ -148,6 +148,13 @@ def test_floor_maxpool_matches_general_kernel():
     d = RNG.standard_normal(out.shape)
     np.testing.assert_array_equal(pool.backward(d), F.maxpool_backward(d, cache))
     assert pool.output_shape((3, 7, 7)) == (3, 3, 3)
+    # The reused gradient buffer: a second step gives the same as a fresh kernel (border zeroed).
+    pool.ws.get("floor_dx", x.shape, x.dtype).fill(np.nan)
+    x2 = RNG.permutation(x.size).reshape(x.shape).astype(np.float64)
+    pool.forward(x2, StepContext(train=True))
+    _, cache2 = F.maxpool_forward(x2, 2, 2)
+    d2 = RNG.standard_normal(out.shape)
+    np.testing.assert_array_equal(pool.backward(d2), F.maxpool_backward(d2, cache2))
 
 
 def test_dirac_conv_starts_as_identity():

@@ -96,11 +96,15 @@ class FloorMaxPool(MaxPool):
         return super().forward(x[:, :, :h, :w] if self.cropped else x, ctx)
 
     def backward(self, dout):
-        d = super().backward(dout)
         if not self.cropped:
-            return d
-        dx = np.zeros(self.in_shape, d.dtype)
-        dx[:, :, :d.shape[2], :d.shape[3]] = d
+            return super().backward(dout)
+        # Write the pooled gradient straight into a reused full-size buffer and zero only the
+        # cropped row and column (no fresh zeroed array and copy per step).
+        h, w = self.in_shape[2] // 2 * 2, self.in_shape[3] // 2 * 2
+        dx = self.ws.get("floor_dx", self.in_shape, dout.dtype)
+        dx[:, :, h:, :] = 0
+        dx[:, :, :h, w:] = 0
+        F.maxpool_backward(dout, self.cache, self.ws, dx_out=dx[:, :, :h, :w])
         return dx
 
 
