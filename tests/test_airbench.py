@@ -188,3 +188,28 @@ def test_options(options):
     m = build_model("airbench", **options)
     assert m.options["widths"] == list(options.get("widths", (64, 256, 256)))
     assert ("whiten_bias.b" in m.layout.offsets) == options.get("whiten_bias", True)
+
+
+def test_frozen_whitening_bias_skips_conv_input_gradient():
+    """set_frozen('whiten_bias'): conv0a needs no input gradient, every other gradient is the
+    same, the bias gradient is zero; unfreezing restores the full backward pass."""
+    m, params = bound_model(**TINY)
+    params += 0.05 * np.random.default_rng(7).standard_normal(params.shape)
+    x = RNG.standard_normal((4, 3, 32, 32))
+    y = RNG.integers(0, 10, 4)
+    _, g_full = m.loss_and_grad(x, y)
+    conv0a = m.layers[m._names.index("conv0a")]
+    assert conv0a.need_dx
+    m.set_frozen("whiten_bias")
+    assert not conv0a.need_dx and m._first == m._names.index("conv0a")
+    _, g = m.loss_and_grad(x, y)
+    lo, hi = m.layout.offsets["whiten_bias.b"], m.layout.offsets["whiten_bias.b"] + 24
+    assert not g[lo:hi].any() and g_full[lo:hi].any()
+    mask = np.ones(g.shape, bool)
+    mask[lo:hi] = False
+    np.testing.assert_array_equal(g[mask], g_full[mask])
+    m.set_frozen("whiten_bias", False)
+    assert conv0a.need_dx
+    np.testing.assert_array_equal(m.loss_and_grad(x, y)[1], g_full)
+    with pytest.raises(ValueError):
+        m.set_frozen("nope")

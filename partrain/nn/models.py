@@ -39,16 +39,43 @@ class Model:
         self.stats_size = self.stats_layout.size
         # Layers before the first one with parameters need no backward pass at all, and that first
         # layer needs no input gradient (for the course model: skips a third of the conv work).
-        with_params = [i for i, l in enumerate(layers) if l.params()]
-        self._first = with_params[0] if with_params else len(layers)
-        for i, l in enumerate(layers):
-            l.need_dx = i > self._first
+        self._frozen: set[str] = set()
+        self._set_first()
         shape = self.input_shape
         for l in layers:
             shape = l.output_shape(shape)
         if shape != (n_classes,):
             raise ValueError(f"model {name} ends in shape {shape}, expected ({n_classes},)")
         self.params = self.grads = self.state = None
+
+    def _set_first(self) -> None:
+        with_params = [i for i, (n, l) in enumerate(zip(self._names, self.layers))
+                       if l.params() and n not in self._frozen]
+        self._first = with_params[0] if with_params else len(self.layers)
+        for i, l in enumerate(self.layers):
+            l.need_dx = i > self._first
+
+    def set_frozen(self, layer_name: str, frozen: bool = True) -> None:
+        """Freeze (or unfreeze) the parameters of one layer for the backward pass.
+
+        Only frozen layers BEFORE the first trainable one save work: their backward pass and the
+        first trainable layer's input gradient are skipped (airbench: freezing `whiten_bias` after
+        its first epochs skips conv0a's input gradient and the whitening GELU's backward). Their
+        gradient views are zeroed when frozen and stay zero while frozen; the optimizer still sees
+        them (weight decay or momentum would still move them). A frozen layer after the first
+        trainable one keeps computing its gradient, as its input gradient is needed anyway.
+        """
+        if layer_name not in self._names:
+            raise ValueError(f"model {self.name} has no layer {layer_name!r}")
+        i = self._names.index(layer_name)
+        if frozen:
+            self._frozen.add(layer_name)
+            if self.grads is not None:
+                for v in getattr(self.layers[i], "g", {}).values():
+                    v[...] = 0
+        else:
+            self._frozen.discard(layer_name)
+        self._set_first()
 
     # ------------------------------------------------------------------ binding and init
     def bind(self, params: np.ndarray, grads: np.ndarray | None, state: np.ndarray | None) -> None:
