@@ -36,7 +36,7 @@ def main():
         for C, Fo, H in SHAPES:
             x = rng.standard_normal((C, a.batch, H, H), dtype=np.float32)
             w = rng.standard_normal((Fo, C, 3, 3), dtype=np.float32)
-            variants = ["im2col", "winograd"]
+            variants = ["im2col", "winograd2", "winograd4"]
             times = {v: [] for v in variants}
             wss = {v: F.Workspace() for v in variants}
             for r in range(a.repeats + 1):

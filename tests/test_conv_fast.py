@@ -28,78 +28,87 @@ def rel_error(a, b):
     return np.max(np.abs(a - b) / np.maximum(1e-8, np.abs(a) + np.abs(b)))
 
 
-def both(x, w, b, dout, need_dx=True, ws=None):
-    """(out, dx, dw, db) of the im2col reference and of the Winograd path."""
+def both(x, w, b, dout, need_dx=True, ws=None, m=4):
+    """(out, dx, dw, db) of the im2col reference and of the Winograd F(m x m, 3x3) path."""
     res = []
-    for method in ("im2col", "winograd"):
+    for method in ("im2col", f"winograd{m}"):
         out, cache = F.conv_forward(x, w, b, 1, 1, ws, method=method)
         out = out.copy()
-        if method == "winograd":
-            assert cache[0] == "winograd"
+        if method != "im2col":
+            assert cache[0] == "winograd" and cache[-1] == m
         dx, dw, db = F.conv_backward(dout, cache, need_dx, ws=ws)
         res.append((out, None if dx is None else dx.copy(), dw.copy(),
                     None if db is None else db.copy()))
     return res
 
 
+def assert_close(v, r, tol=1e-12):
+    """Equal up to float64 round-off, relative to the largest value."""
+    assert np.max(np.abs(v - r)) <= tol * np.max(np.abs(r))
+
+
+@pytest.mark.parametrize("m", [2, 4])
 @pytest.mark.parametrize("C,Fo,N,H,W", [(3, 4, 2, 5, 5), (2, 3, 3, 6, 6), (4, 5, 2, 7, 4),
-                                         (3, 2, 1, 3, 3), (2, 2, 2, 1, 2)])
+                                         (3, 2, 1, 3, 3), (2, 2, 2, 1, 2), (2, 3, 2, 9, 10)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_winograd_equals_im2col_float64(C, Fo, N, H, W, bias):
+def test_winograd_equals_im2col_float64(C, Fo, N, H, W, bias, m):
     x = RNG.standard_normal((C, N, H, W))
     w = RNG.standard_normal((Fo, C, 3, 3))
     b = RNG.standard_normal(Fo) if bias else None
     dout = RNG.standard_normal((Fo, N, H, W))
-    ref, win = both(x, w, b, dout)
+    ref, win = both(x, w, b, dout, m=m)
     for r, v in zip(ref, win):
         if r is None:
             assert v is None
         else:
-            np.testing.assert_allclose(v, r, rtol=1e-12, atol=1e-12)
+            assert_close(v, r)
 
 
-def test_winograd_workspace_and_need_dx():
+@pytest.mark.parametrize("m", [2, 4])
+def test_winograd_workspace_and_need_dx(m):
     """Reused Workspace buffers give the same result again; need_dx=False skips dx only."""
     x = RNG.standard_normal((3, 5, 6, 7))
     w = RNG.standard_normal((4, 3, 3, 3))
     dout = RNG.standard_normal((4, 5, 6, 7))
-    ref, _ = both(x, w, None, dout)
+    ref, _ = both(x, w, None, dout, m=m)
     ws = F.Workspace()
     for _ in range(2):
-        _, win = both(x, w, None, dout, ws=ws)
+        _, win = both(x, w, None, dout, ws=ws, m=m)
         for r, v in zip(ref[:3], win[:3]):
-            np.testing.assert_allclose(v, r, rtol=1e-12, atol=1e-12)
-    _, win = both(x, w, None, dout, need_dx=False, ws=ws)
+            assert_close(v, r)
+    _, win = both(x, w, None, dout, need_dx=False, ws=ws, m=m)
     assert win[1] is None
-    np.testing.assert_allclose(win[2], ref[2], rtol=1e-12, atol=1e-12)
+    assert_close(win[2], ref[2])
 
 
-@pytest.mark.parametrize("C,Fo,H", [(64, 64, 15), (256, 256, 7)])
-def test_winograd_float32_roundoff(C, Fo, H):
+@pytest.mark.parametrize("m", [2, 4])
+@pytest.mark.parametrize("C,Fo,H", [(64, 64, 15), (256, 256, 7), (256, 256, 3)])
+def test_winograd_float32_roundoff(C, Fo, H, m):
     """Relative to the largest value, Winograd's extra float32 round-off stays below 1e-5."""
     x = RNG.standard_normal((C, 4, H, H)).astype(np.float32)
     w = (RNG.standard_normal((Fo, C, 3, 3)) / np.sqrt(9 * C)).astype(np.float32)
     dout = RNG.standard_normal((Fo, 4, H, H)).astype(np.float32)
     x64, w64, d64 = (a.astype(np.float64) for a in (x, w, dout))
-    exact, _ = both(x64, w64, None, d64)
-    ref, win = both(x, w, None, dout)
+    exact, _ = both(x64, w64, None, d64, m=m)
+    ref, win = both(x, w, None, dout, m=m)
     for e, r, v in zip(exact[:3], ref[:3], win[:3]):
         scale = np.max(np.abs(e))
         assert np.max(np.abs(v - e)) / scale < 1e-5
         assert np.max(np.abs(v - r)) / scale < 1e-5
 
 
+@pytest.mark.parametrize("m", [2, 4])
 @pytest.mark.parametrize("H,W", [(5, 5), (4, 6)])
-def test_winograd_gradient(H, W):
+def test_winograd_gradient(H, W, m):
     x = RNG.standard_normal((3, 2, H, W))
     w = RNG.standard_normal((4, 3, 3, 3))
     b = RNG.standard_normal(4)
     dout = RNG.standard_normal((4, 2, H, W))
 
     def loss():
-        return float(np.sum(F.conv_forward(x, w, b, 1, 1, method="winograd")[0] * dout))
+        return float(np.sum(F.conv_forward(x, w, b, 1, 1, method=f"winograd{m}")[0] * dout))
 
-    _, cache = F.conv_forward(x, w, b, 1, 1, method="winograd")
+    _, cache = F.conv_forward(x, w, b, 1, 1, method=f"winograd{m}")
     dx, dw, db = (a.copy() for a in F.conv_backward(dout, cache))
     for v, g in ((x, dx), (w, dw), (b, db)):
         assert rel_error(g, numerical_grad(loss, v)) < 1e-6
@@ -109,7 +118,9 @@ def test_shape_rule():
     ok = F.winograd_eligible
     assert ok((64, 64, 15, 15), (256, 64, 3, 3), 1, 1)
     assert ok((256, 64, 7, 7), (256, 256, 3, 3), 1, 1)
-    assert not ok((256, 64, 3, 3), (256, 256, 3, 3), 1, 1)     # 4x4 tiles for 3x3: too much padding
+    assert ok((256, 64, 3, 3), (256, 256, 3, 3), 1, 1)         # one 6x6 tile: 36 vs 81 multiplies
+    assert not ok((256, 64, 3, 3), (256, 256, 3, 3), 1, 1, m=2)  # four 4x4 tiles: 64 vs 81
+    assert not ok((256, 64, 5, 5), (256, 256, 3, 3), 1, 1)     # 8x8 outputs for 5x5: 144 vs 225
     assert not ok((3, 64, 32, 32), (32, 3, 7, 7), 1, 3)        # the course model's 7x7 conv
     assert not ok((64, 64, 15, 15), (64, 64, 3, 3), 2, 1)      # strided
     assert not ok((64, 64, 15, 15), (64, 64, 3, 3), 1, 0)      # unpadded
@@ -148,7 +159,7 @@ def test_airbench_gradient_through_winograd(monkeypatch):
     loss_ref, g_ref = m.loss_and_grad(x, y)
     monkeypatch.setattr(F, "WINOGRAD", True)
     loss, g = m.loss_and_grad(x, y)
-    assert sum(isinstance(l.cache[0], str) for l in m.layers if type(l).__name__ == "DiracConv") == 5
+    assert sum(isinstance(l.cache[0], str) for l in m.layers if type(l).__name__ == "DiracConv") == 6
     assert abs(loss - loss_ref) < 1e-12
     np.testing.assert_allclose(g, g_ref, rtol=1e-10, atol=1e-13)
     for spec in m.layout.specs:

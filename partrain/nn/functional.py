@@ -93,151 +93,176 @@ def col2im(dcols: np.ndarray, geom: tuple, kh: int, kw: int, stride: int, pad: i
     return dxp[:, :, pad:pad + H, pad:pad + W] if pad else dxp
 
 
-# Winograd F(2x2, 3x3) (Lavin & Gray 2016) for stride-1, pad-1 3x3 convolutions. Each 2x2 block of
-# outputs comes from a 4x4 input tile d:  Y = At [(G g Gt) * (Bt d B)] A, so the 36 multiplies per
-# (filter, channel, block) of a direct/im2col conv become 16: one (F x C) @ (C x tiles) GEMM per
-# tile position (16 of them). The transforms are small Kronecker matrices applied as GEMMs (one
-# streaming pass each). Backward is the exact adjoint of that computation: the transformed output
-# gradient dM feeds both dU = dM Vt (-> dW) and dV = Ut dM (-> dX), so the gradient is that of the
-# Winograd forward and equals the im2col one up to float round-off.
-_WBT = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float64)
-_WG = np.array([[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]], np.float64)
-_WAT = np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.float64)
+# Winograd F(m x m, 3x3) (Lavin & Gray 2016) for stride-1, pad-1 3x3 convolutions. Each m x m block
+# of outputs comes from an (m+2) x (m+2) input tile d:  Y = At [(G g Gt) * (Bt d B)] A, so the 9 m^2
+# multiplies per (filter, channel, block) of a direct/im2col conv become (m+2)^2 — 2.25x fewer for
+# m = 2 and 4x fewer for m = 4 — as one (F x C) @ (C x tiles) GEMM per tile position. The transforms
+# are small Kronecker matrices applied as GEMMs (one streaming pass each). Backward is the exact
+# adjoint of that computation: the transformed output gradient dM feeds both dU = dM Vt (-> dW)
+# and dV = Ut dM (-> dX), so the gradient is that of the Winograd forward and equals the im2col
+# one up to float round-off.
+# m = 4 uses the interpolation points 0, 1, -1, 1/2, -2 (and infinity) rather than Lavin's
+# 0, ±1, ±2: measured float32 error relative to the largest output ~3e-6 on airbench's shapes
+# (Lavin's matrices: ~1e-5; im2col: ~5e-7). The matrices are the Toom-Cook construction for those
+# points (At: powers of the points; G: rows p^k / prod_{q != p}(p - q); Bt solves the identity).
+_WINO = {  # output tile m -> (Bt, G, At) in float64
+    2: (np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float64),
+        np.array([[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]], np.float64),
+        np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.float64)),
+    4: (np.array([[1, -3 / 2, -2, 3 / 2, 1, 0], [0, -1, 1 / 2, 5 / 2, 1, 0],
+                  [0, 1, -5 / 2, 1 / 2, 1, 0], [0, -2, -1, 2, 1, 0], [0, 1 / 2, -1, -1 / 2, 1, 0],
+                  [0, 1, -3 / 2, -2, 3 / 2, 1]], np.float64),
+        np.array([[1, 0, 0], [1 / 3, 1 / 3, 1 / 3], [-1 / 3, 1 / 3, -1 / 3],
+                  [-16 / 15, -8 / 15, -4 / 15], [1 / 15, -2 / 15, 4 / 15], [0, 0, 1]], np.float64),
+        np.array([[1, 1, 1, 1, 1, 0], [0, 1, -1, 1 / 2, -2, 0], [0, 1, 1, 1 / 4, 4, 0],
+                  [0, 1, -1, 1 / 8, -8, 1]], np.float64)),
+}
 _WMATS: dict = {}
 
 # Auto-selection (see winograd_eligible). WINOGRAD=False forces the im2col reference everywhere.
 WINOGRAD = True
+WINOGRAD_TILE = 4               # output tile m of F(m x m, 3 x 3)
 WINOGRAD_MIN_CHANNELS = 32      # below this the (F x C) GEMMs are too thin to pay for transforms
-WINOGRAD_MAX_WASTE = 1.4        # padded tile area / output area (15x15: 1.14, 7x7: 1.31, 3x3: 1.78)
+WINOGRAD_MAX_MULTIPLIES = 0.5   # Winograd multiplies (padded tiles) / im2col multiplies; m = 4:
+                                # 31x31 0.27, 15x15 0.28, 7x7 0.33, 3x3 0.44
 
 
-def _wino_mats(dtype):
-    m = _WMATS.get(np.dtype(dtype))
-    if m is None:
-        kb, kg, ka = np.kron(_WBT, _WBT), np.kron(_WG, _WG), np.kron(_WAT, _WAT)
-        m = tuple(a.astype(dtype) for a in (kb, kb.T.copy(), kg, kg.T.copy(), ka, ka.T.copy()))
-        _WMATS[np.dtype(dtype)] = m
-    return m  # KB (16x16), KB^T, KG (16x9), KG^T, KA (4x16), KA^T
+def _wino_mats(dtype, m):
+    mats = _WMATS.get((np.dtype(dtype), m))
+    if mats is None:
+        bt, g, at = _WINO[m]
+        kb, kg, ka = np.kron(bt, bt), np.kron(g, g), np.kron(at, at)
+        mats = tuple(a.astype(dtype) for a in (kb, kb.T.copy(), kg, kg.T.copy(), ka, ka.T.copy()))
+        _WMATS[(np.dtype(dtype), m)] = mats
+    return mats  # KB (a2 x a2), KB^T, KG (a2 x 9), KG^T, KA (m2 x a2), KA^T; a = m + 2
 
 
-def winograd_eligible(x_shape, w_shape, stride, pad) -> bool:
+def winograd_eligible(x_shape, w_shape, stride, pad, m=None) -> bool:
     """Shape rule for the Winograd path: 3x3, stride 1, pad 1, enough channels, little padding."""
     F_, C, KH, KW = w_shape
     if not WINOGRAD or (KH, KW) != (3, 3) or stride != 1 or pad != 1 or len(x_shape) != 4:
         return False
+    m = m or WINOGRAD_TILE
     H, W = x_shape[2:]
-    waste = 4 * ((H + 1) // 2) * ((W + 1) // 2) / (H * W)
-    return min(C, F_) >= WINOGRAD_MIN_CHANNELS and waste <= WINOGRAD_MAX_WASTE
+    ratio = (m + 2) ** 2 * (-(-H // m)) * (-(-W // m)) / (9 * H * W)
+    return min(C, F_) >= WINOGRAD_MIN_CHANNELS and ratio <= WINOGRAD_MAX_MULTIPLIES
 
 
-def winograd_conv_forward(x, w, b, ws=None, key="conv"):
-    """3x3 stride-1 pad-1 conv of x (C, N, H, W) by Winograd F(2x2, 3x3) -> (F, N, H, W), cache.
+def winograd_conv_forward(x, w, b, ws=None, key="conv", m=None):
+    """3x3 stride-1 pad-1 conv of x (C, N, H, W) by Winograd F(m x m, 3x3) -> (F, N, H, W), cache.
 
     Inside, tiles are ordered (tile row, tile column, sample): the sample index is innermost, so
     every gather, transform and overlap-add runs over N contiguous values (with (N, H, W) order the
     inner loops would be one tile row long, 4 values on a 7x7 map, and numpy's per-loop overhead
     dominates). The transposes happen once, on the padded input and on the output.
     """
+    m = m or WINOGRAD_TILE
+    al = m + 2
     C, N, H, W = x.shape
     F_ = w.shape[0]
     dt = x.dtype
-    KB, _, KG, _, KA, _ = _wino_mats(dt)
-    th, tw = (H + 1) // 2, (W + 1) // 2
+    KB, _, KG, _, KA, _ = _wino_mats(dt, m)
+    th, tw = -(-H // m), -(-W // m)
     P = th * tw * N
-    xp = _buf(ws, key + "wxpad", (C, 2 * th + 2, 2 * tw + 2, N), dt)   # padded, samples last
+    xp = _buf(ws, key + "wxpad", (C, m * th + 2, m * tw + 2, N), dt)   # padded, samples last
     xp[:, 0] = 0
     xp[:, H + 1:] = 0
     xp[:, 1:H + 1, 0] = 0
     xp[:, 1:H + 1, W + 1:] = 0
     xp[:, 1:H + 1, 1:W + 1] = x.transpose(0, 2, 3, 1)
     # U[ab] (F, C): transformed filters.
-    U = (KG @ w.astype(dt, copy=False).transpose(2, 3, 0, 1).reshape(9, F_ * C)).reshape(16, F_, C)
+    U = (KG @ w.astype(dt, copy=False).transpose(2, 3, 0, 1).reshape(9, F_ * C)).reshape(
+        al * al, F_, C)
     sC, sH, sW, sN = xp.strides
-    tiles = as_strided(xp, shape=(4, 4, C, th, tw, N),
-                       strides=(sH, sW, sC, 2 * sH, 2 * sW, sN), writeable=False)
-    D = _buf(ws, key + "wD", (16, C * P), dt)
-    np.copyto(D.reshape(4, 4, C, th, tw, N), tiles)
-    V = _buf(ws, key + "wV", (16, C * P), dt)
+    tiles = as_strided(xp, shape=(al, al, C, th, tw, N),
+                       strides=(sH, sW, sC, m * sH, m * sW, sN), writeable=False)
+    D = _buf(ws, key + "wD", (al * al, C * P), dt)
+    np.copyto(D.reshape(al, al, C, th, tw, N), tiles)
+    V = _buf(ws, key + "wV", (al * al, C * P), dt)
     np.matmul(KB, D, out=V)
-    M = _buf(ws, key + "wM", (16, F_, P), dt)
-    np.matmul(U, V.reshape(16, C, P), out=M)
-    Y = _buf(ws, key + "wY", (4, F_ * P), dt)
-    np.matmul(KA, M.reshape(16, F_ * P), out=Y)
-    Y6 = Y.reshape(2, 2, F_, th, tw, N)
+    M = _buf(ws, key + "wM", (al * al, F_, P), dt)
+    np.matmul(U, V.reshape(al * al, C, P), out=M)
+    Y = _buf(ws, key + "wY", (m * m, F_ * P), dt)
+    np.matmul(KA, M.reshape(al * al, F_ * P), out=Y)
+    Y6 = Y.reshape(m, m, F_, th, tw, N)
     out = _buf(ws, key + "out", (F_, N, H, W), dt)
-    for a in range(2):
-        for c in range(2):
-            out[:, :, a::2, c::2] = Y6[a, c, :, :(H - a + 1) // 2, :(W - c + 1) // 2].transpose(
-                0, 3, 1, 2)
+    for a in range(m):
+        for c in range(m):
+            out[:, :, a::m, c::m] = Y6[a, c, :, :(H - a + m - 1) // m,
+                                       :(W - c + m - 1) // m].transpose(0, 3, 1, 2)
     if b is not None:
         out += b.reshape(-1, 1, 1, 1)
-    return out, ("winograd", V, U, w, x.shape, b is not None)
+    return out, ("winograd", V, U, w, x.shape, b is not None, m)
 
 
 def winograd_conv_backward(dout, cache, need_dx=True, dw_out=None, db_out=None, ws=None,
                            key="conv"):
     """Adjoint of winograd_conv_forward -> (dx or None, dw, db or None)."""
-    _, V, U, w, (C, N, H, W), has_bias = cache
+    _, V, U, w, (C, N, H, W), has_bias, m = cache
+    al = m + 2
     F_ = w.shape[0]
     dt = dout.dtype
-    _, KBt, _, KGt, _, KAt = _wino_mats(dt)
-    th, tw = (H + 1) // 2, (W + 1) // 2
+    _, KBt, _, KGt, _, KAt = _wino_mats(dt, m)
+    th, tw = -(-H // m), -(-W // m)
     P = th * tw * N
     # Output gradient into the tile layout (zeros where the last tile row/column overhangs).
-    G = _buf(ws, key + "wY", (4, F_ * P), dt)
-    G6 = G.reshape(2, 2, F_, th, tw, N)
-    if H % 2 or W % 2:
+    G = _buf(ws, key + "wY", (m * m, F_ * P), dt)
+    G6 = G.reshape(m, m, F_, th, tw, N)
+    if H % m or W % m:
         G.fill(0)
-    for a in range(2):
-        for c in range(2):
-            G6[a, c, :, :(H - a + 1) // 2, :(W - c + 1) // 2] = dout[:, :, a::2, c::2].transpose(
-                0, 2, 3, 1)
-    dM = _buf(ws, key + "wM", (16, F_, P), dt)         # the forward's M buffer, reused
-    np.matmul(KAt, G, out=dM.reshape(16, F_ * P))
-    dU = _buf(ws, key + "wdU", (16, F_, C), dt)
-    np.matmul(dM, V.reshape(16, C, P).transpose(0, 2, 1), out=dU)
+    for a in range(m):
+        for c in range(m):
+            G6[a, c, :, :(H - a + m - 1) // m, :(W - c + m - 1) // m] = \
+                dout[:, :, a::m, c::m].transpose(0, 2, 3, 1)
+    dM = _buf(ws, key + "wM", (al * al, F_, P), dt)         # the forward's M buffer, reused
+    np.matmul(KAt, G, out=dM.reshape(al * al, F_ * P))
+    dU = _buf(ws, key + "wdU", (al * al, F_, C), dt)
+    np.matmul(dM, V.reshape(al * al, C, P).transpose(0, 2, 1), out=dU)
     dw = dw_out if dw_out is not None else np.empty(w.shape, dt)
-    dw[...] = (KGt @ dU.reshape(16, F_ * C)).reshape(3, 3, F_, C).transpose(2, 3, 0, 1)
+    dw[...] = (KGt @ dU.reshape(al * al, F_ * C)).reshape(3, 3, F_, C).transpose(2, 3, 0, 1)
     db = None
     if has_bias:
         db = db_out if db_out is not None else np.empty(F_, dt)
         np.sum(dout, axis=(1, 2, 3), out=db)
     if not need_dx:
         return None, dw, db
-    dV = _buf(ws, key + "wD", (16, C * P), dt)         # the forward's D buffer, reused
-    np.matmul(U.transpose(0, 2, 1), dM, out=dV.reshape(16, C, P))
-    dD = _buf(ws, key + "wdD", (16, C * P), dt)
+    dV = _buf(ws, key + "wD", (al * al, C * P), dt)         # the forward's D buffer, reused
+    np.matmul(U.transpose(0, 2, 1), dM, out=dV.reshape(al * al, C, P))
+    dD = _buf(ws, key + "wdD", (al * al, C * P), dt)
     np.matmul(KBt, dV, out=dD)
-    dD6 = dD.reshape(4, 4, C, th, tw, N)
-    # Overlap-add of the 4x4 tiles (stride 2) by phase: padded row 2u + p gets tile row u at
-    # offset p and tile row u - 1 at offset p + 2; likewise for columns.
-    Z = _buf(ws, key + "wZ", (2, 2, C, th + 1, tw + 1, N), dt)
+    dD6 = dD.reshape(al, al, C, th, tw, N)
+    # Overlap-add of the tiles (size m + 2, stride m) by phase: padded row m·u + p gets tile row u
+    # at offset p and tile row u - 1 at offset p + m (when p + m < m + 2); likewise for columns.
+    Z = _buf(ws, key + "wZ", (m, m, C, th + 1, tw + 1, N), dt)
     Z.fill(0)
-    for p in range(2):
-        for q in range(2):
+    for p in range(m):
+        for q in range(m):
             z = Z[p, q]
-            z[:, :th, :tw] += dD6[p, q]
-            z[:, 1:, :tw] += dD6[p + 2, q]
-            z[:, :th, 1:] += dD6[p, q + 2]
-            z[:, 1:, 1:] += dD6[p + 2, q + 2]
-    # Unpadded row h is padded row h + 1: even h come from phase 1 (u = h/2), odd h from phase 0
-    # (u = (h+1)/2).
+            for k in range(2):
+                for l in range(2):
+                    if p + m * k < al and q + m * l < al:
+                        z[:, k:k + th, l:l + tw] += dD6[p + m * k, q + m * l]
+    # Unpadded row h is padded row h + 1 = m·u + p: p = (h + 1) % m, u = (h + 1) // m.
     dx = _buf(ws, key + "wdx", (C, N, H, W), dt)
-    for ph in range(2):
-        for pw in range(2):
-            nh, nw = (H - ph + 1) // 2, (W - pw + 1) // 2
-            dx[:, :, ph::2, pw::2] = Z[1 - ph, 1 - pw, :, ph:ph + nh, pw:pw + nw].transpose(
-                0, 3, 1, 2)
+    for ph in range(m):
+        for pw in range(m):
+            nh, nw = (H - ph + m - 1) // m, (W - pw + m - 1) // m
+            u0, v0 = (ph + 1) // m, (pw + 1) // m
+            dx[:, :, ph::m, pw::m] = Z[(ph + 1) % m, (pw + 1) % m, :, u0:u0 + nh,
+                                       v0:v0 + nw].transpose(0, 3, 1, 2)
     return dx, dw, db
 
 
 def conv_forward(x, w, b, stride=1, pad=0, ws=None, key="conv", method="auto"):
     """x (C, N, H, W), w (F, C, KH, KW), b (F,) or None -> out (F, N, OH, OW).
 
-    method "auto" picks Winograd F(2x2, 3x3) where `winograd_eligible` says so, else im2col + one
-    GEMM (the reference); "im2col" or "winograd" force one.
+    method "auto" picks Winograd F(m x m, 3x3), m = WINOGRAD_TILE, where `winograd_eligible` says
+    so, else im2col + one GEMM (the reference); "im2col", "winograd" (m = WINOGRAD_TILE),
+    "winograd2" or "winograd4" force one.
     """
-    if method == "winograd" or (method == "auto" and winograd_eligible(x.shape, w.shape, stride, pad)):
+    if method in ("winograd", "winograd2", "winograd4"):
+        return winograd_conv_forward(x, w, b, ws, key, {"winograd2": 2, "winograd4": 4}.get(method))
+    if method == "auto" and winograd_eligible(x.shape, w.shape, stride, pad):
         return winograd_conv_forward(x, w, b, ws, key)
     F, C, KH, KW = w.shape
     cols, geom = im2col(x, KH, KW, stride, pad, ws, key)
