@@ -16,6 +16,8 @@ Images stay uint8 here; `batches.make_batch`-style normalisation comes after.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
@@ -23,6 +25,26 @@ _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 _FLIP_STREAM = 0x464C4950  # "FLIP": the flip bits do not depend on the epoch
+
+
+@dataclass(frozen=True)
+class AugmentSpec:
+    """What the runners apply to every training sample: the run's seed (the key), flips on or off
+    and the largest translation in pixels. Small and picklable: the workers get it at start-up,
+    and only the epoch travels with each step."""
+
+    seed: int = 0
+    flip: bool = True
+    translate: int = 2
+
+    def __post_init__(self):
+        if int(self.translate) != self.translate or self.translate < 0:
+            raise ValueError(f"translate must be a whole number of pixels >= 0, got "
+                             f"{self.translate}")
+
+    @property
+    def active(self) -> bool:
+        return bool(self.flip) or self.translate > 0
 
 
 def _mix(x: np.ndarray) -> np.ndarray:

@@ -3,9 +3,14 @@
 `ParallelRunner` offers exactly what `runner.LocalRunner` offers (docs/INTERFACES.md): `params`,
 `state`, `opt_state`, `model`, `set_order`, `step(lo, hi, lr, t)`, `close()`, context manager.
 
+Before the workers start, the parent initialises the parameters exactly as LocalRunner does
+(`init_params(seed)`, then `runner.init_from_data` on the training indices), so the workers only
+ever read them from shared memory.
+
 One step, as the parent sees it:
-  1. send every worker b"S"(lo, hi, lr, t): worker w computes the gradient of the summed loss of
-     its shard `order[split_shards(lo, hi, N)[w]]`, divided by the global batch size, into its own
+  1. send every worker b"S"(lo, hi, lr, t, epoch): worker w computes the gradient of the summed
+     loss of its shard `order[split_shards(lo, hi, N)[w]]` (augmented as (seed, epoch, sample
+     index) decide, if an AugmentSpec was given), divided by the global batch size, into its own
      gradient buffer (and its batch-norm statistics into its row of `stats`);
   2. wait for all N; sum the losses (w = 0..N-1) and the batch-norm statistics, and merge those
      into the running statistics here, once;
@@ -40,7 +45,7 @@ import numpy as np
 from ..batches import normaliser
 from ..errors import PartrainError
 from ..nn.models import build_model
-from ..runner import make_optimizer, n_groups
+from ..runner import init_from_data, make_optimizer, n_groups
 from . import worker as W
 from .reduce import get_reduction, reduce_and_step
 from .shm import SharedArrays
@@ -146,12 +151,15 @@ class ParallelRunner:
     log_dir: where a failing worker writes its traceback (default: the temp folder).
     handle_signals: install the Ctrl-C / SIGTERM handlers described above.
     step_timeout: seconds a live worker may take to answer (None: wait while it is alive).
+    augment: an `augment.AugmentSpec` (or None), applied by the workers to every sample.
+    init_idx: the training indices `init_from_data` may look at (None: all images).
     """
 
     def __init__(self, model_spec, optimizer_spec, images, labels, mean, std, seed: int = 0,
                  n_workers: int | None = None, reduction: str = "sharded", log_dir=None,
                  start_method: str = "forkserver", handle_signals: bool = True,
-                 step_timeout: float | None = None, startup_timeout: float = 120.0):
+                 step_timeout: float | None = None, startup_timeout: float = 120.0,
+                 augment=None, init_idx=None):
         self._closed, self._failed, self._stop_requested = True, False, False
         self._procs: list = []
         self._conns: list = []
@@ -200,6 +208,8 @@ class ParallelRunner:
             self._reduced, self._stats, self._ctl = shm["reduced"], shm["stats"], shm["ctl"]
             m.bind(self.params, self._reduced, self.state)
             m.init_params(np.random.default_rng(seed))  # exactly as LocalRunner: N=1 equals it
+            init_from_data(m, self.images, init_idx, mean, std)
+            self._epoch = 0
 
             log_dir = tempfile.gettempdir() if log_dir is None else os.fspath(log_dir)
             os.makedirs(log_dir, exist_ok=True)
@@ -208,7 +218,8 @@ class ParallelRunner:
             scale, shift = normaliser(mean, std)
             cfg = dict(descriptor=shm.descriptor(), n_workers=self.n_workers,
                        model_spec=(name, options), optimizer_spec=optimizer_spec,
-                       scale=scale, shift=shift, reduction=self.reduction.name)
+                       scale=scale, shift=shift, reduction=self.reduction.name,
+                       augment=augment if augment is not None and augment.active else None)
             t0 = time.perf_counter()
             self._start_workers(start_method, cfg)
             self._collect(b"k", timeout=startup_timeout, what="start")
@@ -222,8 +233,9 @@ class ParallelRunner:
             raise Interrupted("interrupted by Ctrl-C while starting the workers")
 
     # ------------------------------------------------------------------------- the contract
-    def set_order(self, order: np.ndarray) -> None:
-        """The permutation of train indices for the coming epoch (copied into shared memory)."""
+    def set_order(self, order: np.ndarray, epoch: int = 0) -> None:
+        """The permutation of train indices for the coming epoch (copied into shared memory), and
+        the epoch's number, which every step sends to the workers (it keys the augmentation)."""
         self._check_open()
         order = np.asarray(order)
         perm = self._shm["perm"]
@@ -234,6 +246,7 @@ class ParallelRunner:
             raise ValueError(f"order has indices outside [0, {len(perm)})")
         perm[:len(order)] = order
         self._n_order = len(order)
+        self._epoch = int(epoch)
 
     def step(self, lo: int, hi: int, lr: float, t: int) -> tuple[float, int]:
         """One optimizer step on samples order[lo:hi]; returns (sum of their losses, n correct)."""
@@ -248,7 +261,7 @@ class ParallelRunner:
         n = self.n_workers
         sharded = self.reduction.in_workers
         then_reduce = sharded and n == 1  # nobody to wait for: reduce in the same round trip
-        self._send_all(b"S" + W.STEP.pack(lo, hi, float(lr), t, then_reduce))
+        self._send_all(b"S" + W.STEP.pack(lo, hi, float(lr), t, self._epoch, then_reduce))
         self._collect(b"r" if then_reduce else b"c")
         ctl = self._ctl
         loss, correct = 0.0, 0

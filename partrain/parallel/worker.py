@@ -4,7 +4,8 @@ Protocol (bytes over the worker's own Pipe; the parent sends only indices — da
 gradients, optimizer state and results all live in shared memory):
 
   parent -> worker                       worker -> parent
-  b"S" + STEP(lo, hi, lr, t, then_reduce)  b"c" (gradient of my shard written; results in ctl[w])
+  b"S" + STEP(lo, hi, lr, t, epoch,       b"c" (gradient of my shard written; results in ctl[w])
+              then_reduce)
                                            or b"r" when then_reduce (also reduced and stepped)
   b"R" + REDUCE(lr, t)                     b"r" (my slice of the sum reduced, optimizer stepped)
   b"Q"                                     (exits)
@@ -30,7 +31,7 @@ from ..runner import make_optimizer, shard_gradient, split_shards
 from .reduce import get_reduction, reduce_and_step
 from .shm import SharedArrays
 
-STEP = struct.Struct("<qqdq?")     # lo, hi, lr, t, then_reduce
+STEP = struct.Struct("<qqdqq?")    # lo, hi, lr, t, epoch (keys the augmentation), then_reduce
 REDUCE = struct.Struct("<dq")      # lr, t
 # Columns of the control block ctl (float64, one row per worker), written by worker w in row w.
 LOSS, CORRECT, T_COMPUTE, T_REDUCE, T_OPTIM, PID = range(6)
@@ -87,18 +88,19 @@ def _serve(w: int, conn, cfg: dict) -> int:
                         else (0, 0))
         ctl[:] = 0
         ctl[PID] = os.getpid()
+        augment = cfg.get("augment")  # an AugmentSpec or None
         xbuf = None
         conn.send_bytes(b"k")
         while True:
             msg = conn.recv_bytes()
             op = msg[:1]
             if op == b"S":
-                lo, hi, lr, t, then_reduce = STEP.unpack_from(msg, 1)
+                lo, hi, lr, t, epoch, then_reduce = STEP.unpack_from(msg, 1)
                 c0 = time.perf_counter()
                 s_lo, s_hi = split_shards(lo, hi, n_workers, group)[w]
                 loss, correct, xbuf = shard_gradient(
                     model, images, labels, perm[s_lo:s_hi], scale, shift, 1.0 / (hi - lo),
-                    stats, xbuf)
+                    stats, xbuf, augment, epoch)
                 ctl[LOSS], ctl[CORRECT] = loss, correct
                 ctl[T_COMPUTE] = time.perf_counter() - c0
                 if then_reduce:
