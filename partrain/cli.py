@@ -76,8 +76,11 @@ def _model_options(pairs) -> dict:
 
 
 @main.command()
+@click.option("--recipe", default=None, metavar="NAME",
+              help="A preset of the settings below (airbench, airbench-short); options given "
+                   "on the command line win over it. See --dry-run.")
 @click.option("--model", default="three-layer", show_default=True,
-              help="Model name: three-layer (the course model), vgg, linear.")
+              help="Model name: three-layer (the course model), vgg, linear, airbench.")
 @click.option("--model-option", "model_option", multiple=True, metavar="KEY=VALUE",
               help="Model setting, e.g. hidden_dim=256 (repeatable).")
 @click.option("--optimizer", type=click.Choice(["adam", "sgd"]), default="adam", show_default=True)
@@ -99,6 +102,15 @@ def _model_options(pairs) -> dict:
               help="Worker processes [default: usable cores]; 1 trains in this process.")
 @click.option("--reduction", type=click.Choice(["sharded", "parent"]), default="sharded",
               show_default=True, help="How gradients are summed and the optimizer stepped.")
+@click.option("--flip/--no-flip", default=False, show_default=True,
+              help="Augment: mirror each training image every other epoch (alternating flips).")
+@click.option("--translate", type=int, default=0, show_default=True, metavar="PX",
+              help="Augment: shift each training image by up to PX pixels (reflect padding).")
+@click.option("--freeze-after", "freeze_after", multiple=True, metavar="NAME=EPOCHS",
+              help="Stop training parameter (or layer) NAME after EPOCHS epochs (repeatable).")
+@click.option("--tta", type=click.Choice(["none", "flip", "flip_translate"]), default="none",
+              show_default=True,
+              help="Also report the final test accuracy with test-time augmentation.")
 @click.option("--data-dir", default="data", show_default=True, type=click.Path(path_type=Path),
               help="Folder holding cifar10.h5 (made by partrain prepare).")
 @click.option("--runs-dir", default="runs", show_default=True, type=click.Path(path_type=Path))
@@ -107,15 +119,22 @@ def _model_options(pairs) -> dict:
               help="Continue the run in this folder exactly where it stopped.")
 @click.option("--log-every", type=int, default=20, show_default=True, help="Steps per history row.")
 @click.option("--quiet", is_flag=True, help="Print only the final summary.")
-@click.option("--dry-run", is_flag=True, help="Print the model's parameters and exit.")
+@click.option("--dry-run", is_flag=True, help="Print the settings and the model's parameters "
+                                               "and exit.")
 @click.option("--max-steps", type=int, default=None, hidden=True,
               help="Stop (with a checkpoint) after this many steps; for tests.")
 @click.pass_context
 @user_errors
-def fit(ctx, model, model_option, optimizer, lr, momentum, nesterov, weight_decay, schedule,
-        warmup_epochs, batch_size, epochs, seed, val_size, workers, reduction, data_dir, runs_dir,
-        name, resume, log_every, quiet, dry_run, max_steps):
-    """Train a model on DATA_DIR/cifar10.h5 with N worker processes."""
+def fit(ctx, recipe, model, model_option, optimizer, lr, momentum, nesterov, weight_decay,
+        schedule, warmup_epochs, batch_size, epochs, seed, val_size, workers, reduction, flip,
+        translate, freeze_after, tta, data_dir, runs_dir, name, resume, log_every, quiet, dry_run,
+        max_steps):
+    """Train a model on DATA_DIR/cifar10.h5 with N worker processes.
+
+    \b
+    partrain fit --recipe airbench            airbench94's recipe (see README, Recipes)
+    partrain fit --recipe airbench --dry-run  what it sets
+    """
     from click.core import ParameterSource
 
     from .train import (Interrupted, TrainConfig, fit as run_fit, new_run_dir, read_run_config,
@@ -126,14 +145,25 @@ def fit(ctx, model, model_option, optimizer, lr, momentum, nesterov, weight_deca
                     schedule=schedule, warmup_epochs=warmup_epochs, batch_size=batch_size,
                     epochs=epochs, seed=seed, val_size=val_size,
                     workers=workers or _usable_cores(), reduction=reduction,
-                    data=str(data_dir / "cifar10.h5"), log_every=log_every)
+                    data=str(data_dir / "cifar10.h5"), log_every=log_every, recipe=recipe,
+                    augment_flip=flip, augment_translate=translate,
+                    freeze_after=_freeze_after(freeze_after), tta=tta)
+
+    def on_command_line(key: str) -> bool:
+        return ctx.get_parameter_source(_CLI_NAME.get(key, key)) == ParameterSource.COMMANDLINE
+
+    if recipe is not None and resume is None:
+        from .recipes import apply_recipe
+        settings = apply_recipe(recipe, settings, {k for k in settings if on_command_line(k)})
     if dry_run:
+        cfg = TrainConfig(**settings)
+        cfg.check()
+        _print_settings(cfg)
         _print_model(settings["model"], settings["model_options"])
         return
     if resume is not None:
         saved = TrainConfig.from_dict(read_run_config(resume)["config"])
-        given = {k: v for k, v in settings.items()
-                 if ctx.get_parameter_source(_CLI_NAME.get(k, k)) == ParameterSource.COMMANDLINE}
+        given = {k: v for k, v in settings.items() if on_command_line(k)}
         if workers is None:
             given.pop("workers", None)
         conflicts = resume_conflicts(saved, given)
@@ -156,7 +186,31 @@ def fit(ctx, model, model_option, optimizer, lr, momentum, nesterov, weight_deca
         click.echo(" ".join(f"{k}={v}" for k, v in summary.items()))
 
 
-_CLI_NAME = {"model_options": "model_option", "data": "data_dir"}
+_CLI_NAME = {"model_options": "model_option", "data": "data_dir", "augment_flip": "flip",
+             "augment_translate": "translate"}
+
+
+def _freeze_after(pairs) -> dict:
+    out = {}
+    for item in pairs:
+        key, _, value = item.partition("=")
+        try:
+            if not key:
+                raise ValueError
+            out[key] = float(value)
+        except ValueError:
+            raise PartrainError(f"--freeze-after wants NAME=EPOCHS, got {item!r}") from None
+    return out
+
+
+def _print_settings(cfg) -> None:
+    from .train import TrainConfig
+    defaults = TrainConfig()
+    click.echo("settings" + (f" (recipe {cfg.recipe})" if cfg.recipe else "") + ":")
+    for key, value in cfg.to_dict().items():
+        changed = "" if value == getattr(defaults, key) else "   *"
+        click.echo(f"  {key:<18} {value!r}{changed}")
+    click.echo("  (* differs from the default)")
 
 
 _RUN = click.argument("run", type=click.Path(path_type=Path))
@@ -195,13 +249,16 @@ def plot(runs, out, pdf):
 @_CHECKPOINT
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Folder for confusion.png and evaluation.json [default: the run folder].")
+@click.option("--tta", type=click.Choice(["none", "flip", "flip_translate"]), default="none",
+              show_default=True,
+              help="Also the test accuracy with test-time augmentation (one pass per view).")
 @user_errors
-def evaluate(run, data_dir, checkpoint, out):
+def evaluate(run, data_dir, checkpoint, out, tta):
     """Test accuracy, accuracy per class and a confusion-matrix PNG of a run."""
     from .evaluate import evaluate_run, format_report
 
     result = evaluate_run(run, data_dir=data_dir, checkpoint=checkpoint, out_dir=out,
-                          warn=lambda text: click.echo(text, err=True))
+                          warn=lambda text: click.echo(text, err=True), tta=tta)
     click.echo("\n".join(format_report(result)))
 
 
@@ -237,8 +294,14 @@ def _print_model(name: str, options: dict) -> None:
     except (ValueError, TypeError) as e:
         raise PartrainError(str(e)) from None
     click.echo(f"model {name}: {m.layout.size:,} parameters")
-    for pname, shape, size in m.summary():
-        click.echo(f"  {pname:<20} {str(shape):<20} {size:>12,}")
+    if m.options:
+        import textwrap
+        click.echo(textwrap.fill(", ".join(f"{k}={v!r}" for k, v in m.options.items()), 98,
+                                 initial_indent="  options: ", subsequent_indent="    "))
+    click.echo(f"  {'parameter':<20} {'shape':<20} {'size':>12}  decay  lr scale")
+    for spec in m.layout.specs:
+        click.echo(f"  {spec.name:<20} {str(spec.shape):<20} {spec.size:>12,}  "
+                   f"{'yes' if spec.decay else 'no':<5}  {spec.lr_scale:g}")
     f = m.flops_per_image()
     click.echo(f"forward {f['forward'] / 1e6:.1f} MFLOP/image, training {f['train'] / 1e6:.1f} MFLOP/image")
 

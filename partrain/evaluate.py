@@ -43,15 +43,22 @@ def confusion_matrix(labels: np.ndarray, preds: np.ndarray, k: int) -> np.ndarra
 
 
 def evaluate_run(run: str | Path, data_dir: str | Path | None = None, checkpoint: str = "best",
-                 out_dir: str | Path | None = None, warn=None) -> dict:
+                 out_dir: str | Path | None = None, warn=None, tta: str = "none") -> dict:
     """Evaluate a run on the test set; writes confusion.png and evaluation.json into out_dir
-    (default: the run folder) and returns the numbers (see `format_report`)."""
+    (default: the run folder) and returns the numbers (see `format_report`).
+
+    tta: a `tta.MODES` name; unless "none", also the accuracy with test-time augmentation
+    ("test_accuracy_tta"); the per-class numbers and the confusion matrix stay without it.
+    """
     from .batches import normaliser
     from .datasets.store import load_store
     from .plots import plot_confusion
-    from .train import accuracy, file_sha256, write_json_atomic
+    from .train import accuracy, file_sha256, tta_accuracy, write_json_atomic
+    from .tta import MODES
 
     warn = warn or (lambda text: print(text, file=sys.stderr))
+    if tta not in MODES:
+        raise PartrainError(f"--tta must be one of {', '.join(MODES)}")
     run = Path(run)
     model, cfg, meta_run = load_run(run, checkpoint)
     path = data_path(cfg, data_dir)
@@ -62,6 +69,8 @@ def evaluate_run(run: str | Path, data_dir: str | Path | None = None, checkpoint
         raise PartrainError(f"{path} has other class names than the run {run} was trained with")
     scale, shift = normaliser(data.mean, data.std)
     acc, preds = accuracy(model, data.test_images, data.test_labels, scale, shift)
+    acc_tta = (tta_accuracy(model, data.test_images, data.test_labels, scale, shift, tta)[1]
+               if tta != "none" else None)
     k = len(data.class_names)
     matrix = confusion_matrix(data.test_labels, preds, k)
     totals = matrix.sum(axis=1)
@@ -77,6 +86,8 @@ def evaluate_run(run: str | Path, data_dir: str | Path | None = None, checkpoint
               "n_correct": int(np.trace(matrix)), "per_class": per_class,
               "confusion": matrix.tolist(), "class_names": list(data.class_names),
               "figure": str(figure)}
+    if acc_tta is not None:
+        result.update(tta=tta, test_accuracy_tta=acc_tta)
     write_json_atomic(out / EVALUATION_FILE, result)
     result["json"] = str(out / EVALUATION_FILE)
     return result
@@ -86,7 +97,9 @@ def format_report(r: dict) -> list[str]:
     """The lines `partrain evaluate` prints."""
     lines = [f"{r['run']}: {Path(r['checkpoint']).name} (after epoch {r['epoch']}) on the "
              f"{r['n_test']:,} test images of {r['data']}",
-             f"test accuracy {r['test_accuracy']:.2%} ({r['n_correct']:,} / {r['n_test']:,})",
+             f"test accuracy {r['test_accuracy']:.2%} ({r['n_correct']:,} / {r['n_test']:,})"
+             + (f"; with TTA ({r['tta']}) {r['test_accuracy_tta']:.2%}"
+                if "test_accuracy_tta" in r else ""),
              "",
              f"{'class':<12} {'accuracy':>8}  {'correct':>7} / total"]
     for name, c in r["per_class"].items():

@@ -50,9 +50,14 @@ class TrainConfig:
     reduction: str = "sharded"
     data: str = "data/cifar10.h5"
     log_every: int = 20
+    recipe: str | None = None       # the preset (recipes.py) these settings started from
+    augment_flip: bool = False      # alternating horizontal flips (augment.py)
+    augment_translate: int = 0      # random translation by up to this many pixels, reflect-padded
+    freeze_after: dict = field(default_factory=dict)  # parameter (or layer) name -> epochs trained
+    tta: str = "none"               # test-time augmentation of the final test accuracy (tta.py)
 
-    # Settings that may differ on resume without changing the result.
-    FREE_ON_RESUME = ("log_every", "data")
+    # Settings that may differ on resume without changing the result (tta: only the final test).
+    FREE_ON_RESUME = ("log_every", "data", "tta")
 
     def check(self) -> None:
         if self.model not in MODELS:
@@ -67,6 +72,21 @@ class TrainConfig:
             raise PartrainError("--reduction must be 'sharded' or 'parent'")
         if self.val_size < 0:
             raise PartrainError("--val-size must be >= 0")
+        if int(self.augment_translate) != self.augment_translate or self.augment_translate < 0:
+            raise PartrainError(f"--translate must be a whole number of pixels >= 0, got "
+                                f"{self.augment_translate}")
+        from .tta import MODES
+        if self.tta not in MODES:
+            raise PartrainError(f"--tta must be one of {', '.join(MODES)}, got {self.tta!r}")
+        for k, v in self.freeze_after.items():
+            if not isinstance(v, (int, float)) or v < 0:
+                raise PartrainError(f"--freeze-after {k}={v!r}: want a number of epochs >= 0")
+
+    def augment_spec(self):
+        """The AugmentSpec the runners apply, or None when augmentation is off."""
+        from .augment import AugmentSpec
+        spec = AugmentSpec(self.seed, bool(self.augment_flip), int(self.augment_translate))
+        return spec if spec.active else None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -96,9 +116,17 @@ def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
     return [(lo, min(lo + batch_size, n)) for lo in range(0, n, batch_size)]
 
 
-def optimizer_spec(cfg: TrainConfig, model) -> tuple[str, dict]:
+def optimizer_spec(cfg: TrainConfig, model, steps_per_epoch: int = 1) -> tuple[str, dict]:
+    """(name, hyper) for `runner.make_optimizer`; freeze_after's epochs become step counts."""
     wd = model.weight_decay if cfg.weight_decay is None else cfg.weight_decay
     hyper = {"lr": cfg.lr, "weight_decay": wd}
+    if cfg.freeze_after:
+        names = [s.name for s in model.layout.specs]
+        for key in cfg.freeze_after:
+            if not any(n == key or n.startswith(key + ".") for n in names):
+                raise PartrainError(f"--freeze-after {key}: model {cfg.model} has no such "
+                                    f"parameter or layer (see partrain fit --dry-run)")
+        hyper["freeze"] = {k: int(round(v * steps_per_epoch)) for k, v in cfg.freeze_after.items()}
     if cfg.optimizer == "sgd":
         hyper.update(momentum=cfg.momentum, nesterov=cfg.nesterov)
     elif cfg.optimizer != "adam":
@@ -116,6 +144,35 @@ def accuracy(model, images, labels, scale, shift, idx=None, batch: int = 1000) -
         buf = x if buf is None else buf
         preds[lo:lo + len(x)] = model.logits(x).argmax(axis=1)
     return float((preds == labels[idx]).mean()) if len(idx) else float("nan"), preds
+
+
+def tta_accuracy(model, images, labels, scale, shift, mode: str, batch: int = 500,
+                 idx=None) -> tuple[float, float]:
+    """(plain accuracy, accuracy with test-time augmentation `mode`) of `model` on images[idx].
+
+    The TTA logits are `tta.tta_logits`'s weighted mean over `tta.tta_views`; the first view is the
+    image itself, whose logits also give the plain accuracy, so both cost one pass per view.
+    """
+    from .tta import tta_views
+    idx = np.arange(len(labels)) if idx is None else idx
+    if not len(idx):
+        return float("nan"), float("nan")
+    plain = np.empty(len(idx), np.int64)
+    tta = np.empty(len(idx), np.int64)
+    buf = None
+    for lo in range(0, len(idx), batch):
+        x, _ = make_batch(images, labels, idx[lo:lo + batch], scale, shift, out=buf,
+                          dtype=model.dtype)
+        buf = x if buf is None else buf
+        acc = None
+        for weight, view in tta_views(x, mode):
+            z = np.asarray(model.logits(view), np.float64)
+            if view is x:
+                plain[lo:lo + len(x)] = z.argmax(axis=1)
+            acc = z * weight if acc is None else acc + z * weight
+        tta[lo:lo + len(x)] = acc.argmax(axis=1)
+    y = labels[idx]
+    return float((plain == y).mean()), float((tta == y).mean())
 
 
 # ------------------------------------------------------------------------ Ctrl-C handling
@@ -275,15 +332,18 @@ def format_duration(seconds: float) -> str:
     return f"{h} h {m:02d} min"
 
 
-def make_runner(cfg: TrainConfig, data, model_spec, opt_spec):
+def make_runner(cfg: TrainConfig, data, model_spec, opt_spec, train_idx=None):
+    """LocalRunner for one worker, the engine for more; both initialise the model identically
+    (init_from_data sees only `train_idx`) and augment as cfg says."""
+    common = dict(seed=cfg.seed, augment=cfg.augment_spec(), init_idx=train_idx)
     if cfg.workers == 1:
         from .runner import LocalRunner
         return LocalRunner(model_spec, opt_spec, data.train_images, data.train_labels,
-                           data.mean, data.std, seed=cfg.seed)
+                           data.mean, data.std, **common)
     from .parallel.engine import ParallelRunner
     return ParallelRunner(model_spec, opt_spec, data.train_images, data.train_labels,
-                          data.mean, data.std, seed=cfg.seed, n_workers=cfg.workers,
-                          reduction=cfg.reduction)
+                          data.mean, data.std, n_workers=cfg.workers, reduction=cfg.reduction,
+                          **common)
 
 
 def fit(cfg: TrainConfig, run: Path, resume: bool = False, quiet: bool = False,
@@ -305,11 +365,11 @@ def fit(cfg: TrainConfig, run: Path, resume: bool = False, quiet: bool = False,
     sha = file_sha256(cfg.data)
     model = build_model(cfg.model, **cfg.model_options)
     model_spec = (cfg.model, dict(cfg.model_options))
-    opt_spec = optimizer_spec(cfg, model)
     scale, shift = normaliser(data.mean, data.std)
     train_idx, val_idx = split_train_val(len(data.train_labels), cfg.val_size, cfg.seed)
     bounds = batch_bounds(len(train_idx), cfg.batch_size)
     steps_per_epoch = len(bounds)
+    opt_spec = optimizer_spec(cfg, model, steps_per_epoch)
     from .optim import make_schedule
     schedule = make_schedule(cfg.schedule, cfg.lr, cfg.epochs * steps_per_epoch,
                              warmup_steps=int(round(cfg.warmup_epochs * steps_per_epoch)))
@@ -330,7 +390,7 @@ def fit(cfg: TrainConfig, run: Path, resume: bool = False, quiet: bool = False,
             "parameters": model.layout.size})
 
     progress = Progress(quiet)
-    with make_runner(cfg, data, model_spec, opt_spec) as runner:
+    with make_runner(cfg, data, model_spec, opt_spec, train_idx) as runner:
         # The engine copied the images into shared memory: read validation batches from there and
         # let the parent's own copy go (150 MB for CIFAR-10).
         data.train_images = runner.images
@@ -370,13 +430,16 @@ def fit(cfg: TrainConfig, run: Path, resume: bool = False, quiet: bool = False,
         images_done = 0
         steps_this_call = 0
         stopped = None
+        aug = cfg.augment_spec()
         progress.line(f"training {cfg.model} ({model.layout.size:,} parameters) on "
                       f"{len(train_idx):,} images, {cfg.workers} worker(s), batch {cfg.batch_size}, "
-                      f"{cfg.optimizer} lr {cfg.lr:g}; run folder {run}")
+                      f"{cfg.optimizer} lr {cfg.lr:g}"
+                      + (f", augmentation: {_describe_augment(aug)}" if aug else "")
+                      + (f" (recipe {cfg.recipe})" if cfg.recipe else "") + f"; run folder {run}")
         with stop_at_step_boundary() as flag:
             while epoch < cfg.epochs and stopped is None:
                 order = epoch_order(train_idx, cfg.seed, epoch)
-                runner.set_order(order)
+                runner.set_order(order, epoch)
                 progress.start_epoch(epoch, cfg.epochs, steps_per_epoch, pos)
                 ep_t0, ep_loss, ep_correct, ep_seen = time.perf_counter(), 0.0, 0, 0
                 win_t0, win_imgs, win_loss, win_n = time.perf_counter(), 0, 0.0, 0
@@ -448,20 +511,38 @@ def fit(cfg: TrainConfig, run: Path, resume: bool = False, quiet: bool = False,
             raise Interrupted(f"interrupted at epoch {epoch + 1}, step {pos}/{steps_per_epoch}; "
                               f"checkpoint saved — continue with: partrain fit --resume {run}")
         if stopped is None and evaluate_test:
-            summary["test_acc"] = accuracy(eval_model, data.test_images, data.test_labels,
-                                           scale, shift)[0]
+            e0 = time.perf_counter()
+            if cfg.tta != "none":
+                summary["test_acc"], summary["test_acc_tta"] = tta_accuracy(
+                    eval_model, data.test_images, data.test_labels, scale, shift, cfg.tta)
+                summary["tta"] = cfg.tta
+            else:
+                summary["test_acc"] = accuracy(eval_model, data.test_images, data.test_labels,
+                                               scale, shift)[0]
+            summary["test_time_s"] = round(time.perf_counter() - e0, 2)
         write_json_atomic(run / "summary.json", summary)
         if stopped is None:
+            tested = ""
+            if "test_acc" in summary:
+                tested = f", test acc {summary['test_acc']:.2%}"
+                if "test_acc_tta" in summary:
+                    tested += f", with TTA ({cfg.tta}) {summary['test_acc_tta']:.2%}"
+                tested += f" (test {format_duration(summary['test_time_s'])})"
             progress.line(
                 f"done: {epoch} epochs in {format_duration(elapsed_before + train_time)} "
-                f"({summary['images_per_s']:,.0f} img/s), best val acc {best_val:.1%}"
-                + (f", test acc {summary['test_acc']:.1%}" if "test_acc" in summary else "")
+                f"({summary['images_per_s']:,.0f} img/s), best val acc {best_val:.1%}" + tested
                 + f"\nnext: partrain plot {run}; partrain evaluate {run}")
         else:
             progress.line(f"stopped after {steps_this_call} steps (--max-steps) at epoch "
                           f"{epoch + 1}, step {pos}/{steps_per_epoch}; continue with: "
                           f"partrain fit --resume {run}")
         return summary
+
+
+def _describe_augment(aug) -> str:
+    parts = (["alternating flips"] if aug.flip else []) + (
+        [f"translate {aug.translate} px"] if aug.translate else [])
+    return " + ".join(parts)
 
 
 def _truncate_history(path: Path, t: int) -> None:
