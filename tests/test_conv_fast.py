@@ -82,6 +82,19 @@ def test_winograd_workspace_and_need_dx(m):
 
 
 @pytest.mark.parametrize("m", [2, 4])
+def test_winograd_channel_blocks(monkeypatch, m):
+    """The layout copies in channel blocks (here one channel per block, uneven maps) change
+    nothing."""
+    monkeypatch.setattr(F, "WINOGRAD_BLOCK_BYTES", 1)
+    x = RNG.standard_normal((3, 2, 7, 6))
+    w = RNG.standard_normal((5, 3, 3, 3))
+    dout = RNG.standard_normal((5, 2, 7, 6))
+    ref, win = both(x, w, None, dout, m=m)
+    for r, v in zip(ref[:3], win[:3]):
+        assert_close(v, r)
+
+
+@pytest.mark.parametrize("m", [2, 4])
 @pytest.mark.parametrize("C,Fo,H", [(64, 64, 15), (256, 256, 7), (256, 256, 3)])
 def test_winograd_float32_roundoff(C, Fo, H, m):
     """Relative to the largest value, Winograd's extra float32 round-off stays below 1e-5."""

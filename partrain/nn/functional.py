@@ -148,6 +148,17 @@ def winograd_eligible(x_shape, w_shape, stride, pad, m=None) -> bool:
     return min(C, F_) >= WINOGRAD_MIN_CHANNELS and ratio <= WINOGRAD_MAX_MULTIPLIES
 
 
+WINOGRAD_BLOCK_BYTES = 1 << 20  # channel blocks for the layout-changing copies (cache-sized)
+
+
+def _channel_blocks(n_channels: int, bytes_per_channel: int):
+    """Slices of channels whose maps take about WINOGRAD_BLOCK_BYTES. The (C, N, H, W) <->
+    tile-layout copies are transposes with strided ends; done for all channels at once they
+    thrash the cache (F=256, 15x15, N=64: 45 ms for the output copy; in 1 MB blocks 15 ms)."""
+    bs = max(1, WINOGRAD_BLOCK_BYTES // max(1, bytes_per_channel))
+    return [slice(c0, min(n_channels, c0 + bs)) for c0 in range(0, n_channels, bs)]
+
+
 def winograd_conv_forward(x, w, b, ws=None, key="conv", m=None):
     """3x3 stride-1 pad-1 conv of x (C, N, H, W) by Winograd F(m x m, 3x3) -> (F, N, H, W), cache.
 
@@ -169,7 +180,8 @@ def winograd_conv_forward(x, w, b, ws=None, key="conv", m=None):
     xp[:, H + 1:] = 0
     xp[:, 1:H + 1, 0] = 0
     xp[:, 1:H + 1, W + 1:] = 0
-    xp[:, 1:H + 1, 1:W + 1] = x.transpose(0, 2, 3, 1)
+    for cb in _channel_blocks(C, x[0].nbytes):
+        xp[cb, 1:H + 1, 1:W + 1] = x[cb].transpose(0, 2, 3, 1)
     # U[ab] (F, C): transformed filters.
     U = (KG @ w.astype(dt, copy=False).transpose(2, 3, 0, 1).reshape(9, F_ * C)).reshape(
         al * al, F_, C)
@@ -186,10 +198,11 @@ def winograd_conv_forward(x, w, b, ws=None, key="conv", m=None):
     np.matmul(KA, M.reshape(al * al, F_ * P), out=Y)
     Y6 = Y.reshape(m, m, F_, th, tw, N)
     out = _buf(ws, key + "out", (F_, N, H, W), dt)
-    for a in range(m):
-        for c in range(m):
-            out[:, :, a::m, c::m] = Y6[a, c, :, :(H - a + m - 1) // m,
-                                       :(W - c + m - 1) // m].transpose(0, 3, 1, 2)
+    for fb in _channel_blocks(F_, out[0].nbytes):
+        for a in range(m):
+            for c in range(m):
+                out[fb, :, a::m, c::m] = Y6[a, c, fb, :(H - a + m - 1) // m,
+                                            :(W - c + m - 1) // m].transpose(0, 3, 1, 2)
     if b is not None:
         out += b.reshape(-1, 1, 1, 1)
     return out, ("winograd", V, U, w, x.shape, b is not None, m)
@@ -210,10 +223,11 @@ def winograd_conv_backward(dout, cache, need_dx=True, dw_out=None, db_out=None, 
     G6 = G.reshape(m, m, F_, th, tw, N)
     if H % m or W % m:
         G.fill(0)
-    for a in range(m):
-        for c in range(m):
-            G6[a, c, :, :(H - a + m - 1) // m, :(W - c + m - 1) // m] = \
-                dout[:, :, a::m, c::m].transpose(0, 2, 3, 1)
+    for fb in _channel_blocks(F_, dout[0].nbytes):
+        for a in range(m):
+            for c in range(m):
+                G6[a, c, fb, :(H - a + m - 1) // m, :(W - c + m - 1) // m] = \
+                    dout[fb, :, a::m, c::m].transpose(0, 2, 3, 1)
     dM = _buf(ws, key + "wM", (al * al, F_, P), dt)         # the forward's M buffer, reused
     np.matmul(KAt, G, out=dM.reshape(al * al, F_ * P))
     dU = _buf(ws, key + "wdU", (al * al, F_, C), dt)
@@ -244,12 +258,13 @@ def winograd_conv_backward(dout, cache, need_dx=True, dw_out=None, db_out=None, 
                         z[:, k:k + th, l:l + tw] += dD6[p + m * k, q + m * l]
     # Unpadded row h is padded row h + 1 = m·u + p: p = (h + 1) % m, u = (h + 1) // m.
     dx = _buf(ws, key + "wdx", (C, N, H, W), dt)
-    for ph in range(m):
-        for pw in range(m):
-            nh, nw = (H - ph + m - 1) // m, (W - pw + m - 1) // m
-            u0, v0 = (ph + 1) // m, (pw + 1) // m
-            dx[:, :, ph::m, pw::m] = Z[(ph + 1) % m, (pw + 1) % m, :, u0:u0 + nh,
-                                       v0:v0 + nw].transpose(0, 3, 1, 2)
+    for cb in _channel_blocks(C, dx[0].nbytes):
+        for ph in range(m):
+            for pw in range(m):
+                nh, nw = (H - ph + m - 1) // m, (W - pw + m - 1) // m
+                u0, v0 = (ph + 1) // m, (pw + 1) // m
+                dx[cb, :, ph::m, pw::m] = Z[(ph + 1) % m, (pw + 1) % m, cb, u0:u0 + nh,
+                                            v0:v0 + nw].transpose(0, 3, 1, 2)
     return dx, dw, db
 
 
