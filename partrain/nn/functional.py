@@ -324,26 +324,31 @@ def relu_backward(dout, cache, inplace=False):
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
 
-def gelu_forward(x):
-    """GELU, tanh approximation. Written with in-place products: `x ** 3` calls powf, 3x slower."""
-    t = x * x
+def gelu_forward(x, ws=None, key="gelu"):
+    """GELU, tanh approximation. Written with in-place products: `x ** 3` calls powf, 3x slower.
+    With a Workspace the two map-sized arrays are reused from step to step (no page faults)."""
+    t = _buf(ws, key + "t", x.shape, x.dtype)
+    np.multiply(x, x, out=t)
     t *= 0.044715 * _SQRT_2_OVER_PI
     t += _SQRT_2_OVER_PI
     t *= x                      # sqrt(2/pi) * (x + 0.044715 x^3)
     np.tanh(t, out=t)
-    out = t + 1.0
+    out = _buf(ws, key + "out", x.shape, x.dtype)
+    np.add(t, 1.0, out=out)
     out *= x
     out *= 0.5
     return out, (x, t)
 
 
-def gelu_backward(dout, cache):
+def gelu_backward(dout, cache, ws=None, key="gelu"):
     """d/dx = 0.5 (1 + tanh u) + 0.5 x (1 - tanh^2 u) u',  u' = sqrt(2/pi) (1 + 3·0.044715 x^2)."""
     x, t = cache
-    du = x * x
+    du = _buf(ws, key + "du", x.shape, dout.dtype)
+    np.multiply(x, x, out=du)
     du *= 3 * 0.044715 * _SQRT_2_OVER_PI
     du += _SQRT_2_OVER_PI
-    sech2 = t * t
+    sech2 = _buf(ws, key + "sech2", x.shape, dout.dtype)
+    np.multiply(t, t, out=sech2)
     np.subtract(1.0, sech2, out=sech2)
     du *= sech2
     du *= x
@@ -471,53 +476,67 @@ def flatten_backward(dout, shape):
 
 
 # ----------------------------------------------------------------------------- batch norm
-def batchnorm_forward(x, gamma, beta, groups: list[tuple[int, int]], eps=1e-5):
+def batchnorm_forward(x, gamma, beta, groups: list[tuple[int, int]], eps=1e-5, ws=None, key="bn"):
     """Training-mode batch norm of (C, N, H, W) with statistics per group of samples.
 
     groups: [lo, hi) sample ranges ("ghost batches"); each is normalised with its own mean and
     (biased) variance. Returns out, cache, (sum of group means, sum of group variances) per channel.
+    Written as in-place passes over (C, n·H·W) views of the two output arrays: no temporaries of
+    the map's size, and every reduction runs along one contiguous axis. With a Workspace, `out` and
+    the cached `xhat` are reused from step to step.
     """
-    out = np.empty_like(x)
-    xhat = np.empty_like(x)
+    C = x.shape[0]
+    out = _buf(ws, key + "out", x.shape, x.dtype)
+    xhat = _buf(ws, key + "xhat", x.shape, x.dtype)
     inv_stds = []
-    mean_sum = np.zeros(x.shape[0], np.float64)
-    var_sum = np.zeros(x.shape[0], np.float64)
+    mean_sum = np.zeros(C, np.float64)
+    var_sum = np.zeros(C, np.float64)
     for lo, hi in groups:
-        xg = x[:, lo:hi]
-        mu = xg.mean(axis=(1, 2, 3), keepdims=True)
-        xc = xg - mu
-        var = (xc * xc).mean(axis=(1, 2, 3), keepdims=True)
+        xg = x[:, lo:hi].reshape(C, -1)
+        xh = xhat[:, lo:hi].reshape(C, -1)
+        sq = out[:, lo:hi].reshape(C, -1)       # scratch until the final pass
+        mu = xg.mean(axis=1, keepdims=True)
+        np.subtract(xg, mu, out=xh)
+        np.multiply(xh, xh, out=sq)
+        var = sq.mean(axis=1, keepdims=True)
         inv = 1.0 / np.sqrt(var + eps)
-        np.multiply(xc, inv, out=xhat[:, lo:hi])
+        xh *= inv
         mean_sum += mu.ravel()
         var_sum += var.ravel()
         inv_stds.append(inv)
-    g = gamma.reshape(-1, 1, 1, 1) if gamma is not None else None
-    if g is not None:
-        np.multiply(xhat, g, out=out)
+    if gamma is not None:
+        np.multiply(xhat, gamma.reshape(-1, 1, 1, 1), out=out)
+        if beta is not None:
+            out += beta.reshape(-1, 1, 1, 1)
+    elif beta is not None:
+        np.add(xhat, beta.reshape(-1, 1, 1, 1), out=out)
     else:
         out[...] = xhat
-    if beta is not None:
-        out += beta.reshape(-1, 1, 1, 1)
     return out, (xhat, inv_stds, groups, gamma), (mean_sum, var_sum)
 
 
-def batchnorm_backward(dout, cache, dgamma_out=None, dbeta_out=None):
+def batchnorm_backward(dout, cache, dgamma_out=None, dbeta_out=None, ws=None, key="bn"):
     """-> (dx, dgamma or None, dbeta or None) for training-mode batch norm."""
     xhat, inv_stds, groups, gamma = cache
+    C = xhat.shape[0]
     dgamma = dbeta = None
     if dbeta_out is not None:
-        dbeta = np.sum(dout, axis=(1, 2, 3), out=dbeta_out)
+        dbeta = np.sum(dout.reshape(C, -1), axis=1, out=dbeta_out)
     if dgamma_out is not None:
-        dgamma = np.sum(dout * xhat, axis=(1, 2, 3), out=dgamma_out)
+        dgamma = np.sum((dout * xhat).reshape(C, -1), axis=1, out=dgamma_out)
     dxhat = dout * gamma.reshape(-1, 1, 1, 1) if gamma is not None else dout
-    dx = np.empty_like(dout)
+    dx = _buf(ws, key + "dx", dout.shape, dout.dtype)
     for (lo, hi), inv in zip(groups, inv_stds):
-        dh = dxhat[:, lo:hi]
-        xh = xhat[:, lo:hi]
-        m = dh.mean(axis=(1, 2, 3), keepdims=True)
-        mx = (dh * xh).mean(axis=(1, 2, 3), keepdims=True)
-        dx[:, lo:hi] = inv * (dh - m - xh * mx)
+        dh = dxhat[:, lo:hi].reshape(C, -1)
+        xh = xhat[:, lo:hi].reshape(C, -1)
+        dxg = dx[:, lo:hi].reshape(C, -1)
+        m = dh.mean(axis=1, keepdims=True)
+        np.multiply(dh, xh, out=dxg)            # scratch
+        mx = dxg.mean(axis=1, keepdims=True)
+        np.multiply(xh, mx, out=dxg)
+        np.subtract(dh, dxg, out=dxg)
+        dxg -= m
+        dxg *= inv                              # inv · (dh - m - xh · mx)
     return dx, dgamma, dbeta
 
 

@@ -145,12 +145,15 @@ class ReLU(Layer):
 
 
 class GELU(Layer):
+    def __init__(self):
+        self.ws = F.Workspace()
+
     def forward(self, x, ctx):
-        out, self.cache = F.gelu_forward(x)
+        out, self.cache = F.gelu_forward(x, self.ws)
         return out
 
     def backward(self, dout):
-        return F.gelu_backward(dout, self.cache)
+        return F.gelu_backward(dout, self.cache, self.ws)
 
 
 class MaxPool(Layer):
@@ -252,6 +255,7 @@ class BatchNorm(Layer):
                  affine_bias=True, bias_lr_scale=1.0):
         self.name, self.c, self.momentum, self.eps = name, channels, momentum, eps
         self.affine_weight, self.affine_bias, self.bias_lr_scale = affine_weight, affine_bias, bias_lr_scale
+        self.ws = F.Workspace()
 
     def params(self):
         specs = []
@@ -281,7 +285,8 @@ class BatchNorm(Layer):
             return F.batchnorm_eval(x, gamma, beta, self.s["running_mean"], self.s["running_var"],
                                     self.eps)
         groups = ctx.groups or [(0, x.shape[1])]
-        out, self.cache, (mean_sum, var_sum) = F.batchnorm_forward(x, gamma, beta, groups, self.eps)
+        out, self.cache, (mean_sum, var_sum) = F.batchnorm_forward(x, gamma, beta, groups, self.eps,
+                                                                   self.ws)
         if ctx.stats_out is not None:
             st = ctx.stats_out[self.name]
             st[:self.c] = mean_sum
@@ -289,7 +294,8 @@ class BatchNorm(Layer):
         return out
 
     def backward(self, dout):
-        dx, _, _ = F.batchnorm_backward(dout, self.cache, self.g.get("gamma"), self.g.get("beta"))
+        dx, _, _ = F.batchnorm_backward(dout, self.cache, self.g.get("gamma"), self.g.get("beta"),
+                                        self.ws)
         return dx
 
     def merge_stats(self, stats, n_groups):
