@@ -111,6 +111,9 @@ def _model_options(pairs) -> dict:
 @click.option("--tta", type=click.Choice(["none", "flip", "flip_translate"]), default="none",
               show_default=True,
               help="Also report the final test accuracy with test-time augmentation.")
+@click.option("--lookahead/--no-lookahead", default=False, show_default=True,
+              help="airbench94's Lookahead: every 5 steps, pull the weights toward a slow "
+                   "average (0.95^5·(t/T)^3); end on the average.")
 @click.option("--data-dir", default="data", show_default=True, type=click.Path(path_type=Path),
               help="Folder holding cifar10.h5 (made by partrain prepare).")
 @click.option("--runs-dir", default="runs", show_default=True, type=click.Path(path_type=Path))
@@ -127,8 +130,8 @@ def _model_options(pairs) -> dict:
 @user_errors
 def fit(ctx, recipe, model, model_option, optimizer, lr, momentum, nesterov, weight_decay,
         schedule, warmup_epochs, batch_size, epochs, seed, val_size, workers, reduction, flip,
-        translate, freeze_after, tta, data_dir, runs_dir, name, resume, log_every, quiet, dry_run,
-        max_steps):
+        translate, freeze_after, tta, lookahead, data_dir, runs_dir, name, resume, log_every, quiet,
+        dry_run, max_steps):
     """Train a model on DATA_DIR/cifar10.h5 with N worker processes.
 
     \b
@@ -147,7 +150,7 @@ def fit(ctx, recipe, model, model_option, optimizer, lr, momentum, nesterov, wei
                     workers=workers or _usable_cores(), reduction=reduction,
                     data=str(data_dir / "cifar10.h5"), log_every=log_every, recipe=recipe,
                     augment_flip=flip, augment_translate=translate,
-                    freeze_after=_freeze_after(freeze_after), tta=tta)
+                    freeze_after=_freeze_after(freeze_after), tta=tta, lookahead=lookahead)
 
     def on_command_line(key: str) -> bool:
         return ctx.get_parameter_source(_CLI_NAME.get(key, key)) == ParameterSource.COMMANDLINE

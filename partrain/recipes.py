@@ -29,9 +29,10 @@ settings (with the recipe's name) are what config.json records, so `--resume` ne
   requires_grad = False leaves it).
 - Augmentation: alternating flips and translation by up to 2 px (reflect padding), keyed by
   (seed, epoch, sample index). TTA level 2 (`flip_translate`) for the final test accuracy.
-- Not (yet) here: airbench94's Lookahead (`ema.Lookahead`, every 5 steps) and its last-epoch
-  fraction; batch-norm statistics over ghost batches of 64 instead of the whole batch (see
-  nn/airbench.py).
+- Lookahead as airbench94's: every 5 steps the weights and batch-norm statistics are pulled to a
+  slow average with decay 0.95⁵·(t/T)³, and the run ends on the average (`train.AirbenchLookahead`).
+- Not here: airbench94's last-epoch fraction (see Epochs); batch-norm statistics over ghost
+  batches of 64 instead of the whole batch (see nn/airbench.py).
 
 A different --batch-size with the recipe rescales its lr (lr ∝ batch size) unless --lr is given.
 
@@ -56,7 +57,7 @@ AIRBENCH = dict(
     model="airbench", model_options={}, optimizer="sgd", lr=airbench_lr(), momentum=MOMENTUM,
     nesterov=True, weight_decay=0.0153 / 11.5, schedule="onecycle", warmup_epochs=0.0,
     batch_size=BATCH, epochs=10, augment_flip=True, augment_translate=2,
-    freeze_after={"whiten_bias": 3}, tta="flip_translate")
+    freeze_after={"whiten_bias": 3}, tta="flip_translate", lookahead=True)
 
 RECIPES: dict[str, dict] = {
     "airbench": AIRBENCH,

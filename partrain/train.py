@@ -55,6 +55,7 @@ class TrainConfig:
     augment_translate: int = 0      # random translation by up to this many pixels, reflect-padded
     freeze_after: dict = field(default_factory=dict)  # parameter (or layer) name -> epochs trained
     tta: str = "none"               # test-time augmentation of the final test accuracy (tta.py)
+    lookahead: bool = False         # airbench94's Lookahead on parameters and running statistics
 
     # Settings that may differ on resume without changing the result (tta: only the final test).
     FREE_ON_RESUME = ("log_every", "data", "tta")
@@ -144,6 +145,46 @@ def accuracy(model, images, labels, scale, shift, idx=None, batch: int = 1000) -
         buf = x if buf is None else buf
         preds[lo:lo + len(x)] = model.logits(x).argmax(axis=1)
     return float((preds == labels[idx]).mean()) if len(idx) else float("nan"), preds
+
+
+class AirbenchLookahead:
+    """airbench94's Lookahead: every 5 steps the slow copy of the parameters and of the model
+    state (batch-norm running statistics; the frozen whitening filters stay as they are) moves
+    toward the trained ones, slow = d·slow + (1-d)·fast with d = 0.95⁵·(t/T)³, and the trained
+    ones are reset to it; after the last step T, they are set to the slow copy (d = 1). Early on
+    d ≈ 0 (almost no averaging); at the end d ≈ 0.77. The slow copies are checkpointed.
+    """
+
+    EVERY, BASE = 5, 0.95 ** 5
+
+    def __init__(self, params: np.ndarray, state: np.ndarray, total_steps: int):
+        from .ema import Lookahead
+        self.total = total_steps
+        self.parts = [(Lookahead(), params), (Lookahead(), state)]
+        for la, arr in self.parts:
+            la.init(arr)
+
+    def after_step(self, t: int) -> None:
+        """Call after step t (1-based) is done."""
+        if t % self.EVERY == 0:
+            self._update(1.0 - self.BASE * (min(t, self.total) / self.total) ** 3)
+        if t == self.total:
+            self._update(0.0)
+
+    def _update(self, alpha: float) -> None:
+        for la, arr in self.parts:
+            if arr.size:
+                la.update(arr, alpha)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"lookahead.params": self.parts[0][0].slow, "lookahead.state": self.parts[1][0].slow}
+
+    def restore(self, arrays: dict, run: Path) -> None:
+        for name, dst in self.arrays().items():
+            src = arrays.get(name)
+            if src is None or src.shape != dst.shape or src.dtype != dst.dtype:
+                raise PartrainError(f"checkpoint in {run} does not match this run ({name})")
+            dst[...] = src
 
 
 def tta_accuracy(model, images, labels, scale, shift, mode: str, batch: int = 500,
@@ -391,12 +432,16 @@ def fit(cfg: TrainConfig, run: Path, resume: bool = False, quiet: bool = False,
 
     progress = Progress(quiet)
     with make_runner(cfg, data, model_spec, opt_spec, train_idx) as runner:
+        lookahead = (AirbenchLookahead(runner.params, runner.state, cfg.epochs * steps_per_epoch)
+                     if cfg.lookahead else None)
         # The engine copied the images into shared memory: read validation batches from there and
         # let the parent's own copy go (150 MB for CIFAR-10).
         data.train_images = runner.images
         if resume:
             arrays, meta = load_checkpoint(run / CHECKPOINT_FILE)
             _restore(runner, arrays, meta, run)
+            if lookahead is not None:
+                lookahead.restore(arrays, run)
             epoch, pos, t = meta["epoch"], meta["position"], meta["t"]
             if epoch >= cfg.epochs:
                 raise PartrainError(f"{run} has already finished its {epoch} epochs"
@@ -419,6 +464,8 @@ def fit(cfg: TrainConfig, run: Path, resume: bool = False, quiet: bool = False,
             # after a resume is the one the uninterrupted run writes.
             arrays = {"params": runner.params, "state": runner.state}
             arrays.update({f"opt.{k}": v for k, v in runner.opt_state.items()})
+            if lookahead is not None:
+                arrays.update(lookahead.arrays())
             save_checkpoint(run / path, arrays, {
                 "epoch": ep, "position": p, "t": t, "best_val": best_val,
                 "elapsed_s": elapsed_before + (time.perf_counter() - t_start),
@@ -453,6 +500,8 @@ def fit(cfg: TrainConfig, run: Path, resume: bool = False, quiet: bool = False,
                         lr = schedule(t)
                         t += 1
                         loss_sum, correct = runner.step(lo, hi, lr, t)
+                        if lookahead is not None:
+                            lookahead.after_step(t)
                         n = hi - lo
                         pos += 1
                         images_done += n

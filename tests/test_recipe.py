@@ -179,7 +179,7 @@ def _tiny_config(store, **kw):
                 optimizer="sgd", lr=0.2, momentum=0.85, nesterov=True, weight_decay=1e-3,
                 schedule="onecycle", batch_size=50, epochs=2, val_size=50, data=str(store),
                 log_every=4, augment_flip=True, augment_translate=2,
-                freeze_after={"whiten_bias": 1}, tta="flip_translate", workers=1)
+                freeze_after={"whiten_bias": 1}, tta="flip_translate", lookahead=True, workers=1)
     base.update(kw)
     return TrainConfig(**base)
 
@@ -200,20 +200,33 @@ def test_resume_with_augmentation_is_bit_identical(tiny_store, tmp_path, stop_af
     pb, _ = load_checkpoint(b / "checkpoint.h5")
     for k in pa:
         np.testing.assert_array_equal(pa[k], pb[k], err_msg=k)
-    # 450 training images in batches of 50: 9 steps per epoch; the whitening bias trains in
-    # epoch 1 only, so after step 9 it is final
-    lo = build_model("airbench", **_tiny_config(tiny_store).model_options).layout.offsets[
-        "whiten_bias.b"]
-    bias = slice(lo, lo + 24)
-    assert np.array_equal(cut["params"][bias], pa["params"][bias]) == (stop_after >= 9)
-    if stop_after == 4:  # once: augmentation really acts in fit, and config.json records it
-        c = tmp_path / "c"
-        c.mkdir()
-        fit(_tiny_config(tiny_store, augment_flip=False, augment_translate=0), c, quiet=True)
-        pc, _ = load_checkpoint(c / "checkpoint.h5")
-        assert not np.array_equal(pa["params"], pc["params"])
+    # Lookahead: 18 steps; the last one sets the weights to the slow average
+    assert np.array_equal(pa["params"], pa["lookahead.params"])
+    assert np.array_equal(pa["state"], pa["lookahead.state"])
+    if stop_after == 4:  # once: augmentation and Lookahead really act in fit; config.json
+        runs = {}
+        for name, change in [("no-aug", dict(augment_flip=False, augment_translate=0)),
+                             ("no-lookahead", dict(lookahead=False))]:
+            (tmp_path / name).mkdir()
+            fit(_tiny_config(tiny_store, **change), tmp_path / name, quiet=True)
+            runs[name], _ = load_checkpoint(tmp_path / name / "checkpoint.h5")
+            assert not np.array_equal(pa["params"], runs[name]["params"])
         cfg = json.loads((a / "config.json").read_text())["config"]
         assert cfg["augment_flip"] and cfg["freeze_after"] == {"whiten_bias": 1}
+        assert cfg["lookahead"]
+        # 450 training images in batches of 50: 9 steps per epoch; the whitening bias trains in
+        # epoch 1 only, so after step 9 it is final (without Lookahead, which, as airbench94's,
+        # also averages frozen parameters)
+        d = tmp_path / "d"
+        d.mkdir()
+        fit(_tiny_config(tiny_store, lookahead=False), d, quiet=True, max_steps=9)
+        pd, _ = load_checkpoint(d / "checkpoint.h5")
+        lo = build_model("airbench", **_tiny_config(tiny_store).model_options).layout.offsets[
+            "whiten_bias.b"]
+        bias = slice(lo, lo + 24)
+        final = runs["no-lookahead"]["params"]
+        assert np.array_equal(pd["params"][bias], final[bias])
+        assert not np.array_equal(pd["params"], final)
 
 
 @pytest.mark.slow
@@ -243,3 +256,24 @@ def test_cli_recipe_run_on_two_workers_resumes(tiny_store, tmp_path):
     # the same parameters and the same computation as fit's final numbers (one flip allowed)
     assert abs(result["test_accuracy_tta"] - summary["test_acc_tta"]) <= 0.01
     assert abs(result["test_accuracy"] - summary["test_acc"]) <= 0.01
+
+
+def test_airbench_lookahead_by_hand():
+    from partrain.train import AirbenchLookahead
+    p = np.zeros(3, np.float32)
+    st = np.ones(2, np.float32)
+    la = AirbenchLookahead(p, st, total_steps=10)
+    p[:] = 1.0
+    st[:] = 3.0
+    for t in range(1, 5):
+        la.after_step(t)  # nothing until step 5
+    assert np.all(p == 1.0) and la.arrays()["lookahead.params"].sum() == 0
+    la.after_step(5)      # decay d = 0.95^5 · (5/10)^3: slow = d·0 + (1-d)·1, fast = slow
+    d = 0.95 ** 5 * 0.125
+    np.testing.assert_allclose(p, 1 - d, rtol=1e-6)
+    np.testing.assert_allclose(st, d * 1 + (1 - d) * 3, rtol=1e-6)
+    np.testing.assert_array_equal(la.arrays()["lookahead.params"], p)
+    p[:] = 5.0
+    la.after_step(10)     # d = 0.95^5 at step 10, then the final sync (d = 1) keeps the average
+    d10 = 0.95 ** 5
+    np.testing.assert_allclose(p, d10 * (1 - d) + (1 - d10) * 5, rtol=1e-6)
