@@ -149,10 +149,13 @@ def accuracy(model, images, labels, scale, shift, idx=None, batch: int = 1000) -
 
 class AirbenchLookahead:
     """airbench94's Lookahead: every 5 steps the slow copy of the parameters and of the model
-    state (batch-norm running statistics; the frozen whitening filters stay as they are) moves
-    toward the trained ones, slow = d·slow + (1-d)·fast with d = 0.95⁵·(t/T)³, and the trained
-    ones are reset to it; after the last step T, they are set to the slow copy (d = 1). Early on
-    d ≈ 0 (almost no averaging); at the end d ≈ 0.77. The slow copies are checkpointed.
+    state (batch-norm running statistics; the whitening filters there never change, so neither
+    does their average) moves toward the trained ones, slow = d·slow + (1-d)·fast with
+    d = 0.95⁵·(t/T)³, and the trained ones are reset to it; after the last step T, they are set to
+    the slow copy (d = 1). Early on d ≈ 0 (almost no averaging); at the end d ≈ 0.77. As in
+    airbench94 (its state_dict sweep), frozen parameters are averaged too: the whitening bias
+    still moves toward its slow copy after it stops training. Runs in the parent between steps
+    (the workers are idle then); the slow copies are checkpointed, so resume stays exact.
     """
 
     EVERY, BASE = 5, 0.95 ** 5
