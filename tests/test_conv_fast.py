@@ -138,6 +138,8 @@ def test_shape_rule():
     assert not ok((64, 64, 15, 15), (64, 64, 3, 3), 2, 1)      # strided
     assert not ok((64, 64, 15, 15), (64, 64, 3, 3), 1, 0)      # unpadded
     assert not ok((8, 64, 15, 15), (64, 8, 3, 3), 1, 1)        # too few channels
+    assert not ok((256, 16, 3, 3), (256, 256, 3, 3), 1, 1)     # 16 GEMM columns: too thin
+    assert ok((256, 16, 7, 7), (256, 256, 3, 3), 1, 1)         # 4 tiles x 16 samples
     x = RNG.standard_normal((3, 2, 32, 32)).astype(np.float32)
     w = RNG.standard_normal((32, 3, 7, 7)).astype(np.float32)
     _, cache = F.conv_forward(x, w, None, 1, 3)
@@ -145,10 +147,10 @@ def test_shape_rule():
 
 
 def test_auto_path_matches_reference_on_airbench_shape(monkeypatch):
-    x = RNG.standard_normal((64, 2, 15, 15)).astype(np.float32)
+    x = RNG.standard_normal((64, 4, 15, 15)).astype(np.float32)
     w = (RNG.standard_normal((64, 64, 3, 3)) / 24).astype(np.float32)
     auto, cache = F.conv_forward(x, w, None, 1, 1)
-    assert cache[0] == "winograd"
+    assert isinstance(cache[0], str) and cache[0] == "winograd"
     monkeypatch.setattr(F, "WINOGRAD", False)
     ref, cache = F.conv_forward(x, w, None, 1, 1)
     assert not isinstance(cache[0], str)
@@ -157,9 +159,10 @@ def test_auto_path_matches_reference_on_airbench_shape(monkeypatch):
 
 def test_airbench_gradient_through_winograd(monkeypatch):
     """Whole-model float64 gradient check of a tiny airbench with every eligible 3x3 conv on the
-    Winograd path (the channel threshold lowered so that the tiny widths qualify): the gradient
-    equals the im2col model's, and centred differences (away from max-pool kinks) agree."""
+    Winograd path (channel and column thresholds lowered so that the tiny model qualifies): the
+    gradient equals the im2col model's, and centred differences (away from max-pool kinks) agree."""
     monkeypatch.setattr(F, "WINOGRAD_MIN_CHANNELS", 1)
+    monkeypatch.setattr(F, "WINOGRAD_MIN_COLUMNS", 1)
     rng = np.random.default_rng(5)
     m = build_model("airbench", dtype=np.float64, widths=(4, 6, 8), ghost_batch=2)
     params = np.zeros(m.layout.size)
@@ -172,7 +175,8 @@ def test_airbench_gradient_through_winograd(monkeypatch):
     loss_ref, g_ref = m.loss_and_grad(x, y)
     monkeypatch.setattr(F, "WINOGRAD", True)
     loss, g = m.loss_and_grad(x, y)
-    assert sum(isinstance(l.cache[0], str) for l in m.layers if type(l).__name__ == "DiracConv") == 6
+    convs = [l for l in m.layers if type(l).__name__ == "DiracConv"]
+    assert sum(isinstance(l.cache[0], str) for l in convs) == 6
     assert abs(loss - loss_ref) < 1e-12
     np.testing.assert_allclose(g, g_ref, rtol=1e-10, atol=1e-13)
     for spec in m.layout.specs:

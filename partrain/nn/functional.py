@@ -125,6 +125,8 @@ WINOGRAD_TILE = 4               # output tile m of F(m x m, 3 x 3)
 WINOGRAD_MIN_CHANNELS = 32      # below this the (F x C) GEMMs are too thin to pay for transforms
 WINOGRAD_MAX_MULTIPLIES = 0.5   # Winograd multiplies (padded tiles) / im2col multiplies; m = 4:
                                 # 31x31 0.27, 15x15 0.28, 7x7 0.33, 3x3 0.44
+WINOGRAD_MIN_COLUMNS = 64       # tiles x samples per GEMM: 3x3 maps at batch 16 (16 columns) ran
+                                # slower than im2col, at batch 64 faster
 
 
 def _wino_mats(dtype, m):
@@ -144,8 +146,10 @@ def winograd_eligible(x_shape, w_shape, stride, pad, m=None) -> bool:
         return False
     m = m or WINOGRAD_TILE
     H, W = x_shape[2:]
-    ratio = (m + 2) ** 2 * (-(-H // m)) * (-(-W // m)) / (9 * H * W)
-    return min(C, F_) >= WINOGRAD_MIN_CHANNELS and ratio <= WINOGRAD_MAX_MULTIPLIES
+    tiles = (-(-H // m)) * (-(-W // m))
+    ratio = (m + 2) ** 2 * tiles / (9 * H * W)
+    return (min(C, F_) >= WINOGRAD_MIN_CHANNELS and ratio <= WINOGRAD_MAX_MULTIPLIES
+            and tiles * x_shape[1] >= WINOGRAD_MIN_COLUMNS)
 
 
 WINOGRAD_BLOCK_BYTES = 1 << 20  # channel blocks for the layout-changing copies (cache-sized)
@@ -389,7 +393,7 @@ def maxpool_forward(x, size=2, stride=2, ws=None, key="pool"):
 
 
 def maxpool_backward(dout, cache, ws=None, key="pool", dx_out=None):
-    """dx_out: optional array (or view) of the input's shape to write the 2x2 fast path's dx into."""
+    """dx_out: optional array (or view) of the input's shape to write dx into."""
     if cache[0] == "fast2":
         _, shape, row1, col1 = cache
         C, N, H, W = shape
