@@ -86,8 +86,8 @@ def make_optimizer(model, optimizer_spec: tuple[str, dict]):
     if not freeze:
         return build(set())
     starts = sorted({0} | {s + 1 for s in freeze.values()})
-    return PhasedOptimizer([(t0, build({k for k, s in freeze.items() if s + 1 <= t0}))
-                            for t0 in starts])
+    frozen = {t0: {k for k, s in freeze.items() if s + 1 <= t0} for t0 in starts}
+    return PhasedOptimizer([(t0, build(frozen[t0])) for t0 in starts], frozen)
 
 
 def _matches(param: str, key: str) -> bool:
@@ -101,9 +101,15 @@ class PhasedOptimizer:
     flat state vectors; like every optimizer here, stepping a slice equals stepping the whole.
     """
 
-    def __init__(self, phases: list[tuple[int, object]]):
+    def __init__(self, phases: list[tuple[int, object]], frozen: dict[int, set] | None = None):
         self.phases = sorted(phases, key=lambda p: p[0])
         self.state_names = self.phases[0][1].state_names
+        self.frozen = frozen or {}
+
+    def frozen_at(self, t: int) -> set:
+        """The names (parameters or layer prefixes) frozen at step t."""
+        return next((self.frozen.get(t0, set()) for t0, _ in reversed(self.phases) if t >= t0),
+                    set())
 
     def at(self, t: int):
         """The optimizer that step t (1-based) uses."""
@@ -115,6 +121,16 @@ class PhasedOptimizer:
 
     def step(self, params, grads, state, t, lr=None, lo=0, hi=None) -> None:
         self.at(t).step(params, grads, state, t, lr, lo, hi)
+
+
+def sync_frozen(model, optimizer, t: int) -> None:
+    """Tell the model which whole layers the optimizer has frozen by step t, so that it skips
+    their backward work (airbench: conv0a's input gradient once the whitening bias is frozen).
+    Their parameters stay as they are either way (learning-rate scale 0); this only saves time."""
+    if isinstance(optimizer, PhasedOptimizer):
+        for key in optimizer.frozen_at(t):
+            if key in model._names and key not in model._frozen:
+                model.set_frozen(key)
 
 
 WHITENING_IMAGES = 5000  # airbench94 computes its whitening filters from 5000 training images
@@ -177,6 +193,7 @@ class LocalRunner:
 
     def step(self, lo: int, hi: int, lr: float, t: int) -> tuple[float, int]:
         n = hi - lo
+        sync_frozen(self.model, self.optimizer, t)
         loss, correct, self._xbuf = shard_gradient(
             self.model, self.images, self.labels, self.order[lo:hi], self.scale, self.shift,
             1.0 / n, self.stats, self._xbuf, self.augment, self.epoch)

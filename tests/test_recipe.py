@@ -277,3 +277,27 @@ def test_airbench_lookahead_by_hand():
     la.after_step(10)     # d = 0.95^5 at step 10, then the final sync (d = 1) keeps the average
     d10 = 0.95 ** 5
     np.testing.assert_allclose(p, d10 * (1 - d) + (1 - d10) * 5, rtol=1e-6)
+
+
+def test_frozen_layer_skips_its_backward_without_changing_the_run(tiny_store, monkeypatch):
+    """From the freeze step on the model skips the whitening bias's backward (and conv0a's input
+    gradient); the parameters after the freeze are bit-identical to computing it all."""
+    import partrain.runner as R
+    from partrain.datasets.store import load_store
+    from partrain.runner import LocalRunner
+
+    data = load_store(tiny_store)
+    spec = ("sgd", {"lr": 0.1, "momentum": 0.85, "nesterov": True, "weight_decay": 1e-3,
+                    "freeze": {"whiten_bias": 2}})
+    results = []
+    for skip in (True, False):
+        if not skip:
+            monkeypatch.setattr(R, "sync_frozen", lambda *a: None)
+        r = LocalRunner(TINY_AIRBENCH, spec, data.train_images, data.train_labels, data.mean,
+                        data.std, seed=0)
+        r.set_order(np.arange(len(data.train_labels)))
+        for t in range(1, 6):
+            r.step(16 * (t - 1), 16 * t, 0.1, t)
+        assert ("whiten_bias" in r.model._frozen) == skip
+        results.append(r.params.copy())
+    np.testing.assert_array_equal(results[0], results[1])

@@ -27,7 +27,7 @@ import traceback
 from threadpoolctl import threadpool_limits
 
 from ..nn.models import build_model
-from ..runner import make_optimizer, shard_gradient, split_shards
+from ..runner import make_optimizer, shard_gradient, split_shards, sync_frozen
 from .reduce import get_reduction, reduce_and_step
 from .shm import SharedArrays
 
@@ -98,6 +98,7 @@ def _serve(w: int, conn, cfg: dict) -> int:
                 lo, hi, lr, t, epoch, then_reduce = STEP.unpack_from(msg, 1)
                 c0 = time.perf_counter()
                 s_lo, s_hi = split_shards(lo, hi, n_workers, group)[w]
+                sync_frozen(model, optimizer, t)
                 loss, correct, xbuf = shard_gradient(
                     model, images, labels, perm[s_lo:s_hi], scale, shift, 1.0 / (hi - lo),
                     stats, xbuf, augment, epoch)
