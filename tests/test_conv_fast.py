@@ -6,26 +6,9 @@ import pytest
 from partrain.nn import functional as F
 from partrain.nn.models import build_model
 
+from gradcheck import check_model_gradient, numerical_grad, rel_error
+
 RNG = np.random.default_rng(0)
-
-
-def numerical_grad(f, x, h=1e-5):
-    g = np.zeros_like(x)
-    it = np.nditer(x, flags=["multi_index"])
-    for _ in it:
-        i = it.multi_index
-        old = x[i]
-        x[i] = old + h
-        fp = f()
-        x[i] = old - h
-        fm = f()
-        x[i] = old
-        g[i] = (fp - fm) / (2 * h)
-    return g
-
-
-def rel_error(a, b):
-    return np.max(np.abs(a - b) / np.maximum(1e-8, np.abs(a) + np.abs(b)))
 
 
 def both(x, w, b, dout, need_dx=True, ws=None, m=4):
@@ -179,16 +162,4 @@ def test_airbench_gradient_through_winograd(monkeypatch):
     assert sum(isinstance(l.cache[0], str) for l in convs) == 6
     assert abs(loss - loss_ref) < 1e-12
     np.testing.assert_allclose(g, g_ref, rtol=1e-10, atol=1e-13)
-    for spec in m.layout.specs:
-        lo = m.layout.offsets[spec.name]
-        for i in lo + rng.choice(spec.size, size=min(spec.size, 3), replace=False):
-            old = params[i]
-            h = 1e-5 * max(1.0, abs(old))
-            params[i] = old + h
-            fp = m.loss_and_grad(x, y)[0]
-            params[i] = old - h
-            fm = m.loss_and_grad(x, y)[0]
-            params[i] = old
-            num = (fp - fm) / (2 * h)
-            err = abs(num - g[i]) / max(1e-8, abs(num) + abs(g[i]))
-            assert err < 1e-6 or abs(num - g[i]) < 1e-10, (spec.name, i, num, g[i], err)
+    check_model_gradient(m, params, x, y, g, rng, per_tensor=3)

@@ -5,27 +5,9 @@ import pytest
 from partrain.nn import functional as F
 from partrain.nn.models import build_model
 
+from gradcheck import check_model_gradient, numerical_grad, rel_error
+
 RNG = np.random.default_rng(0)
-
-
-def numerical_grad(f, x, h=1e-5):
-    """Centred differences of the scalar f() w.r.t. every element of x (modified in place)."""
-    g = np.zeros_like(x)
-    it = np.nditer(x, flags=["multi_index"])
-    for _ in it:
-        i = it.multi_index
-        old = x[i]
-        x[i] = old + h
-        fp = f()
-        x[i] = old - h
-        fm = f()
-        x[i] = old
-        g[i] = (fp - fm) / (2 * h)
-    return g
-
-
-def rel_error(a, b):
-    return np.max(np.abs(a - b) / np.maximum(1e-8, np.abs(a) + np.abs(b)))
 
 
 def check(forward, backward, inputs, dout_shape=None):
@@ -159,20 +141,7 @@ def model_gradcheck(name, per_tensor=12, **options):
     x = RNG.standard_normal((n,) + model.input_shape)
     y = RNG.integers(0, 10, n)
     _, g = model.loss_and_grad(x, y)
-    # Check a random subset of coordinates from every tensor.
-    for lo, spec in ((model.layout.offsets[s.name], s) for s in model.layout.specs):
-        idx = lo + RNG.choice(spec.size, size=min(spec.size, per_tensor), replace=False)
-        for i in idx:
-            old = params[i]
-            h = 1e-5 * max(1.0, abs(old))
-            params[i] = old + h
-            fp = model.loss_and_grad(x, y)[0]
-            params[i] = old - h
-            fm = model.loss_and_grad(x, y)[0]
-            params[i] = old
-            num = (fp - fm) / (2 * h)
-            err = abs(num - g[i]) / max(1e-8, abs(num) + abs(g[i]))
-            assert err < 1e-6 or abs(num - g[i]) < 1e-10, (spec.name, i, num, g[i], err)
+    check_model_gradient(model, params, x, y, g, RNG, per_tensor)
 
 
 def test_three_layer_model_gradient():
