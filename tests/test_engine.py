@@ -28,6 +28,8 @@ from partrain.parallel.engine import ParallelRunner, step_breakdown
 from partrain.parallel.reduce import reduce_and_step, shard_slices, sum_into
 from partrain.parallel.shm import SharedArrays, leftovers
 from partrain.runner import LocalRunner, split_shards
+
+from procs import alive
 from synthetic import learnable_split
 
 N_IMAGES = 300
@@ -241,7 +243,7 @@ def test_close_unlinks_and_keeps_results(data):
     r.close()  # idempotent
     assert not set(names) & set(leftovers(os.getpid()))
     assert np.array_equal(r.params, params) and r.opt_state["m"].any()
-    assert all(not _alive(p) for p in pids)
+    assert all(not alive(p) for p in pids)
     with pytest.raises(PartrainError, match="closed"):
         r.step(0, 10, 1e-3, 2)
 
@@ -273,7 +275,7 @@ def test_worker_exception_is_reported(data, tmp_path):
     log = tmp_path / f"{r.tag}-worker1.log"
     assert str(log) in msg and "Traceback" in log.read_text()
     assert not set(names) & set(leftovers(os.getpid()))
-    assert all(not _alive(p) for p in pids)
+    assert all(not alive(p) for p in pids)
 
 
 def test_worker_killed_is_reported(data):
@@ -291,7 +293,7 @@ def test_worker_killed_is_reported(data):
                 r.step(0, 20, 1e-3, t)
     assert time.monotonic() - t0 < 3.0  # noticed within POLL_S; the rest is the cleanup
     assert not set(names) & set(leftovers(os.getpid()))
-    assert all(not _alive(p) for p in pids)
+    assert all(not alive(p) for p in pids)
 
 
 def test_worker_dead_before_a_step_is_reported(data):
@@ -303,17 +305,9 @@ def test_worker_dead_before_a_step_is_reported(data):
         r.step(0, 20, 1e-3, 1)
         pid = r.worker_pids[1]
         os.kill(pid, signal.SIGKILL)
-        while _alive(pid):
+        while alive(pid):
             time.sleep(0.01)
         time.sleep(0.05)
         with pytest.raises(PartrainError, match=r"^worker 1 died \(killed by signal 9"):
             r.step(20, 40, 1e-3, 2)
 
-
-def _alive(pid: int) -> bool:
-    """True if pid runs and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from procs import alive
+
 pytestmark = pytest.mark.slow
 
 SCRIPT = textwrap.dedent('''
@@ -82,13 +84,6 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
 
 def _leftovers(pid: int) -> list[str]:
     return sorted(n for n in os.listdir("/dev/shm") if n.startswith(f"partrain-{pid}-"))
@@ -128,7 +123,7 @@ class Run:
         deadline = time.monotonic() + wait
         while True:
             shm = _leftovers(self.proc.pid)
-            procs = [p for p in self.info["all"] if _alive(p)]
+            procs = [p for p in self.info["all"] if alive(p)]
             if not shm and not procs:
                 return
             if time.monotonic() > deadline:

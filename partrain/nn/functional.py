@@ -31,11 +31,6 @@ class Workspace:
             self._bufs[key] = buf
         return buf
 
-    def zeros(self, key: str, shape: tuple[int, ...], dtype) -> np.ndarray:
-        buf = self.get(key, shape, dtype)
-        buf.fill(0)
-        return buf
-
 
 def _buf(ws: Workspace | None, key: str, shape, dtype) -> np.ndarray:
     return np.empty(shape, dtype) if ws is None else ws.get(key, shape, dtype)
@@ -315,14 +310,14 @@ def conv_backward(dout, cache, need_dx=True, dw_out=None, db_out=None, ws=None, 
 
 
 # ----------------------------------------------------------------------------- activations
-def relu_forward(x, inplace=False):
-    out = np.maximum(x, 0, out=x if inplace else None)
+def relu_forward(x):
+    out = np.maximum(x, 0)
     return out, out
 
 
-def relu_backward(dout, cache, inplace=False):
+def relu_backward(dout, cache):
     out = cache
-    return np.multiply(dout, out > 0, out=dout if inplace else None)
+    return np.multiply(dout, out > 0)
 
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
