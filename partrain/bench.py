@@ -4,8 +4,11 @@ For each reduction (`sharded`, `parent`), each worker count N and each global ba
 `ParallelRunner`, runs `warmup` steps, then times `steps` steps and reports:
 - images/s, speed-up (throughput_N / throughput_1) and efficiency
   (throughput_N / (N · throughput_1));
-- the mean per-step breakdown (`engine.step_breakdown`): compute, waiting for the slowest worker,
-  reduction, optimizer, signalling (the rest: messages, wake-ups, the parent's bookkeeping);
+- the mean per-step breakdown, which adds up to the measured step time: inside `runner.step`
+  (`engine.step_breakdown`) compute, waiting for the slowest worker, reduction, optimizer,
+  signalling (the rest of the step: messages, wake-ups, the parent's bookkeeping); and
+  between_steps, the parent's time outside `runner.step` (this loop, and on a busy machine the
+  time the parent waits for a core between two steps, which can exceed the step itself);
 - worker start-up time, and memory: the sum of PSS (proportional set size, from
   /proc/<pid>/smaps_rollup) over the parent and the workers — shared pages are divided among the
   processes that map them, so the data set in shared memory counts once, not N times — and the size
@@ -32,7 +35,7 @@ import numpy as np
 from .errors import PartrainError
 from .parallel.engine import ParallelRunner, step_breakdown, usable_cores
 
-PARTS = ("compute", "wait", "reduction", "optimizer", "signalling")
+PARTS = ("compute", "wait", "reduction", "optimizer", "signalling", "between_steps")
 
 
 @dataclass
@@ -167,7 +170,8 @@ def run_scaling(cfg: BenchConfig, echo: Callable[[str], None] = print) -> tuple[
 
 
 def _measure(runner: ParallelRunner, batch: int, n_images: int, cfg: BenchConfig,
-             t: int) -> tuple[dict, int]:
+             t: int, clock: Callable[[], float] = time.perf_counter) -> tuple[dict, int]:
+    """Time cfg.steps steps after cfg.warmup; the row's *_ms parts add up to its step_ms."""
     starts = list(range(0, n_images - batch + 1, batch))
     k = 0
     for _ in range(cfg.warmup):
@@ -175,16 +179,19 @@ def _measure(runner: ParallelRunner, batch: int, n_images: int, cfg: BenchConfig
         runner.step(starts[k % len(starts)], starts[k % len(starts)] + batch, cfg.lr, t)
         k += 1
     parts = dict.fromkeys(PARTS, 0.0)
-    t0 = time.perf_counter()
+    inside = 0.0
+    t0 = clock()
     for _ in range(cfg.steps):
         t += 1
         lo = starts[k % len(starts)]
         runner.step(lo, lo + batch, cfg.lr, t)
         k += 1
         lt = runner.last_times
+        inside += lt.wall
         for key, v in step_breakdown(lt.wall, lt.compute, lt.reduce, lt.optim).items():
             parts[key] += v
-    wall = time.perf_counter() - t0
+    wall = clock() - t0
+    parts["between_steps"] = max(0.0, wall - inside)
     row = {"batch": batch, "steps": cfg.steps, "images_per_s": round(cfg.steps * batch / wall, 1),
            "step_ms": round(1e3 * wall / cfg.steps, 3)}
     row.update({f"{key}_ms": round(1e3 * v / cfg.steps, 3) for key, v in parts.items()})
@@ -210,7 +217,8 @@ COLUMNS = [("reduction", "reduction", "{}"), ("batch", "batch", "{}"), ("workers
            ("efficiency", "effic.", "{:.0%}"), ("step_ms", "step ms", "{:.2f}"),
            ("compute_ms", "compute", "{:.2f}"), ("wait_ms", "wait", "{:.2f}"),
            ("reduction_ms", "reduce", "{:.2f}"), ("optimizer_ms", "optim", "{:.2f}"),
-           ("signalling_ms", "signal", "{:.2f}"), ("startup_s", "start s", "{:.2f}"),
+           ("signalling_ms", "signal", "{:.2f}"),
+           ("between_steps_ms", "between", "{:.2f}"), ("startup_s", "start s", "{:.2f}"),
            ("memory_pss_mib", "PSS MiB", "{:.0f}"), ("shm_mib", "shm MiB", "{:.0f}")]
 
 
@@ -221,7 +229,8 @@ def format_table(rows: list[dict]) -> str:
     lines = ["  ".join(h.rjust(w) for h, w in zip(head, widths))]
     lines += ["  ".join(x.rjust(w) for x, w in zip(line, widths)) for line in body]
     return "\n".join(lines) + "\n(times are per step, in ms: compute and wait are the workers', " \
-        "reduce/optim the mean over the actors doing them, signal the rest)"
+        "reduce/optim the mean over the actors doing them, signal the rest of the step, between the " \
+        "parent's time outside the step: they add up to step ms)"
 
 
 def write_results(rows: list[dict], meta: dict, out_dir) -> list[Path]:

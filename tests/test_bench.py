@@ -4,12 +4,14 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from partrain.bench import add_efficiency, default_workers, format_table, pss_bytes
+from partrain.bench import (PARTS, BenchConfig, _measure, add_efficiency, default_workers,
+                            format_table, pss_bytes)
 from partrain.cli import main
-from partrain.parallel.engine import usable_cores
+from partrain.parallel.engine import StepTimes, usable_cores
 
 
 def test_default_workers():
@@ -37,6 +39,47 @@ def test_pss_of_this_process():
     assert pss_bytes(2**31 - 1) is None
 
 
+class FakeClock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+class FakeRunner:
+    """Each step: `outside` s pass before the step's own clock starts (the parent waiting for a
+    core, as on a busy machine), then a 2.0 s step of known worker phases."""
+
+    def __init__(self, clock, outside):
+        self.clock, self.outside, self.steps = clock, outside, 0
+
+    def step(self, lo, hi, lr, t):
+        self.clock.now += self.outside
+        self.clock.now += 2.0
+        self.last_times = StepTimes(2.0, np.array([1.0, 1.2]), np.array([0.2, 0.3]),
+                                    np.array([0.1, 0.1]))
+        self.steps += 1
+        return 0.0, 0
+
+
+@pytest.mark.parametrize("outside", [0.0, 0.5, 7.0])
+def test_breakdown_adds_up_to_the_step_time(outside):
+    """With a fake clock: every second of a step is in exactly one named part, also when most of
+    it is spent outside runner.step (a loaded machine), and warm-up steps are not counted."""
+    clock = FakeClock()
+    runner = FakeRunner(clock, outside)
+    row, t = _measure(runner, batch=10, n_images=100, cfg=BenchConfig(steps=4, warmup=2), t=0,
+                      clock=clock)
+    assert t == 6 and runner.steps == 6
+    assert row["step_ms"] == pytest.approx(1e3 * (2.0 + outside))
+    expected = {"compute": 1.1, "wait": 0.1 + 0.05, "reduction": 0.25, "optimizer": 0.1,
+                "signalling": 2.0 - 1.6, "between_steps": outside}
+    for key, seconds in expected.items():
+        assert row[f"{key}_ms"] == pytest.approx(1e3 * seconds), key
+    assert sum(row[f"{k}_ms"] for k in PARTS) == pytest.approx(row["step_ms"])
+
+
 @pytest.mark.slow
 def test_bench_command_tiny_run(tmp_path):
     too_many = usable_cores() + 1
@@ -52,9 +95,8 @@ def test_bench_command_tiny_run(tmp_path):
     assert data["meta"]["usable_cores"] == usable_cores()
     for r in rows:
         assert r["images_per_s"] > 0 and r["memory_pss_mib"] > 0 and r["shm_mib"] > 0
-        parts = sum(r[f"{k}_ms"] for k in ("compute", "wait", "reduction", "optimizer",
-                                           "signalling"))
-        assert parts == pytest.approx(r["step_ms"], rel=0.2)
+        # that the parts add up is tested exactly below; here only that every one is reported
+        assert all(r[f"{k}_ms"] >= 0 for k in PARTS)
         if r["workers"] == 1:
             assert r["efficiency"] == 1.0
     assert (out / "scaling.csv").read_text().startswith("batch,")

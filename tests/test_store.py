@@ -2,6 +2,7 @@
 import errno
 import hashlib
 import os
+import sys
 from pathlib import Path
 
 import h5py
@@ -10,6 +11,7 @@ import pytest
 
 from partrain.datasets import store
 from partrain.errors import PartrainError
+from readonly import run_read_only
 from synthetic import CLASS_NAMES, make_tiny_store, random_split
 
 
@@ -202,16 +204,25 @@ def test_unwritable_folder(good_file, monkeypatch):
     assert digest(path) == before and leftovers(path.parent) == []
 
 
-@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0,
-                    reason="root ignores folder permissions")
+WRITE_AGAIN = """
+import sys
+sys.path.insert(0, sys.argv[2])
+from partrain.errors import PartrainError
+from test_store import write
+try:
+    write(sys.argv[1], seed=2)
+except PartrainError as e:
+    print(e)
+"""
+
+
 def test_read_only_folder_for_real(good_file):
+    """A real read-only folder (as root too: see tests/readonly.py), in a real process."""
     path, before = good_file
-    path.parent.chmod(0o555)
-    try:
-        with pytest.raises(PartrainError, match="cannot write"):
-            write(path, seed=2)
-    finally:
-        path.parent.chmod(0o755)
+    result = run_read_only(path.parent, [sys.executable, "-c", WRITE_AGAIN, str(path),
+                                         str(Path(__file__).parent)])
+    assert result.returncode == 0 and "cannot write" in result.stdout, (result.stdout,
+                                                                        result.stderr)
     assert digest(path) == before and leftovers(path.parent) == []
 
 
