@@ -376,19 +376,6 @@ def batchnorm_eval(x, gamma, beta, running_mean, running_var, eps=1e-5):
     return x * scale.astype(x.dtype).reshape(-1, 1, 1, 1) + shift.astype(x.dtype).reshape(-1, 1, 1, 1)
 
 
-# --------------------------------------------------------------------------------- dropout
-def dropout_forward(x, p, rng):
-    """Inverted dropout: keep with probability 1-p and scale by 1/(1-p)."""
-    if p <= 0:
-        return x, None
-    mask = (rng.random(x.shape) >= p).astype(x.dtype) / (1.0 - p)
-    return x * mask, mask
-
-
-def dropout_backward(dout, mask):
-    return dout if mask is None else dout * mask
-
-
 # ------------------------------------------------------------------------------------ loss
 def softmax_cross_entropy(logits, y, loss_scale=1.0, smoothing=0.0):
     """Sum over samples of cross-entropy; gradient of loss_scale·sum w.r.t. logits.

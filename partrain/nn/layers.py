@@ -23,7 +23,6 @@ class StepContext:
     train: bool
     groups: list[tuple[int, int]] = field(default_factory=list)
     stats_out: dict[str, np.ndarray] | None = None
-    rng: np.random.Generator | None = None
 
 
 class Layer:
@@ -307,17 +306,3 @@ class BatchNorm(Layer):
         rv *= 1 - m
         rv += (m / n_groups) * stats[self.c:].astype(rv.dtype)
 
-
-class Dropout(Layer):
-    def __init__(self, p):
-        self.rate = p
-
-    def forward(self, x, ctx):
-        if not ctx.train or self.rate <= 0:
-            self.mask = None
-            return x
-        out, self.mask = F.dropout_forward(x, self.rate, ctx.rng)
-        return out
-
-    def backward(self, dout):
-        return F.dropout_backward(dout, self.mask)
