@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
+from threadpoolctl import threadpool_info, threadpool_limits
 
 from .nn import functional as F
 from .nn.layers import StepContext
@@ -110,8 +111,6 @@ def run_kernel_bench(model: str = "three-layer", batches=(50, 256), repeats: int
                      per_layer: bool = False, echo=print, model_options: dict | None = None,
                      optimizer: str = "adam") -> dict:
     """The whole benchmark on one BLAS thread; prints a table and returns all figures."""
-    from threadpoolctl import threadpool_info, threadpool_limits
-
     with threadpool_limits(1):
         info = [i for i in threadpool_info() if i.get("user_api") == "blas"]
         kernel = info[0].get("architecture", "?") if info else "?"
