@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 
 import numpy as np
+from threadpoolctl import threadpool_info, threadpool_limits
 
 from .nn import functional as F
 from .nn.layers import StepContext
@@ -62,11 +63,6 @@ def bench_model(model_name: str, batch: int, repeats: int = 20, optimizer: str =
                           stats_out=model.stats_layout.views(stats) if stats is not None else None)
         return F.softmax_cross_entropy(model.forward(x, ctx), y, 1.0 / batch)[2]
 
-    def backward_only(d=None):
-        d = forward() if d is None else d
-        for layer in reversed(model.layers[model._first:]):
-            d = layer.backward(d)
-
     def opt_step():
         t[0] += 1
         opt.step(params, grads, state, t[0], 1e-4)
@@ -103,7 +99,7 @@ def layer_profile(model, x, y, batch, stats, repeats) -> list[tuple[str, float, 
             h = layer.forward(h, ctx)
             fw[n].append(time.perf_counter() - t0)
         d = F.softmax_cross_entropy(h, y, 1.0 / batch)[2]
-        for n, layer in reversed(list(zip(names, model.layers))[model._first:]):
+        for n, layer in reversed(list(zip(names, model.layers))[model.backward_from:]):
             t0 = time.perf_counter()
             d = layer.backward(d)
             bw[n].append(time.perf_counter() - t0)
@@ -115,8 +111,6 @@ def run_kernel_bench(model: str = "three-layer", batches=(50, 256), repeats: int
                      per_layer: bool = False, echo=print, model_options: dict | None = None,
                      optimizer: str = "adam") -> dict:
     """The whole benchmark on one BLAS thread; prints a table and returns all figures."""
-    from threadpoolctl import threadpool_info, threadpool_limits
-
     with threadpool_limits(1):
         info = [i for i in threadpool_info() if i.get("user_api") == "blas"]
         kernel = info[0].get("architecture", "?") if info else "?"

@@ -129,33 +129,15 @@ def sync_frozen(model, optimizer, t: int) -> None:
     Their parameters stay as they are either way (learning-rate scale 0); this only saves time."""
     if isinstance(optimizer, PhasedOptimizer):
         for key in optimizer.frozen_at(t):
-            if key in model._names and key not in model._frozen:
+            if key in model.layer_names and key not in model.frozen:
                 model.set_frozen(key)
 
 
-WHITENING_IMAGES = 5000  # airbench94 computes its whitening filters from 5000 training images
-
-
 def init_from_data(model, images, idx, mean, std) -> bool:
-    """Data-dependent initialisation, after `init_params`, in the parent before any step.
-
-    A model with an `init_from_data(images, idx, mean, std)` method gets it called; a model with a
-    frozen whitening convolution (airbench) gets its filters from the first 5000 of the training
-    images `images[sorted(idx)]` (airbench94 whitens with its first 5000 training images); `idx`
-    is the training split, so validation images never shape the model. Returns whether anything
-    was done.
-    """
-    hook = getattr(model, "init_from_data", None)
-    if callable(hook):
-        hook(images, idx, mean, std)
-        return True
-    from .nn.airbench import WhiteningConv, init_whitening
-    if not any(isinstance(layer, WhiteningConv) for layer in model.layers):
-        return False
-    idx = np.arange(len(images)) if idx is None else np.sort(np.asarray(idx))
-    init_whitening(model, np.asarray(images[idx[:WHITENING_IMAGES]]), mean, std,
-                   n=WHITENING_IMAGES)
-    return True
+    """Data-dependent initialisation, after `init_params`, in the parent before any step: the
+    model's own `init_from_data` on the training images `images[idx]` (airbench: its whitening
+    filters). Returns whether anything was done."""
+    return model.init_from_data(images, idx, mean, std)
 
 
 

@@ -9,7 +9,7 @@ from partrain.nn.airbench import (DiracConv, FloorMaxPool, init_whitening, patch
                                   whitening_weights)
 from partrain.nn.layers import StepContext
 from partrain.nn.models import MODELS, build_model
-from partrain.optim import build_optimizer
+from partrain.runner import make_optimizer
 
 from gradcheck import check_model_gradient
 
@@ -42,7 +42,8 @@ def test_registered_and_shapes():
     m, _ = bound_model(np.float32)
     # The frozen whitening filters are state, not parameters.
     assert "whiten.w" in m.state_layout.offsets and "whiten.w" not in m.layout.offsets
-    assert m.state_layout.describe()[0] == ("whiten.w", (24, 3, 2, 2), 288)
+    first = m.state_layout.specs[0]
+    assert (first.name, first.shape, first.size) == ("whiten.w", (24, 3, 2, 2), 288)
     names = [s.name for s in m.layout.specs]
     assert not any("gamma" in n for n in names)          # BN scale frozen at 1
     assert m.layout.size == 1_971_352
@@ -83,9 +84,8 @@ def test_whole_model_gradient():
 def test_whitening_is_never_trained():
     m, params = bound_model(np.float32, **TINY)
     w0 = m.state_layout.views(m.state)["whiten.w"].copy()
-    opt = build_optimizer("sgd", lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01,
-                          decoupled=True, decay_ranges=m.layout.decay_ranges(),
-                          lr_scale_ranges=m.layout.lr_scale_ranges())
+    opt = make_optimizer(m, ("sgd", dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01,
+                                         decoupled=True)))
     st = {"velocity": np.zeros_like(params)}
     stats = np.zeros(m.stats_size, np.float32)
     x = RNG.standard_normal((4, 3, 32, 32)).astype(np.float32)
@@ -188,10 +188,12 @@ def test_frozen_whitening_bias_skips_conv_input_gradient():
     x = RNG.standard_normal((4, 3, 32, 32))
     y = RNG.integers(0, 10, 4)
     _, g_full = m.loss_and_grad(x, y)
-    conv0a = m.layers[m._names.index("conv0a")]
+    conv0a = m.layers[m.layer_names.index("conv0a")]
     assert conv0a.need_dx
+    assert m.frozen == frozenset()
     m.set_frozen("whiten_bias")
-    assert not conv0a.need_dx and m._first == m._names.index("conv0a")
+    assert not conv0a.need_dx and m.backward_from == m.layer_names.index("conv0a")
+    assert m.frozen == {"whiten_bias"} and isinstance(m.frozen, frozenset)
     _, g = m.loss_and_grad(x, y)
     lo, hi = m.layout.offsets["whiten_bias.b"], m.layout.offsets["whiten_bias.b"] + 24
     assert not g[lo:hi].any() and g_full[lo:hi].any()
@@ -199,7 +201,7 @@ def test_frozen_whitening_bias_skips_conv_input_gradient():
     mask[lo:hi] = False
     np.testing.assert_array_equal(g[mask], g_full[mask])
     m.set_frozen("whiten_bias", False)
-    assert conv0a.need_dx
+    assert conv0a.need_dx and not m.frozen
     np.testing.assert_array_equal(m.loss_and_grad(x, y)[1], g_full)
     with pytest.raises(ValueError):
         m.set_frozen("nope")

@@ -4,6 +4,8 @@ import numpy as np
 import pytest
 
 from partrain.nn import functional as F
+from partrain.nn import winograd
+from partrain.nn.workspace import Workspace
 from partrain.nn.models import build_model
 
 from gradcheck import check_model_gradient, numerical_grad, rel_error
@@ -54,7 +56,7 @@ def test_winograd_workspace_and_need_dx(m):
     w = RNG.standard_normal((4, 3, 3, 3))
     dout = RNG.standard_normal((4, 5, 6, 7))
     ref, _ = both(x, w, None, dout, m=m)
-    ws = F.Workspace()
+    ws = Workspace()
     for _ in range(2):
         _, win = both(x, w, None, dout, ws=ws, m=m)
         for r, v in zip(ref[:3], win[:3]):
@@ -68,7 +70,7 @@ def test_winograd_workspace_and_need_dx(m):
 def test_winograd_channel_blocks(monkeypatch, m):
     """The layout copies in channel blocks (here one channel per block, uneven maps) change
     nothing."""
-    monkeypatch.setattr(F, "WINOGRAD_BLOCK_BYTES", 1)
+    monkeypatch.setattr(winograd, "BLOCK_BYTES", 1)
     x = RNG.standard_normal((3, 2, 7, 6))
     w = RNG.standard_normal((5, 3, 3, 3))
     dout = RNG.standard_normal((5, 2, 7, 6))

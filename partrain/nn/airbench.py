@@ -10,7 +10,7 @@ Differences from airbench94, each for a reason:
 - The whitening weights live in the model's STATE vector, not its parameters: they are never seen
   by the optimizer (no gradient, no decay, no momentum), every worker reads them from the shared
   state, and checkpoints save them with the batch-norm statistics. The model is built with random
-  whitening weights; the parent overwrites them from data with `init_whitening` after
+  whitening weights; the parent overwrites them from data with the model's `init_from_data` after
   `init_params` (data are not a model option: options must be small and JSON-able).
 - Batch-norm statistics are per ghost batch of `ghost_batch` samples (airbench: the whole batch of
   1024), because our shards are made of whole groups so that results do not depend on the worker
@@ -38,8 +38,11 @@ import numpy as np
 from . import functional as F
 from .layers import (Affine, BatchNorm, ChannelBias, Conv, GELU, GlobalMaxPool, MaxPool,
                      ToChannelsFirst)
-from .models import Model
+from .model import Model
 from .params import ParamSpec
+
+
+WHITENING_IMAGES = 5000  # airbench94 computes its whitening filters from 5000 training images
 
 
 class WhiteningConv(Conv):
@@ -113,6 +116,18 @@ class FloorMaxPool(MaxPool):
         return dx
 
 
+class AirbenchModel(Model):
+    """airbench's network: a `Model` whose data-dependent initialisation sets the whitening filters."""
+
+    def init_from_data(self, images, idx, mean, std) -> bool:
+        """Whitening filters from the first WHITENING_IMAGES of the training images
+        `images[sorted(idx)]` (idx None: all), as airbench94 whitens with its first 5000 training
+        images; `idx` is the training split, so validation images never shape the model."""
+        idx = np.arange(len(images)) if idx is None else np.sort(np.asarray(idx))
+        init_whitening(self, np.asarray(images[idx[:WHITENING_IMAGES]]), mean, std)
+        return True
+
+
 def airbench(dtype=np.float32, widths=(64, 256, 256), ghost_batch=64, whiten_kernel=2,
              whiten_bias=True, head_scale=1 / 9, label_smoothing=0.2, bn_momentum=0.4,
              bn_eps=1e-12, bias_lr_scale=64.0, **_):
@@ -135,12 +150,13 @@ def airbench(dtype=np.float32, widths=(64, 256, 256), ghost_batch=64, whiten_ker
     layers += [GlobalMaxPool(),
                Affine("head", c_in, 10, bias=False, init_std=1.0 / np.sqrt(3.0 * c_in),
                       scale=head_scale)]
-    return Model("airbench", layers, dtype=dtype, group_size=ghost_batch,
-                 label_smoothing=label_smoothing,
-                 options=dict(widths=list(widths), ghost_batch=ghost_batch,
-                              whiten_kernel=whiten_kernel, whiten_bias=whiten_bias,
-                              head_scale=head_scale, label_smoothing=label_smoothing,
-                              bn_momentum=bn_momentum, bn_eps=bn_eps, bias_lr_scale=bias_lr_scale))
+    return AirbenchModel("airbench", layers, dtype=dtype, group_size=ghost_batch,
+                         label_smoothing=label_smoothing,
+                         options=dict(widths=list(widths), ghost_batch=ghost_batch,
+                                      whiten_kernel=whiten_kernel, whiten_bias=whiten_bias,
+                                      head_scale=head_scale, label_smoothing=label_smoothing,
+                                      bn_momentum=bn_momentum, bn_eps=bn_eps,
+                                      bias_lr_scale=bias_lr_scale))
 
 
 # ------------------------------------------------------------------------------- whitening
@@ -184,7 +200,7 @@ def whitening_weights(images_uint8: np.ndarray, mean, std, kernel: int = 2,
     return np.concatenate([w, -w])
 
 
-def init_whitening(model: Model, images_uint8: np.ndarray, mean, std, n: int = 5000,
+def init_whitening(model: Model, images_uint8: np.ndarray, mean, std, n: int = WHITENING_IMAGES,
                    eps: float = 5e-4) -> np.ndarray:
     """Write whitening weights from the first `n` images into the bound model's state (call after
     `init_params`, in the parent, before workers start stepping). Returns the weights."""

@@ -6,9 +6,8 @@ im2col). With that layout a convolution over the whole batch is ONE matrix produ
 `W (F, C·KH·KW) @ cols (C·KH·KW, N·OH·OW)`, whose result is already the next layer's input, and batch
 norm reduces over contiguous rows. Images arrive as (N, C, H, W) and are transposed once.
 
-Every kernel takes an optional `ws` (a `Workspace`) so that the training loop reuses its big buffers
-from step to step instead of asking the allocator (and the kernel's page-zeroing) for tens of MB
-every call.
+Every kernel takes an optional `ws` (a `workspace.Workspace`) for its big buffers; 3x3 stride-1
+convolutions may run as Winograd (winograd.py), picked by shape in `conv_forward`.
 """
 from __future__ import annotations
 
@@ -17,23 +16,8 @@ import math
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-
-class Workspace:
-    """Named reusable buffers: `get(key, shape, dtype)` returns the same array while shape fits."""
-
-    def __init__(self):
-        self._bufs: dict[str, np.ndarray] = {}
-
-    def get(self, key: str, shape: tuple[int, ...], dtype) -> np.ndarray:
-        buf = self._bufs.get(key)
-        if buf is None or buf.shape != tuple(shape) or buf.dtype != dtype:
-            buf = np.empty(shape, dtype)
-            self._bufs[key] = buf
-        return buf
-
-
-def _buf(ws: Workspace | None, key: str, shape, dtype) -> np.ndarray:
-    return np.empty(shape, dtype) if ws is None else ws.get(key, shape, dtype)
+from . import winograd
+from .workspace import Workspace, buffer
 
 
 # ----------------------------------------------------------------------------------------- conv
@@ -50,7 +34,7 @@ def im2col(x: np.ndarray, kh: int, kw: int, stride: int, pad: int,
     C, N, H, W = x.shape
     OH, OW = conv_out_size(H, kh, stride, pad), conv_out_size(W, kw, stride, pad)
     if pad:
-        xp = _buf(ws, key + "xpad", (C, N, H + 2 * pad, W + 2 * pad), x.dtype)
+        xp = buffer(ws, key + "xpad", (C, N, H + 2 * pad, W + 2 * pad), x.dtype)
         # Only the border must be zero; the interior is overwritten below.
         xp[:, :, :pad, :] = 0
         xp[:, :, -pad:, :] = 0
@@ -62,7 +46,7 @@ def im2col(x: np.ndarray, kh: int, kw: int, stride: int, pad: int,
     sC, sN, sH, sW = xp.strides
     view = as_strided(xp, shape=(C, kh, kw, N, OH, OW),
                       strides=(sC, sH, sW, sN, sH * stride, sW * stride), writeable=False)
-    cols = _buf(ws, key + "cols", (C * kh * kw, N * OH * OW), x.dtype)
+    cols = buffer(ws, key + "cols", (C * kh * kw, N * OH * OW), x.dtype)
     np.copyto(cols.reshape(C, kh, kw, N, OH, OW), view)
     return cols, (C, N, H, W, OH, OW)
 
@@ -72,7 +56,7 @@ def col2im(dcols: np.ndarray, geom: tuple, kh: int, kw: int, stride: int, pad: i
     """Adjoint of im2col: sum each column back into its input pixel, with kh·kw strided adds
     (no np.add.at, which is an order of magnitude slower)."""
     C, N, H, W, OH, OW = geom
-    dxp = _buf(ws, key + "dxpad", (C, N, H + 2 * pad, W + 2 * pad), dcols.dtype)
+    dxp = buffer(ws, key + "dxpad", (C, N, H + 2 * pad, W + 2 * pad), dcols.dtype)
     d6 = dcols.reshape(C, kh, kw, N, OH, OW)
     hspan, wspan = stride * (OH - 1) + 1, stride * (OW - 1) + 1
     if stride >= kh and stride >= kw:  # windows do not overlap: plain assignments
@@ -88,33 +72,8 @@ def col2im(dcols: np.ndarray, geom: tuple, kh: int, kw: int, stride: int, pad: i
     return dxp[:, :, pad:pad + H, pad:pad + W] if pad else dxp
 
 
-# Winograd F(m x m, 3x3) (Lavin & Gray 2016) for stride-1, pad-1 3x3 convolutions. Each m x m block
-# of outputs comes from an (m+2) x (m+2) input tile d:  Y = At [(G g Gt) * (Bt d B)] A, so the 9 m^2
-# multiplies per (filter, channel, block) of a direct/im2col conv become (m+2)^2 — 2.25x fewer for
-# m = 2 and 4x fewer for m = 4 — as one (F x C) @ (C x tiles) GEMM per tile position. The transforms
-# are small Kronecker matrices applied as GEMMs (one streaming pass each). Backward is the exact
-# adjoint of that computation: the transformed output gradient dM feeds both dU = dM Vt (-> dW)
-# and dV = Ut dM (-> dX), so the gradient is that of the Winograd forward and equals the im2col
-# one up to float round-off.
-# m = 4 uses the interpolation points 0, 1, -1, 1/2, -2 (and infinity) rather than Lavin's
-# 0, ±1, ±2: measured float32 error relative to the largest output ~3e-6 on airbench's shapes
-# (Lavin's matrices: ~1e-5; im2col: ~5e-7). The matrices are the Toom-Cook construction for those
-# points (At: powers of the points; G: rows p^k / prod_{q != p}(p - q); Bt solves the identity).
-_WINO = {  # output tile m -> (Bt, G, At) in float64
-    2: (np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float64),
-        np.array([[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]], np.float64),
-        np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.float64)),
-    4: (np.array([[1, -3 / 2, -2, 3 / 2, 1, 0], [0, -1, 1 / 2, 5 / 2, 1, 0],
-                  [0, 1, -5 / 2, 1 / 2, 1, 0], [0, -2, -1, 2, 1, 0], [0, 1 / 2, -1, -1 / 2, 1, 0],
-                  [0, 1, -3 / 2, -2, 3 / 2, 1]], np.float64),
-        np.array([[1, 0, 0], [1 / 3, 1 / 3, 1 / 3], [-1 / 3, 1 / 3, -1 / 3],
-                  [-16 / 15, -8 / 15, -4 / 15], [1 / 15, -2 / 15, 4 / 15], [0, 0, 1]], np.float64),
-        np.array([[1, 1, 1, 1, 1, 0], [0, 1, -1, 1 / 2, -2, 0], [0, 1, 1, 1 / 4, 4, 0],
-                  [0, 1, -1, 1 / 8, -8, 1]], np.float64)),
-}
-_WMATS: dict = {}
-
-# Auto-selection (see winograd_eligible). WINOGRAD=False forces the im2col reference everywhere.
+# Winograd F(m x m, 3x3) for 3x3 stride-1 pad-1 convs lives in winograd.py; the rule below picks it
+# by shape. WINOGRAD=False forces the im2col reference everywhere.
 WINOGRAD = True
 WINOGRAD_TILE = 4               # output tile m of F(m x m, 3 x 3)
 WINOGRAD_MIN_CHANNELS = 32      # below this the (F x C) GEMMs are too thin to pay for transforms
@@ -122,16 +81,6 @@ WINOGRAD_MAX_MULTIPLIES = 0.5   # Winograd multiplies (padded tiles) / im2col mu
                                 # 31x31 0.27, 15x15 0.28, 7x7 0.33, 3x3 0.44
 WINOGRAD_MIN_COLUMNS = 64       # tiles x samples per GEMM: 3x3 maps at batch 16 (16 columns) ran
                                 # slower than im2col, at batch 64 faster
-
-
-def _wino_mats(dtype, m):
-    mats = _WMATS.get((np.dtype(dtype), m))
-    if mats is None:
-        bt, g, at = _WINO[m]
-        kb, kg, ka = np.kron(bt, bt), np.kron(g, g), np.kron(at, at)
-        mats = tuple(a.astype(dtype) for a in (kb, kb.T.copy(), kg, kg.T.copy(), ka, ka.T.copy()))
-        _WMATS[(np.dtype(dtype), m)] = mats
-    return mats  # KB (a2 x a2), KB^T, KG (a2 x 9), KG^T, KA (m2 x a2), KA^T; a = m + 2
 
 
 def winograd_eligible(x_shape, w_shape, stride, pad, m=None) -> bool:
@@ -147,126 +96,6 @@ def winograd_eligible(x_shape, w_shape, stride, pad, m=None) -> bool:
             and tiles * x_shape[1] >= WINOGRAD_MIN_COLUMNS)
 
 
-WINOGRAD_BLOCK_BYTES = 1 << 20  # channel blocks for the layout-changing copies (cache-sized)
-
-
-def _channel_blocks(n_channels: int, bytes_per_channel: int):
-    """Slices of channels whose maps take about WINOGRAD_BLOCK_BYTES. The (C, N, H, W) <->
-    tile-layout copies are transposes with strided ends; done for all channels at once they
-    thrash the cache (F=256, 15x15, N=64: 45 ms for the output copy; in 1 MB blocks 15 ms)."""
-    bs = max(1, WINOGRAD_BLOCK_BYTES // max(1, bytes_per_channel))
-    return [slice(c0, min(n_channels, c0 + bs)) for c0 in range(0, n_channels, bs)]
-
-
-def winograd_conv_forward(x, w, b, ws=None, key="conv", m=None):
-    """3x3 stride-1 pad-1 conv of x (C, N, H, W) by Winograd F(m x m, 3x3) -> (F, N, H, W), cache.
-
-    Inside, tiles are ordered (tile row, tile column, sample): the sample index is innermost, so
-    every gather, transform and overlap-add runs over N contiguous values (with (N, H, W) order the
-    inner loops would be one tile row long, 4 values on a 7x7 map, and numpy's per-loop overhead
-    dominates). The transposes happen once, on the padded input and on the output.
-    """
-    m = m or WINOGRAD_TILE
-    al = m + 2
-    C, N, H, W = x.shape
-    F_ = w.shape[0]
-    dt = x.dtype
-    KB, _, KG, _, KA, _ = _wino_mats(dt, m)
-    th, tw = -(-H // m), -(-W // m)
-    P = th * tw * N
-    xp = _buf(ws, key + "wxpad", (C, m * th + 2, m * tw + 2, N), dt)   # padded, samples last
-    xp[:, 0] = 0
-    xp[:, H + 1:] = 0
-    xp[:, 1:H + 1, 0] = 0
-    xp[:, 1:H + 1, W + 1:] = 0
-    for cb in _channel_blocks(C, x[0].nbytes):
-        xp[cb, 1:H + 1, 1:W + 1] = x[cb].transpose(0, 2, 3, 1)
-    # U[ab] (F, C): transformed filters.
-    U = (KG @ w.astype(dt, copy=False).transpose(2, 3, 0, 1).reshape(9, F_ * C)).reshape(
-        al * al, F_, C)
-    sC, sH, sW, sN = xp.strides
-    tiles = as_strided(xp, shape=(al, al, C, th, tw, N),
-                       strides=(sH, sW, sC, m * sH, m * sW, sN), writeable=False)
-    D = _buf(ws, key + "wD", (al * al, C * P), dt)
-    np.copyto(D.reshape(al, al, C, th, tw, N), tiles)
-    V = _buf(ws, key + "wV", (al * al, C * P), dt)
-    np.matmul(KB, D, out=V)
-    M = _buf(ws, key + "wM", (al * al, F_, P), dt)
-    np.matmul(U, V.reshape(al * al, C, P), out=M)
-    Y = _buf(ws, key + "wY", (m * m, F_ * P), dt)
-    np.matmul(KA, M.reshape(al * al, F_ * P), out=Y)
-    Y6 = Y.reshape(m, m, F_, th, tw, N)
-    out = _buf(ws, key + "out", (F_, N, H, W), dt)
-    for fb in _channel_blocks(F_, out[0].nbytes):
-        for a in range(m):
-            for c in range(m):
-                out[fb, :, a::m, c::m] = Y6[a, c, fb, :(H - a + m - 1) // m,
-                                            :(W - c + m - 1) // m].transpose(0, 3, 1, 2)
-    if b is not None:
-        out += b.reshape(-1, 1, 1, 1)
-    return out, ("winograd", V, U, w, x.shape, b is not None, m)
-
-
-def winograd_conv_backward(dout, cache, need_dx=True, dw_out=None, db_out=None, ws=None,
-                           key="conv"):
-    """Adjoint of winograd_conv_forward -> (dx or None, dw, db or None)."""
-    _, V, U, w, (C, N, H, W), has_bias, m = cache
-    al = m + 2
-    F_ = w.shape[0]
-    dt = dout.dtype
-    _, KBt, _, KGt, _, KAt = _wino_mats(dt, m)
-    th, tw = -(-H // m), -(-W // m)
-    P = th * tw * N
-    # Output gradient into the tile layout (zeros where the last tile row/column overhangs).
-    G = _buf(ws, key + "wY", (m * m, F_ * P), dt)
-    G6 = G.reshape(m, m, F_, th, tw, N)
-    if H % m or W % m:
-        G.fill(0)
-    for fb in _channel_blocks(F_, dout[0].nbytes):
-        for a in range(m):
-            for c in range(m):
-                G6[a, c, fb, :(H - a + m - 1) // m, :(W - c + m - 1) // m] = \
-                    dout[fb, :, a::m, c::m].transpose(0, 2, 3, 1)
-    dM = _buf(ws, key + "wM", (al * al, F_, P), dt)         # the forward's M buffer, reused
-    np.matmul(KAt, G, out=dM.reshape(al * al, F_ * P))
-    dU = _buf(ws, key + "wdU", (al * al, F_, C), dt)
-    np.matmul(dM, V.reshape(al * al, C, P).transpose(0, 2, 1), out=dU)
-    dw = dw_out if dw_out is not None else np.empty(w.shape, dt)
-    dw[...] = (KGt @ dU.reshape(al * al, F_ * C)).reshape(3, 3, F_, C).transpose(2, 3, 0, 1)
-    db = None
-    if has_bias:
-        db = db_out if db_out is not None else np.empty(F_, dt)
-        np.sum(dout, axis=(1, 2, 3), out=db)
-    if not need_dx:
-        return None, dw, db
-    dV = _buf(ws, key + "wD", (al * al, C * P), dt)         # the forward's D buffer, reused
-    np.matmul(U.transpose(0, 2, 1), dM, out=dV.reshape(al * al, C, P))
-    dD = _buf(ws, key + "wdD", (al * al, C * P), dt)
-    np.matmul(KBt, dV, out=dD)
-    dD6 = dD.reshape(al, al, C, th, tw, N)
-    # Overlap-add of the tiles (size m + 2, stride m) by phase: padded row m·u + p gets tile row u
-    # at offset p and tile row u - 1 at offset p + m (when p + m < m + 2); likewise for columns.
-    Z = _buf(ws, key + "wZ", (m, m, C, th + 1, tw + 1, N), dt)
-    Z.fill(0)
-    for p in range(m):
-        for q in range(m):
-            z = Z[p, q]
-            for k in range(2):
-                for l in range(2):
-                    if p + m * k < al and q + m * l < al:
-                        z[:, k:k + th, l:l + tw] += dD6[p + m * k, q + m * l]
-    # Unpadded row h is padded row h + 1 = m·u + p: p = (h + 1) % m, u = (h + 1) // m.
-    dx = _buf(ws, key + "wdx", (C, N, H, W), dt)
-    for cb in _channel_blocks(C, dx[0].nbytes):
-        for ph in range(m):
-            for pw in range(m):
-                nh, nw = (H - ph + m - 1) // m, (W - pw + m - 1) // m
-                u0, v0 = (ph + 1) // m, (pw + 1) // m
-                dx[cb, :, ph::m, pw::m] = Z[(ph + 1) % m, (pw + 1) % m, cb, u0:u0 + nh,
-                                            v0:v0 + nw].transpose(0, 3, 1, 2)
-    return dx, dw, db
-
-
 def conv_forward(x, w, b, stride=1, pad=0, ws=None, key="conv", method="auto"):
     """x (C, N, H, W), w (F, C, KH, KW), b (F,) or None -> out (F, N, OH, OW).
 
@@ -275,13 +104,14 @@ def conv_forward(x, w, b, stride=1, pad=0, ws=None, key="conv", method="auto"):
     "winograd2" or "winograd4" force one.
     """
     if method in ("winograd", "winograd2", "winograd4"):
-        return winograd_conv_forward(x, w, b, ws, key, {"winograd2": 2, "winograd4": 4}.get(method))
+        m = {"winograd2": 2, "winograd4": 4}.get(method, WINOGRAD_TILE)
+        return winograd.conv_forward(x, w, b, m, ws, key)
     if method == "auto" and winograd_eligible(x.shape, w.shape, stride, pad):
-        return winograd_conv_forward(x, w, b, ws, key)
+        return winograd.conv_forward(x, w, b, WINOGRAD_TILE, ws, key)
     F, C, KH, KW = w.shape
     cols, geom = im2col(x, KH, KW, stride, pad, ws, key)
     _, N, _, _, OH, OW = geom
-    out = _buf(ws, key + "out", (F, N * OH * OW), x.dtype)
+    out = buffer(ws, key + "out", (F, N * OH * OW), x.dtype)
     np.matmul(w.reshape(F, -1), cols, out=out)
     if b is not None:
         out += b[:, None]
@@ -291,7 +121,7 @@ def conv_forward(x, w, b, stride=1, pad=0, ws=None, key="conv", method="auto"):
 def conv_backward(dout, cache, need_dx=True, dw_out=None, db_out=None, ws=None, key="conv"):
     """-> (dx or None, dw, db or None). dw/db are written into dw_out/db_out when given."""
     if isinstance(cache[0], str) and cache[0] == "winograd":
-        return winograd_conv_backward(dout, cache, need_dx, dw_out, db_out, ws, key)
+        return winograd.conv_backward(dout, cache, need_dx, dw_out, db_out, ws, key)
     cols, geom, w, stride, pad, has_bias = cache
     F, C, KH, KW = w.shape
     d2 = dout.reshape(F, -1) if dout.flags.c_contiguous else np.ascontiguousarray(dout).reshape(F, -1)
@@ -303,7 +133,7 @@ def conv_backward(dout, cache, need_dx=True, dw_out=None, db_out=None, ws=None, 
         np.sum(d2, axis=1, out=db)
     dx = None
     if need_dx:
-        dcols = _buf(ws, key + "dcols", cols.shape, dout.dtype)
+        dcols = buffer(ws, key + "dcols", cols.shape, dout.dtype)
         np.matmul(w.reshape(F, -1).T, d2, out=dcols)
         dx = col2im(dcols, geom, KH, KW, stride, pad, ws, key)
     return dx, dw, db
@@ -326,13 +156,13 @@ _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 def gelu_forward(x, ws=None, key="gelu"):
     """GELU, tanh approximation. Written with in-place products: `x ** 3` calls powf, 3x slower.
     With a Workspace the two map-sized arrays are reused from step to step (no page faults)."""
-    t = _buf(ws, key + "t", x.shape, x.dtype)
+    t = buffer(ws, key + "t", x.shape, x.dtype)
     np.multiply(x, x, out=t)
     t *= 0.044715 * _SQRT_2_OVER_PI
     t += _SQRT_2_OVER_PI
     t *= x                      # sqrt(2/pi) * (x + 0.044715 x^3)
     np.tanh(t, out=t)
-    out = _buf(ws, key + "out", x.shape, x.dtype)
+    out = buffer(ws, key + "out", x.shape, x.dtype)
     np.add(t, 1.0, out=out)
     out *= x
     out *= 0.5
@@ -342,11 +172,11 @@ def gelu_forward(x, ws=None, key="gelu"):
 def gelu_backward(dout, cache, ws=None, key="gelu"):
     """d/dx = 0.5 (1 + tanh u) + 0.5 x (1 - tanh^2 u) u',  u' = sqrt(2/pi) (1 + 3·0.044715 x^2)."""
     x, t = cache
-    du = _buf(ws, key + "du", x.shape, dout.dtype)
+    du = buffer(ws, key + "du", x.shape, dout.dtype)
     np.multiply(x, x, out=du)
     du *= 3 * 0.044715 * _SQRT_2_OVER_PI
     du += _SQRT_2_OVER_PI
-    sech2 = _buf(ws, key + "sech2", x.shape, dout.dtype)
+    sech2 = buffer(ws, key + "sech2", x.shape, dout.dtype)
     np.multiply(t, t, out=sech2)
     np.subtract(1.0, sech2, out=sech2)
     du *= sech2
@@ -368,14 +198,14 @@ def maxpool_forward(x, size=2, stride=2, ws=None, key="pool"):
         # loops run long), then columns. Each pass records, as 0/1 floats, which of the pair won
         # (the first on a tie), so the backward pass routes each gradient to exactly one input.
         r0, r1 = x[:, :, 0::2, :], x[:, :, 1::2, :]
-        rows = _buf(ws, key + "rows", (C, N, OH, W), x.dtype)
+        rows = buffer(ws, key + "rows", (C, N, OH, W), x.dtype)
         np.maximum(r0, r1, out=rows)
-        row1 = _buf(ws, key + "row1", (C, N, OH, W), x.dtype)
+        row1 = buffer(ws, key + "row1", (C, N, OH, W), x.dtype)
         np.greater(r1, r0, out=row1)
-        out = _buf(ws, key + "out", (C, N, OH, OW), x.dtype)
+        out = buffer(ws, key + "out", (C, N, OH, OW), x.dtype)
         c0, c1 = rows[..., 0::2], rows[..., 1::2]
         np.maximum(c0, c1, out=out)
-        col1 = _buf(ws, key + "col1", (C, N, OH, OW), x.dtype)
+        col1 = buffer(ws, key + "col1", (C, N, OH, OW), x.dtype)
         np.greater(c1, c0, out=col1)
         return out, ("fast2", x.shape, row1, col1)
     sC, sN, sH, sW = x.strides
@@ -392,10 +222,10 @@ def maxpool_backward(dout, cache, ws=None, key="pool", dx_out=None):
     if cache[0] == "fast2":
         _, shape, row1, col1 = cache
         C, N, H, W = shape
-        drow = _buf(ws, key + "drow", (C, N, H // 2, W), dout.dtype)
+        drow = buffer(ws, key + "drow", (C, N, H // 2, W), dout.dtype)
         np.multiply(dout, col1, out=drow[..., 1::2])
         np.subtract(dout, drow[..., 1::2], out=drow[..., 0::2])
-        dx = dx_out if dx_out is not None else _buf(ws, key + "dx", shape, dout.dtype)
+        dx = dx_out if dx_out is not None else buffer(ws, key + "dx", shape, dout.dtype)
         np.multiply(drow, row1, out=dx[:, :, 1::2, :])
         np.subtract(drow, dx[:, :, 1::2, :], out=dx[:, :, 0::2, :])
         return dx
@@ -485,8 +315,8 @@ def batchnorm_forward(x, gamma, beta, groups: list[tuple[int, int]], eps=1e-5, w
     the cached `xhat` are reused from step to step.
     """
     C = x.shape[0]
-    out = _buf(ws, key + "out", x.shape, x.dtype)
-    xhat = _buf(ws, key + "xhat", x.shape, x.dtype)
+    out = buffer(ws, key + "out", x.shape, x.dtype)
+    xhat = buffer(ws, key + "xhat", x.shape, x.dtype)
     inv_stds = []
     mean_sum = np.zeros(C, np.float64)
     var_sum = np.zeros(C, np.float64)
@@ -524,7 +354,7 @@ def batchnorm_backward(dout, cache, dgamma_out=None, dbeta_out=None, ws=None, ke
     if dgamma_out is not None:
         dgamma = np.sum((dout * xhat).reshape(C, -1), axis=1, out=dgamma_out)
     dxhat = dout * gamma.reshape(-1, 1, 1, 1) if gamma is not None else dout
-    dx = _buf(ws, key + "dx", dout.shape, dout.dtype)
+    dx = buffer(ws, key + "dx", dout.shape, dout.dtype)
     for (lo, hi), inv in zip(groups, inv_stds):
         dh = dxhat[:, lo:hi].reshape(C, -1)
         xh = xhat[:, lo:hi].reshape(C, -1)
@@ -544,19 +374,6 @@ def batchnorm_eval(x, gamma, beta, running_mean, running_var, eps=1e-5):
     scale = inv if gamma is None else gamma * inv
     shift = -running_mean * scale + (0 if beta is None else beta)
     return x * scale.astype(x.dtype).reshape(-1, 1, 1, 1) + shift.astype(x.dtype).reshape(-1, 1, 1, 1)
-
-
-# --------------------------------------------------------------------------------- dropout
-def dropout_forward(x, p, rng):
-    """Inverted dropout: keep with probability 1-p and scale by 1/(1-p)."""
-    if p <= 0:
-        return x, None
-    mask = (rng.random(x.shape) >= p).astype(x.dtype) / (1.0 - p)
-    return x * mask, mask
-
-
-def dropout_backward(dout, mask):
-    return dout if mask is None else dout * mask
 
 
 # ------------------------------------------------------------------------------------ loss

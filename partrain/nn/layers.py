@@ -13,6 +13,7 @@ import numpy as np
 
 from . import functional as F
 from .params import ParamSpec
+from .workspace import Workspace
 
 
 @dataclass
@@ -22,7 +23,6 @@ class StepContext:
     train: bool
     groups: list[tuple[int, int]] = field(default_factory=list)
     stats_out: dict[str, np.ndarray] | None = None
-    rng: np.random.Generator | None = None
 
 
 class Layer:
@@ -74,7 +74,7 @@ class Conv(Layer):
         self.name, self.c_in, self.c_out, self.k, self.stride = name, c_in, c_out, k, stride
         self.pad = (k - 1) // 2 if pad is None else pad
         self.bias, self.init_std, self.decay = bias, init_std, decay
-        self.ws = F.Workspace()
+        self.ws = Workspace()
 
     def params(self):
         specs = [ParamSpec("w", (self.c_out, self.c_in, self.k, self.k), decay=self.decay)]
@@ -146,7 +146,7 @@ class ReLU(Layer):
 
 class GELU(Layer):
     def __init__(self):
-        self.ws = F.Workspace()
+        self.ws = Workspace()
 
     def forward(self, x, ctx):
         out, self.cache = F.gelu_forward(x, self.ws)
@@ -159,7 +159,7 @@ class GELU(Layer):
 class MaxPool(Layer):
     def __init__(self, size=2, stride=None):
         self.size, self.stride = size, stride or size
-        self.ws = F.Workspace()
+        self.ws = Workspace()
 
     def forward(self, x, ctx):
         out, self.cache = F.maxpool_forward(x, self.size, self.stride, self.ws)
@@ -255,7 +255,7 @@ class BatchNorm(Layer):
                  affine_bias=True, bias_lr_scale=1.0):
         self.name, self.c, self.momentum, self.eps = name, channels, momentum, eps
         self.affine_weight, self.affine_bias, self.bias_lr_scale = affine_weight, affine_bias, bias_lr_scale
-        self.ws = F.Workspace()
+        self.ws = Workspace()
 
     def params(self):
         specs = []
@@ -306,17 +306,3 @@ class BatchNorm(Layer):
         rv *= 1 - m
         rv += (m / n_groups) * stats[self.c:].astype(rv.dtype)
 
-
-class Dropout(Layer):
-    def __init__(self, p):
-        self.rate = p
-
-    def forward(self, x, ctx):
-        if not ctx.train or self.rate <= 0:
-            self.mask = None
-            return x
-        out, self.mask = F.dropout_forward(x, self.rate, ctx.rng)
-        return out
-
-    def backward(self, dout):
-        return F.dropout_backward(dout, self.mask)

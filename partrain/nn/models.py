@@ -7,161 +7,12 @@ from typing import Callable
 
 import numpy as np
 
-from . import functional as F
+from .airbench import airbench
 from .layers import (Affine, BatchNorm, ChannelBias, Conv, Flatten, GlobalAvgPool, Layer, MaxPool, ReLU,
-                     StepContext, ToChannelsFirst)
-from .params import ParamLayout, ParamSpec
+                     ToChannelsFirst)
+from .model import Model
 
 
-class Model:
-    """A stack of layers with one flat parameter vector, trained with softmax cross-entropy.
-
-    See docs/INTERFACES.md for the contract the runners rely on.
-    """
-
-    def __init__(self, name: str, layers: list[Layer], input_shape=(3, 32, 32), n_classes=10,
-                 dtype=np.float32, group_size: int = 1, weight_decay: float = 0.0,
-                 label_smoothing: float = 0.0, options: dict | None = None):
-        self.name, self.layers, self.dtype = name, layers, np.dtype(dtype)
-        self.input_shape, self.n_classes = tuple(input_shape), n_classes
-        self.group_size, self.weight_decay = group_size, weight_decay
-        self.label_smoothing = label_smoothing
-        self.options = dict(options or {})
-        self._names = []
-        for i, layer in enumerate(layers):
-            self._names.append(layer.name or f"{type(layer).__name__.lower()}{i}")
-        self.layout = ParamLayout([ParamSpec(f"{n}.{s.name}", s.shape, s.decay, s.lr_scale)
-                                   for n, l in zip(self._names, layers) for s in l.params()])
-        self.state_layout = ParamLayout([ParamSpec(f"{n}.{s.name}", s.shape)
-                                         for n, l in zip(self._names, layers) for s in l.state()])
-        self.stats_layout = ParamLayout([ParamSpec(n, (l.stats_size(),))
-                                         for n, l in zip(self._names, layers) if l.stats_size()])
-        self.stats_size = self.stats_layout.size
-        # Layers before the first one with parameters need no backward pass at all, and that first
-        # layer needs no input gradient (for the course model: skips a third of the conv work).
-        self._frozen: set[str] = set()
-        self._set_first()
-        shape = self.input_shape
-        for l in layers:
-            shape = l.output_shape(shape)
-        if shape != (n_classes,):
-            raise ValueError(f"model {name} ends in shape {shape}, expected ({n_classes},)")
-        self.params = self.grads = self.state = None
-
-    def _set_first(self) -> None:
-        with_params = [i for i, (n, l) in enumerate(zip(self._names, self.layers))
-                       if l.params() and n not in self._frozen]
-        self._first = with_params[0] if with_params else len(self.layers)
-        for i, l in enumerate(self.layers):
-            l.need_dx = i > self._first
-
-    def set_frozen(self, layer_name: str, frozen: bool = True) -> None:
-        """Freeze (or unfreeze) the parameters of one layer for the backward pass.
-
-        Only frozen layers BEFORE the first trainable one save work: their backward pass and the
-        first trainable layer's input gradient are skipped (airbench: freezing `whiten_bias` after
-        its first epochs skips conv0a's input gradient and the whitening GELU's backward). Their
-        gradient views are zeroed when frozen and stay zero while frozen; the optimizer still sees
-        them (weight decay or momentum would still move them). A frozen layer after the first
-        trainable one keeps computing its gradient, as its input gradient is needed anyway.
-        """
-        if layer_name not in self._names:
-            raise ValueError(f"model {self.name} has no layer {layer_name!r}")
-        i = self._names.index(layer_name)
-        if frozen:
-            self._frozen.add(layer_name)
-            if self.grads is not None:
-                for v in getattr(self.layers[i], "g", {}).values():
-                    v[...] = 0
-        else:
-            self._frozen.discard(layer_name)
-        self._set_first()
-
-    # ------------------------------------------------------------------ binding and init
-    def bind(self, params: np.ndarray, grads: np.ndarray | None, state: np.ndarray | None) -> None:
-        for arr, layout in ((params, self.layout), (grads, self.layout), (state, self.state_layout)):
-            if arr is not None and arr.dtype != self.dtype:
-                raise ValueError(f"flat vector dtype {arr.dtype} does not match model {self.dtype}")
-        self.params, self.grads = params, grads
-        self.state = state if state is not None else np.zeros(self.state_layout.size, self.dtype)
-        pv = self.layout.views(params)
-        gv = self.layout.views(grads) if grads is not None else {}
-        sv = self.state_layout.views(self.state)
-        for n, layer in zip(self._names, self.layers):
-            sub = lambda views: {k.split(".", 1)[1]: v for k, v in views.items()  # noqa: E731
-                                 if k.split(".", 1)[0] == n}
-            layer.bind(sub(pv), sub(gv), sub(sv))
-
-    def init_params(self, rng: np.random.Generator) -> None:
-        for layer in self.layers:
-            layer.init(rng)
-
-    # ------------------------------------------------------------------------ compute
-    def groups(self, n: int) -> list[tuple[int, int]]:
-        g = self.group_size
-        return [(lo, min(lo + g, n)) for lo in range(0, n, g)]
-
-    def forward(self, x: np.ndarray, ctx: StepContext) -> np.ndarray:
-        h = x
-        for layer in self.layers:
-            h = layer.forward(h, ctx)
-        return h
-
-    def train_step(self, x, y, loss_scale: float, stats_out: np.ndarray | None = None):
-        """Overwrite the bound grads with loss_scale·d(Σ losses)/dθ; return (loss_sum, n_correct)."""
-        stats_views = None
-        if self.stats_size:
-            if stats_out is None:
-                stats_out = np.zeros(self.stats_size, self.dtype)
-            stats_views = {k: v for k, v in self.stats_layout.views(stats_out).items()}
-        ctx = StepContext(train=True, groups=self.groups(len(y)), stats_out=stats_views)
-        logits = self.forward(x, ctx)
-        loss_sum, correct, d = F.softmax_cross_entropy(logits, y, loss_scale, self.label_smoothing)
-        for layer in reversed(self.layers[self._first:]):
-            d = layer.backward(d)
-        return loss_sum, correct
-
-    def merge_stats(self, stats_sum: np.ndarray, n_groups: int) -> None:
-        views = self.stats_layout.views(stats_sum)
-        for n, layer in zip(self._names, self.layers):
-            if n in views:
-                layer.merge_stats(views[n], n_groups)
-
-    def logits(self, x: np.ndarray) -> np.ndarray:
-        return self.forward(x, StepContext(train=False))
-
-    def loss_and_grad(self, x, y) -> tuple[float, np.ndarray]:
-        """Mean loss plus regularisation, and its full gradient — for gradient checks."""
-        loss_sum, _ = self.train_step(x, y, 1.0 / len(y))
-        g = self.grads.copy()
-        for lo, hi in self.layout.decay_ranges():
-            g[lo:hi] += self.weight_decay * self.params[lo:hi]
-        return loss_sum / len(y) + self.reg_loss(), g
-
-    def reg_loss(self) -> float:
-        if not self.weight_decay:
-            return 0.0
-        return 0.5 * self.weight_decay * sum(
-            float(np.dot(self.params[lo:hi].astype(np.float64), self.params[lo:hi]))
-            for lo, hi in self.layout.decay_ranges())
-
-    def flops_per_image(self) -> dict[str, int]:
-        """Multiply-add FLOPs (×2) of the forward pass per image, by layer kind."""
-        total, shape = 0, self.input_shape
-        for layer in self.layers:
-            out = layer.output_shape(shape)
-            if isinstance(layer, Conv):
-                total += 2 * layer.c_in * layer.k * layer.k * out[0] * out[1] * out[2]
-            elif isinstance(layer, Affine):
-                total += 2 * layer.d_in * layer.d_out
-            shape = out
-        return {"forward": total, "train": 3 * total}
-
-    def summary(self) -> list[tuple[str, tuple, int]]:
-        return self.layout.describe()
-
-
-# ------------------------------------------------------------------------------- registry
 def linear(dtype=np.float32, weight_decay=0.0, **_):
     """Softmax regression on raw pixels: the smallest model, for tests of the machinery."""
     layers = [ToChannelsFirst(), Flatten(), Affine("fc", 3 * 32 * 32, 10, init_std=1e-3)]
@@ -215,7 +66,7 @@ MODELS: dict[str, Callable[..., Model]] = {
     "linear": linear,
     "three-layer": three_layer,
     "vgg": vgg,
-    "airbench": lambda **o: __import__("partrain.nn.airbench", fromlist=[""]).airbench(**o),  # lazy
+    "airbench": airbench,
 }
 
 

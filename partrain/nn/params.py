@@ -68,11 +68,3 @@ class ParamLayout:
 
     def decay_ranges(self) -> list[tuple[int, int]]:
         return self.ranges(lambda s: s.decay)
-
-    def lr_scale_ranges(self) -> list[tuple[int, int, float]]:
-        """[lo, hi, scale) for every tensor whose learning-rate multiplier is not 1."""
-        return [(self.offsets[s.name], self.offsets[s.name] + s.size, s.lr_scale)
-                for s in self.specs if s.lr_scale != 1.0]
-
-    def describe(self) -> list[tuple[str, tuple[int, ...], int]]:
-        return [(s.name, s.shape, s.size) for s in self.specs]

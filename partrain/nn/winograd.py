@@ -1,0 +1,166 @@
+"""Winograd F(m x m, 3x3) (Lavin & Gray 2016) for stride-1, pad-1 3x3 convolutions. Each m x m block
+of outputs comes from an (m+2) x (m+2) input tile d:  Y = At [(G g Gt) * (Bt d B)] A, so the 9 m^2
+multiplies per (filter, channel, block) of a direct/im2col conv become (m+2)^2 — 2.25x fewer for
+m = 2 and 4x fewer for m = 4 — as one (F x C) @ (C x tiles) GEMM per tile position. The transforms
+are small Kronecker matrices applied as GEMMs (one streaming pass each). Backward is the exact
+adjoint of that computation: the transformed output gradient dM feeds both dU = dM Vt (-> dW)
+and dV = Ut dM (-> dX), so the gradient is that of the Winograd forward and equals the im2col
+one up to float round-off.
+m = 4 uses the interpolation points 0, 1, -1, 1/2, -2 (and infinity) rather than Lavin's
+0, ±1, ±2: measured float32 error relative to the largest output ~3e-6 on airbench's shapes
+(Lavin's matrices: ~1e-5; im2col: ~5e-7). The matrices are the Toom-Cook construction for those
+points (At: powers of the points; G: rows p^k / prod_{q != p}(p - q); Bt solves the identity).
+
+This module is the algorithm only: `functional.conv_forward` decides by shape when it is used
+(`functional.winograd_eligible`) and keeps the im2col reference.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numpy.lib.stride_tricks import as_strided
+
+from .workspace import buffer
+
+_WINO = {  # output tile m -> (Bt, G, At) in float64
+    2: (np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float64),
+        np.array([[1, 0, 0], [.5, .5, .5], [.5, -.5, .5], [0, 0, 1]], np.float64),
+        np.array([[1, 1, 1, 0], [0, 1, -1, -1]], np.float64)),
+    4: (np.array([[1, -3 / 2, -2, 3 / 2, 1, 0], [0, -1, 1 / 2, 5 / 2, 1, 0],
+                  [0, 1, -5 / 2, 1 / 2, 1, 0], [0, -2, -1, 2, 1, 0], [0, 1 / 2, -1, -1 / 2, 1, 0],
+                  [0, 1, -3 / 2, -2, 3 / 2, 1]], np.float64),
+        np.array([[1, 0, 0], [1 / 3, 1 / 3, 1 / 3], [-1 / 3, 1 / 3, -1 / 3],
+                  [-16 / 15, -8 / 15, -4 / 15], [1 / 15, -2 / 15, 4 / 15], [0, 0, 1]], np.float64),
+        np.array([[1, 1, 1, 1, 1, 0], [0, 1, -1, 1 / 2, -2, 0], [0, 1, 1, 1 / 4, 4, 0],
+                  [0, 1, -1, 1 / 8, -8, 1]], np.float64)),
+}
+_WMATS: dict = {}
+
+
+def _mats(dtype, m):
+    mats = _WMATS.get((np.dtype(dtype), m))
+    if mats is None:
+        bt, g, at = _WINO[m]
+        kb, kg, ka = np.kron(bt, bt), np.kron(g, g), np.kron(at, at)
+        mats = tuple(a.astype(dtype) for a in (kb, kb.T.copy(), kg, kg.T.copy(), ka, ka.T.copy()))
+        _WMATS[(np.dtype(dtype), m)] = mats
+    return mats  # KB (a2 x a2), KB^T, KG (a2 x 9), KG^T, KA (m2 x a2), KA^T; a = m + 2
+
+
+
+BLOCK_BYTES = 1 << 20  # channel blocks for the layout-changing copies (cache-sized)
+
+
+def _channel_blocks(n_channels: int, bytes_per_channel: int):
+    """Slices of channels whose maps take about BLOCK_BYTES. The (C, N, H, W) <->
+    tile-layout copies are transposes with strided ends; done for all channels at once they
+    thrash the cache (F=256, 15x15, N=64: 45 ms for the output copy; in 1 MB blocks 15 ms)."""
+    bs = max(1, BLOCK_BYTES // max(1, bytes_per_channel))
+    return [slice(c0, min(n_channels, c0 + bs)) for c0 in range(0, n_channels, bs)]
+
+
+def conv_forward(x, w, b, m, ws=None, key="conv"):
+    """3x3 stride-1 pad-1 conv of x (C, N, H, W) by Winograd F(m x m, 3x3) -> (F, N, H, W), cache.
+
+    Inside, tiles are ordered (tile row, tile column, sample): the sample index is innermost, so
+    every gather, transform and overlap-add runs over N contiguous values (with (N, H, W) order the
+    inner loops would be one tile row long, 4 values on a 7x7 map, and numpy's per-loop overhead
+    dominates). The transposes happen once, on the padded input and on the output.
+    """
+    al = m + 2
+    C, N, H, W = x.shape
+    F_ = w.shape[0]
+    dt = x.dtype
+    KB, _, KG, _, KA, _ = _mats(dt, m)
+    th, tw = -(-H // m), -(-W // m)
+    P = th * tw * N
+    xp = buffer(ws, key + "wxpad", (C, m * th + 2, m * tw + 2, N), dt)   # padded, samples last
+    xp[:, 0] = 0
+    xp[:, H + 1:] = 0
+    xp[:, 1:H + 1, 0] = 0
+    xp[:, 1:H + 1, W + 1:] = 0
+    for cb in _channel_blocks(C, x[0].nbytes):
+        xp[cb, 1:H + 1, 1:W + 1] = x[cb].transpose(0, 2, 3, 1)
+    # U[ab] (F, C): transformed filters.
+    U = (KG @ w.astype(dt, copy=False).transpose(2, 3, 0, 1).reshape(9, F_ * C)).reshape(
+        al * al, F_, C)
+    sC, sH, sW, sN = xp.strides
+    tiles = as_strided(xp, shape=(al, al, C, th, tw, N),
+                       strides=(sH, sW, sC, m * sH, m * sW, sN), writeable=False)
+    D = buffer(ws, key + "wD", (al * al, C * P), dt)
+    np.copyto(D.reshape(al, al, C, th, tw, N), tiles)
+    V = buffer(ws, key + "wV", (al * al, C * P), dt)
+    np.matmul(KB, D, out=V)
+    M = buffer(ws, key + "wM", (al * al, F_, P), dt)
+    np.matmul(U, V.reshape(al * al, C, P), out=M)
+    Y = buffer(ws, key + "wY", (m * m, F_ * P), dt)
+    np.matmul(KA, M.reshape(al * al, F_ * P), out=Y)
+    Y6 = Y.reshape(m, m, F_, th, tw, N)
+    out = buffer(ws, key + "out", (F_, N, H, W), dt)
+    for fb in _channel_blocks(F_, out[0].nbytes):
+        for a in range(m):
+            for c in range(m):
+                out[fb, :, a::m, c::m] = Y6[a, c, fb, :(H - a + m - 1) // m,
+                                            :(W - c + m - 1) // m].transpose(0, 3, 1, 2)
+    if b is not None:
+        out += b.reshape(-1, 1, 1, 1)
+    return out, ("winograd", V, U, w, x.shape, b is not None, m)
+
+
+def conv_backward(dout, cache, need_dx=True, dw_out=None, db_out=None, ws=None,
+                           key="conv"):
+    """Adjoint of conv_forward -> (dx or None, dw, db or None)."""
+    _, V, U, w, (C, N, H, W), has_bias, m = cache
+    al = m + 2
+    F_ = w.shape[0]
+    dt = dout.dtype
+    _, KBt, _, KGt, _, KAt = _mats(dt, m)
+    th, tw = -(-H // m), -(-W // m)
+    P = th * tw * N
+    # Output gradient into the tile layout (zeros where the last tile row/column overhangs).
+    G = buffer(ws, key + "wY", (m * m, F_ * P), dt)
+    G6 = G.reshape(m, m, F_, th, tw, N)
+    if H % m or W % m:
+        G.fill(0)
+    for fb in _channel_blocks(F_, dout[0].nbytes):
+        for a in range(m):
+            for c in range(m):
+                G6[a, c, fb, :(H - a + m - 1) // m, :(W - c + m - 1) // m] = \
+                    dout[fb, :, a::m, c::m].transpose(0, 2, 3, 1)
+    dM = buffer(ws, key + "wM", (al * al, F_, P), dt)         # the forward's M buffer, reused
+    np.matmul(KAt, G, out=dM.reshape(al * al, F_ * P))
+    dU = buffer(ws, key + "wdU", (al * al, F_, C), dt)
+    np.matmul(dM, V.reshape(al * al, C, P).transpose(0, 2, 1), out=dU)
+    dw = dw_out if dw_out is not None else np.empty(w.shape, dt)
+    dw[...] = (KGt @ dU.reshape(al * al, F_ * C)).reshape(3, 3, F_, C).transpose(2, 3, 0, 1)
+    db = None
+    if has_bias:
+        db = db_out if db_out is not None else np.empty(F_, dt)
+        np.sum(dout, axis=(1, 2, 3), out=db)
+    if not need_dx:
+        return None, dw, db
+    dV = buffer(ws, key + "wD", (al * al, C * P), dt)         # the forward's D buffer, reused
+    np.matmul(U.transpose(0, 2, 1), dM, out=dV.reshape(al * al, C, P))
+    dD = buffer(ws, key + "wdD", (al * al, C * P), dt)
+    np.matmul(KBt, dV, out=dD)
+    dD6 = dD.reshape(al, al, C, th, tw, N)
+    # Overlap-add of the tiles (size m + 2, stride m) by phase: padded row m·u + p gets tile row u
+    # at offset p and tile row u - 1 at offset p + m (when p + m < m + 2); likewise for columns.
+    Z = buffer(ws, key + "wZ", (m, m, C, th + 1, tw + 1, N), dt)
+    Z.fill(0)
+    for p in range(m):
+        for q in range(m):
+            z = Z[p, q]
+            for k in range(2):
+                for l in range(2):
+                    if p + m * k < al and q + m * l < al:
+                        z[:, k:k + th, l:l + tw] += dD6[p + m * k, q + m * l]
+    # Unpadded row h is padded row h + 1 = m·u + p: p = (h + 1) % m, u = (h + 1) // m.
+    dx = buffer(ws, key + "wdx", (C, N, H, W), dt)
+    for cb in _channel_blocks(C, dx[0].nbytes):
+        for ph in range(m):
+            for pw in range(m):
+                nh, nw = (H - ph + m - 1) // m, (W - pw + m - 1) // m
+                u0, v0 = (ph + 1) // m, (pw + 1) // m
+                dx[cb, :, ph::m, pw::m] = Z[(ph + 1) % m, (pw + 1) % m, cb, u0:u0 + nh,
+                                            v0:v0 + nw].transpose(0, 3, 1, 2)
+    return dx, dw, db
