@@ -156,7 +156,7 @@ def fit(ctx, recipe, model, model_option, optimizer, lr, momentum, nesterov, wei
         return ctx.get_parameter_source(_CLI_NAME.get(key, key)) == ParameterSource.COMMANDLINE
 
     if recipe is not None and resume is None:
-        from .recipes import apply_recipe
+        from .config import apply_recipe
         settings = apply_recipe(recipe, settings, {k for k in settings if on_command_line(k)})
     if dry_run:
         cfg = TrainConfig(**settings)
