@@ -5,14 +5,19 @@ and a non-zero exit; tracebacks are for bugs only.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import sys
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from . import __version__
+from .config import (RECIPES, TrainConfig, apply_recipe, flag_spelling,
+                     parse_model_options)
 from .errors import PartrainError
+from .parallel.engine import usable_cores
 
 
 def user_errors(fn):
@@ -53,122 +58,95 @@ def prepare(data_dir, source, force, url, md5):
                 echo=click.echo)
 
 
-def _usable_cores() -> int:
-    import os
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
+_SETTINGS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
-def _model_options(pairs) -> dict:
-    import json
+def _setting_option(name: str, **override):
+    """The click option of TrainConfig field `name`, made from the field's metadata (`override`
+    replaces some of it). The parameter is named as the field, so values need no renaming."""
+    f = _SETTINGS[name]
+    meta = {**f.metadata, **override}
+    kw = dict(help=meta["help"], metavar=meta.get("metavar"))
+    if meta.get("multiple"):
+        kw["multiple"] = True
+    else:
+        kind = meta.get("type", type(f.default))
+        kw.update(default=meta.get("cli_default", f.default),
+                  show_default="[default:" not in (meta["help"] or ""),  # unless it says its own
+                  is_flag=kind is bool)
+        if "choices" in meta:
+            kw["type"] = click.Choice(meta["choices"])
+        elif not kw["is_flag"]:
+            kw["type"] = click.Path(path_type=Path) if kind is Path else kind
+    return click.option(flag_spelling(f), name, **kw)
+
+
+def _settings(options: dict) -> dict:
+    """TrainConfig fields from fit's option values, each parsed as its field's metadata says."""
     out = {}
-    for item in pairs:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise PartrainError(f"--model-option wants KEY=VALUE, got {item!r}")
-        try:
-            out[key.replace("-", "_")] = json.loads(value)
-        except ValueError:
-            out[key.replace("-", "_")] = value
+    for name, value in options.items():
+        parse = _SETTINGS[name].metadata.get("parse")
+        out[name] = parse(value) if parse else value
+    out["workers"] = out["workers"] or usable_cores()  # a default that depends on the machine
     return out
 
 
+def _fit_options(fn):
+    """fit's options in their --help order: --recipe, the settings, the run folder, the output.
+
+    The settings are generated from TrainConfig; the rest are not settings of a run."""
+    grouped = ("data", "log_every")  # listed beside the run folder and the output options
+    options = [click.option("--recipe", default=None, metavar="NAME",
+                            help=f"A preset of the settings below ({', '.join(RECIPES)}); options "
+                                 "given on the command line win over it. See --dry-run.")]
+    options += [_setting_option(f.name) for f in dataclasses.fields(TrainConfig)
+                if f.metadata.get("cli", True) and f.name not in grouped]
+    options += [
+        _setting_option("data"),
+        click.option("--runs-dir", default="runs", show_default=True,
+                     type=click.Path(path_type=Path)),
+        click.option("--name", default=None, help="Run folder name [default: MODEL-DATE-TIME]."),
+        click.option("--resume", type=click.Path(path_type=Path), default=None,
+                     help="Continue the run in this folder exactly where it stopped."),
+        _setting_option("log_every"),
+        click.option("--quiet", is_flag=True, help="Print only the final summary."),
+        click.option("--dry-run", is_flag=True,
+                     help="Print the settings and the model's parameters and exit."),
+        click.option("--max-steps", type=int, default=None, hidden=True,
+                     help="Stop (with a checkpoint) after this many steps; for tests."),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
 @main.command()
-@click.option("--recipe", default=None, metavar="NAME",
-              help="A preset of the settings below (airbench, airbench-short); options given "
-                   "on the command line win over it. See --dry-run.")
-@click.option("--model", default="three-layer", show_default=True,
-              help="Model name: three-layer (the course model), vgg, linear, airbench.")
-@click.option("--model-option", "model_option", multiple=True, metavar="KEY=VALUE",
-              help="Model setting, e.g. hidden_dim=256 (repeatable).")
-@click.option("--optimizer", type=click.Choice(["adam", "sgd"]), default="adam", show_default=True)
-@click.option("--lr", type=float, default=1e-3, show_default=True, help="Learning rate.")
-@click.option("--momentum", type=float, default=0.9, show_default=True, help="SGD momentum.")
-@click.option("--nesterov", is_flag=True, help="Nesterov momentum (SGD).")
-@click.option("--weight-decay", type=float, default=None,
-              help="L2 regularisation strength [default: the model's own; 1e-3 for three-layer].")
-@click.option("--schedule", type=click.Choice(["constant", "step", "cosine", "linear", "onecycle"]),
-              default="constant", show_default=True, help="Learning-rate schedule.")
-@click.option("--warmup-epochs", type=float, default=0.0, show_default=True)
-@click.option("--batch-size", type=int, default=50, show_default=True,
-              help="Global minibatch size (the same whatever --workers is).")
-@click.option("--epochs", type=int, default=3, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--val-size", type=int, default=1000, show_default=True,
-              help="Training images held out for validation.")
-@click.option("--workers", type=int, default=None,
-              help="Worker processes [default: usable cores]; 1 trains in this process.")
-@click.option("--reduction", type=click.Choice(["sharded", "parent"]), default="sharded",
-              show_default=True, help="How gradients are summed and the optimizer stepped.")
-@click.option("--flip/--no-flip", default=False, show_default=True,
-              help="Augment: mirror each training image every other epoch (alternating flips).")
-@click.option("--translate", type=int, default=0, show_default=True, metavar="PX",
-              help="Augment: shift each training image by up to PX pixels (reflect padding).")
-@click.option("--freeze-after", "freeze_after", multiple=True, metavar="NAME=EPOCHS",
-              help="Stop training parameter (or layer) NAME after EPOCHS epochs (repeatable).")
-@click.option("--tta", type=click.Choice(["none", "flip", "flip_translate"]), default="none",
-              show_default=True,
-              help="Also report the final test accuracy with test-time augmentation.")
-@click.option("--lookahead/--no-lookahead", default=False, show_default=True,
-              help="airbench94's Lookahead: every 5 steps, pull the weights toward a slow "
-                   "average (0.95^5·(t/T)^3); end on the average.")
-@click.option("--data-dir", default="data", show_default=True, type=click.Path(path_type=Path),
-              help="Folder holding cifar10.h5 (made by partrain prepare).")
-@click.option("--runs-dir", default="runs", show_default=True, type=click.Path(path_type=Path))
-@click.option("--name", default=None, help="Run folder name [default: MODEL-DATE-TIME].")
-@click.option("--resume", type=click.Path(path_type=Path), default=None,
-              help="Continue the run in this folder exactly where it stopped.")
-@click.option("--log-every", type=int, default=20, show_default=True, help="Steps per history row.")
-@click.option("--quiet", is_flag=True, help="Print only the final summary.")
-@click.option("--dry-run", is_flag=True, help="Print the settings and the model's parameters "
-                                               "and exit.")
-@click.option("--max-steps", type=int, default=None, hidden=True,
-              help="Stop (with a checkpoint) after this many steps; for tests.")
+@_fit_options
 @click.pass_context
 @user_errors
-def fit(ctx, recipe, model, model_option, optimizer, lr, momentum, nesterov, weight_decay,
-        schedule, warmup_epochs, batch_size, epochs, seed, val_size, workers, reduction, flip,
-        translate, freeze_after, tta, lookahead, data_dir, runs_dir, name, resume, log_every, quiet,
-        dry_run, max_steps):
+def fit(ctx, runs_dir, name, resume, quiet, dry_run, max_steps, **options):
     """Train a model on DATA_DIR/cifar10.h5 with N worker processes.
 
     \b
     partrain fit --recipe airbench            airbench94's recipe (see README, Recipes)
     partrain fit --recipe airbench --dry-run  what it sets
     """
-    from click.core import ParameterSource
+    from .train import Interrupted, fit as run_fit, new_run_dir, read_run_config, resume_conflicts
 
-    from .train import (Interrupted, TrainConfig, fit as run_fit, new_run_dir, read_run_config,
-                        resume_conflicts)
-
-    settings = dict(model=model, model_options=_model_options(model_option), optimizer=optimizer,
-                    lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
-                    schedule=schedule, warmup_epochs=warmup_epochs, batch_size=batch_size,
-                    epochs=epochs, seed=seed, val_size=val_size,
-                    workers=workers or _usable_cores(), reduction=reduction,
-                    data=str(data_dir / "cifar10.h5"), log_every=log_every, recipe=recipe,
-                    augment_flip=flip, augment_translate=translate,
-                    freeze_after=_freeze_after(freeze_after), tta=tta, lookahead=lookahead)
-
-    def on_command_line(key: str) -> bool:
-        return ctx.get_parameter_source(_CLI_NAME.get(key, key)) == ParameterSource.COMMANDLINE
-
-    if recipe is not None and resume is None:
-        from .recipes import apply_recipe
-        settings = apply_recipe(recipe, settings, {k for k in settings if on_command_line(k)})
+    settings = _settings(options)
+    explicit = {k for k in settings
+                if ctx.get_parameter_source(k) == ParameterSource.COMMANDLINE}
+    if settings["recipe"] is not None and resume is None:
+        settings = apply_recipe(settings["recipe"], settings, explicit)
     if dry_run:
         cfg = TrainConfig(**settings)
         cfg.check()
         _print_settings(cfg)
-        _print_model(settings["model"], settings["model_options"])
+        _print_model(cfg.model, cfg.model_options)
         return
     if resume is not None:
         saved = TrainConfig.from_dict(read_run_config(resume)["config"])
-        given = {k: v for k, v in settings.items() if on_command_line(k)}
-        if workers is None:
-            given.pop("workers", None)
+        given = {k: v for k, v in settings.items() if k in explicit}
         conflicts = resume_conflicts(saved, given)
         if conflicts:
             raise PartrainError("cannot resume exactly with changed settings: " + ", ".join(conflicts))
@@ -189,30 +167,11 @@ def fit(ctx, recipe, model, model_option, optimizer, lr, momentum, nesterov, wei
         click.echo(" ".join(f"{k}={v}" for k, v in summary.items()))
 
 
-_CLI_NAME = {"model_options": "model_option", "data": "data_dir", "augment_flip": "flip",
-             "augment_translate": "translate"}
-
-
-def _freeze_after(pairs) -> dict:
-    out = {}
-    for item in pairs:
-        key, _, value = item.partition("=")
-        try:
-            if not key:
-                raise ValueError
-            out[key] = float(value)
-        except ValueError:
-            raise PartrainError(f"--freeze-after wants NAME=EPOCHS, got {item!r}") from None
-    return out
-
-
-def _print_settings(cfg) -> None:
-    from .train import TrainConfig
-    defaults = TrainConfig()
+def _print_settings(cfg: TrainConfig) -> None:
+    changed = cfg.changes()
     click.echo("settings" + (f" (recipe {cfg.recipe})" if cfg.recipe else "") + ":")
     for key, value in cfg.to_dict().items():
-        changed = "" if value == getattr(defaults, key) else "   *"
-        click.echo(f"  {key:<18} {value!r}{changed}")
+        click.echo(f"  {key:<18} {value!r}" + ("   *" if key in changed else ""))
     click.echo("  (* differs from the default)")
 
 
@@ -326,10 +285,9 @@ def _int_list(text: str | None, what: str) -> list[int] | None:
               metavar="B,B,...", help="Global batch sizes to measure.")
 @click.option("--reduction", type=click.Choice(["both", "sharded", "parent"]), default="both",
               show_default=True, help="Which reductions to measure.")
-@click.option("--model", default="three-layer", show_default=True, help="Model name.")
-@click.option("--model-option", "model_option", multiple=True, metavar="KEY=VALUE",
-              help="Model setting, e.g. hidden_dim=256 (repeatable).")
-@click.option("--optimizer", type=click.Choice(["adam", "sgd"]), default="adam", show_default=True)
+@_setting_option("model", help="Model name.")
+@_setting_option("model_options")
+@_setting_option("optimizer")
 @click.option("--steps", type=int, default=30, show_default=True, help="Timed steps per point.")
 @click.option("--warmup", type=int, default=5, show_default=True,
               help="Untimed steps before each point.")
@@ -344,7 +302,7 @@ def _int_list(text: str | None, what: str) -> list[int] | None:
                    "(forward, backward, optimizer) against the machine's GEMM rate.")
 @click.option("--layers", is_flag=True, help="With --kernels: also time every layer.")
 @user_errors
-def bench(workers, batch_sizes, reduction, model, model_option, optimizer, steps, warmup,
+def bench(workers, batch_sizes, reduction, model, model_options, optimizer, steps, warmup,
           data_dir, synthetic, out_dir, kernels, layers):
     """Scaling benchmark: images/s, speed-up and efficiency against the number of workers."""
     from .bench import BenchConfig, format_table, run_scaling, write_results
@@ -355,13 +313,13 @@ def bench(workers, batch_sizes, reduction, model, model_option, optimizer, steps
         from .bench_kernels import run_kernel_bench
         res = run_kernel_bench(model, tuple(_int_list(batch_sizes, "--batch-size")), steps,
                                per_layer=layers, echo=click.echo,
-                               model_options=_model_options(model_option), optimizer=optimizer)
+                               model_options=parse_model_options(model_options), optimizer=optimizer)
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "kernels.json").write_text(json.dumps(res, indent=2) + "\n")
         click.echo(f"wrote {out_dir / 'kernels.json'}")
         return
     store = data_dir / "cifar10.h5"
-    cfg = BenchConfig(model=model, model_options=_model_options(model_option),
+    cfg = BenchConfig(model=model, model_options=parse_model_options(model_options),
                       optimizer=optimizer, workers=_int_list(workers, "--workers"),
                       batches=_int_list(batch_sizes, "--batch-size"),
                       reductions=["sharded", "parent"] if reduction == "both" else [reduction],

@@ -7,7 +7,6 @@ exactly the parameters of the same run uninterrupted.
 """
 from __future__ import annotations
 
-import dataclasses
 import datetime as _dt
 import json
 import os
@@ -15,87 +14,18 @@ import signal
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from . import __version__
 from .batches import make_batch, normaliser
+from .config import TrainConfig, optimizer_spec
 from .errors import PartrainError
-from .nn.models import MODELS, build_model
+from .nn.models import build_model
 
 CONFIG_FILE, HISTORY_FILE = "config.json", "history.csv"
 CHECKPOINT_FILE, BEST_FILE = "checkpoint.h5", "best.h5"
-
-
-@dataclass
-class TrainConfig:
-    """Every setting of a run; saved as config.json and compared on resume."""
-
-    model: str = "three-layer"
-    model_options: dict = field(default_factory=dict)
-    optimizer: str = "adam"
-    lr: float = 1e-3
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float | None = None  # None: the model's own default (course: reg 1e-3)
-    schedule: str = "constant"
-    warmup_epochs: float = 0.0
-    batch_size: int = 50
-    epochs: int = 3
-    seed: int = 0
-    val_size: int = 1000
-    workers: int = 1
-    reduction: str = "sharded"
-    data: str = "data/cifar10.h5"
-    log_every: int = 20
-    recipe: str | None = None       # the preset (recipes.py) these settings started from
-    augment_flip: bool = False      # alternating horizontal flips (augment.py)
-    augment_translate: int = 0      # random translation by up to this many pixels, reflect-padded
-    freeze_after: dict = field(default_factory=dict)  # parameter (or layer) name -> epochs trained
-    tta: str = "none"               # test-time augmentation of the final test accuracy (tta.py)
-    lookahead: bool = False         # airbench94's Lookahead on parameters and running statistics
-
-    # Settings that may differ on resume without changing the result (tta: only the final test).
-    FREE_ON_RESUME = ("log_every", "data", "tta")
-
-    def check(self) -> None:
-        if self.model not in MODELS:
-            raise PartrainError(f"unknown model {self.model!r}; choose from {', '.join(MODELS)}")
-        if self.batch_size < 1 or self.epochs < 1:
-            raise PartrainError("--batch-size and --epochs must be at least 1")
-        if self.workers < 1:
-            raise PartrainError("--workers must be at least 1")
-        if self.workers > self.batch_size:
-            raise PartrainError(f"--workers {self.workers} exceeds --batch-size {self.batch_size}")
-        if self.reduction not in ("sharded", "parent"):
-            raise PartrainError("--reduction must be 'sharded' or 'parent'")
-        if self.val_size < 0:
-            raise PartrainError("--val-size must be >= 0")
-        if int(self.augment_translate) != self.augment_translate or self.augment_translate < 0:
-            raise PartrainError(f"--translate must be a whole number of pixels >= 0, got "
-                                f"{self.augment_translate}")
-        from .tta import MODES
-        if self.tta not in MODES:
-            raise PartrainError(f"--tta must be one of {', '.join(MODES)}, got {self.tta!r}")
-        for k, v in self.freeze_after.items():
-            if not isinstance(v, (int, float)) or v < 0:
-                raise PartrainError(f"--freeze-after {k}={v!r}: want a number of epochs >= 0")
-
-    def augment_spec(self):
-        """The AugmentSpec the runners apply, or None when augmentation is off."""
-        from .augment import AugmentSpec
-        spec = AugmentSpec(self.seed, bool(self.augment_flip), int(self.augment_translate))
-        return spec if spec.active else None
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 # ------------------------------------------------------------------------- data choices
@@ -115,24 +45,6 @@ def epoch_order(train_idx: np.ndarray, seed: int, epoch: int) -> np.ndarray:
 def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
     """[lo, hi) of each step of an epoch; the last batch may be smaller (every sample is used)."""
     return [(lo, min(lo + batch_size, n)) for lo in range(0, n, batch_size)]
-
-
-def optimizer_spec(cfg: TrainConfig, model, steps_per_epoch: int = 1) -> tuple[str, dict]:
-    """(name, hyper) for `runner.make_optimizer`; freeze_after's epochs become step counts."""
-    wd = model.weight_decay if cfg.weight_decay is None else cfg.weight_decay
-    hyper = {"lr": cfg.lr, "weight_decay": wd}
-    if cfg.freeze_after:
-        names = [s.name for s in model.layout.specs]
-        for key in cfg.freeze_after:
-            if not any(n == key or n.startswith(key + ".") for n in names):
-                raise PartrainError(f"--freeze-after {key}: model {cfg.model} has no such "
-                                    f"parameter or layer (see partrain fit --dry-run)")
-        hyper["freeze"] = {k: int(round(v * steps_per_epoch)) for k, v in cfg.freeze_after.items()}
-    if cfg.optimizer == "sgd":
-        hyper.update(momentum=cfg.momentum, nesterov=cfg.nesterov)
-    elif cfg.optimizer != "adam":
-        raise PartrainError(f"unknown optimizer {cfg.optimizer!r}; choose adam or sgd")
-    return cfg.optimizer, hyper
 
 
 def accuracy(model, images, labels, scale, shift, idx=None, batch: int = 1000) -> tuple[float, np.ndarray]:

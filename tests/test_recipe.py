@@ -17,13 +17,13 @@ from threadpoolctl import threadpool_limits
 from partrain.augment import AugmentSpec
 from partrain.checkpoint import load_checkpoint
 from partrain.cli import main
+from partrain.config import RECIPES, TrainConfig, airbench_lr
 from partrain.datasets.store import channel_stats
 from partrain.nn.airbench import whitening_weights
 from partrain.nn.models import build_model
 from partrain.parallel.engine import ParallelRunner
-from partrain.recipes import RECIPES, airbench_lr
 from partrain.runner import LocalRunner, PhasedOptimizer, init_from_data, make_optimizer
-from partrain.train import TrainConfig, accuracy, fit, tta_accuracy
+from partrain.train import accuracy, fit, tta_accuracy
 from partrain.tta import tta_logits
 from synthetic import learnable_split
 
@@ -153,12 +153,12 @@ def test_tta_accuracy_is_tta_logits_and_plain_accuracy(data):
 # ----------------------------------------------------------------------------- recipe and fit
 def test_recipe_values():
     r = RECIPES["airbench"]
-    assert r["lr"] == pytest.approx(1.5) and airbench_lr(512) == pytest.approx(0.75)
+    assert r.lr == pytest.approx(1.5) and airbench_lr(512) == pytest.approx(0.75)
     # airbench's per-step decay lr·wd = 0.0153·1024 / (1024·(1 + 1/0.15)) is unchanged
-    assert r["lr"] * r["weight_decay"] == pytest.approx(0.0153 / (1 + 1 / 0.15))
-    assert r["batch_size"] == 1024 and r["epochs"] == 10 and r["nesterov"]
-    assert RECIPES["airbench-short"]["epochs"] < r["epochs"]
-    TrainConfig(**r).check()
+    assert r.lr * r.weight_decay == pytest.approx(0.0153 / (1 + 1 / 0.15))
+    assert r.batch_size == 1024 and r.epochs == 10 and r.nesterov
+    assert RECIPES["airbench-short"].epochs < r.epochs
+    r.check()
 
 
 def test_fit_dry_run_with_recipe_and_explicit_options():

@@ -1,0 +1,251 @@
+"""The settings of a run, each declared once: `TrainConfig`, its presets (`RECIPES`), and what
+the optimizer is built from (`optimizer_spec`).
+
+A field's metadata is its whole description: help, choices, CLI flag, metavar. `partrain fit`
+generates its options from it and `TrainConfig.check` validates against it, so a choice the code
+adds (a schedule in `optim.SCHEDULES`, a mode in `tta.MODES`) reaches the command line by itself.
+Choices come from the code's own tables, never from a copy.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .augment import AugmentSpec
+from .errors import PartrainError
+from .nn.models import MODELS
+from .optim import OPTIMIZERS, SCHEDULES
+from .parallel.reduce import REDUCTIONS
+from .tta import MODES
+
+
+def parse_pairs(pairs, flag: str, metavar: str, value) -> dict:
+    """{KEY: value(VALUE)} from repeated KEY=VALUE options; a bad pair is one clean error."""
+    out = {}
+    for item in pairs:
+        key, sep, text = item.partition("=")
+        try:
+            if not key or not sep:
+                raise ValueError
+            out[key] = value(text)
+        except ValueError:
+            raise PartrainError(f"{flag} wants {metavar}, got {item!r}") from None
+    return out
+
+
+def parse_model_options(pairs) -> dict:
+    """--model-option KEY=VALUE...: VALUE is JSON when it parses (numbers, lists), else text."""
+    def value(text):
+        try:
+            return json.loads(text)
+        except ValueError:
+            return text
+    return {k.replace("-", "_"): v
+            for k, v in parse_pairs(pairs, "--model-option", "KEY=VALUE", value).items()}
+
+
+def parse_freeze_after(pairs) -> dict:
+    """--freeze-after NAME=EPOCHS...: EPOCHS may be fractional (turned into steps later)."""
+    return parse_pairs(pairs, "--freeze-after", "NAME=EPOCHS", float)
+
+
+def setting(default, help: str | None = None, **meta):
+    """A TrainConfig field with the metadata its CLI option and its check are made from.
+
+    meta: choices (the valid values), minimum; flag ("--name", or "--x/--no-x" for a boolean
+    pair; default --field-name), metavar, type (when the default does not tell it); multiple (a
+    repeatable option); cli_default and parse, when the option's value is not the field's (the
+    field data is the file DIR/cifar10.h5 of --data-dir DIR); cli=False: cli.fit writes it by hand.
+    """
+    meta["help"] = help
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def flag_spelling(f: dataclasses.Field) -> str:
+    """The command-line flag of field f: "--field-name" unless its metadata spells it."""
+    return f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a run; saved as config.json (in this order) and compared on resume."""
+
+    # MODELS is a registry that may grow at run time: checked in check(), not a fixed choice.
+    model: str = setting("three-layer", "Model name: three-layer (the course model), vgg, "
+                                        "linear, airbench.")
+    model_options: dict = setting({}, "Model setting, e.g. hidden_dim=256 (repeatable).",
+                                  flag="--model-option", metavar="KEY=VALUE",
+                                  multiple=True, parse=parse_model_options)
+    optimizer: str = setting("adam", choices=OPTIMIZERS)
+    lr: float = setting(1e-3, "Learning rate.")
+    momentum: float = setting(0.9, "SGD momentum.")
+    nesterov: bool = setting(False, "Nesterov momentum (SGD).")
+    weight_decay: float | None = setting(
+        None, "L2 regularisation strength [default: the model's own; 1e-3 for three-layer].",
+        type=float, minimum=0)
+    schedule: str = setting("constant", "Learning-rate schedule.", choices=SCHEDULES)
+    warmup_epochs: float = setting(0.0, minimum=0)
+    batch_size: int = setting(50, "Global minibatch size (the same whatever --workers is).",
+                              minimum=1)
+    epochs: int = setting(3, minimum=1)
+    seed: int = setting(0)
+    val_size: int = setting(1000, "Training images held out for validation.", minimum=0)
+    workers: int = setting(1, "Worker processes [default: usable cores]; 1 trains in this "
+                              "process.", cli_default=None, minimum=1)
+    reduction: str = setting("sharded", "How gradients are summed and the optimizer stepped.",
+                             choices=tuple(REDUCTIONS))
+    data: str = setting("data/cifar10.h5", "Folder holding cifar10.h5 (made by partrain "
+                                           "prepare).", flag="--data-dir", type=Path,
+                        cli_default="data", parse=lambda folder: str(Path(folder) / "cifar10.h5"))
+    log_every: int = setting(20, "Steps per history row.", minimum=1)
+    # --recipe is applied before the other options are resolved, so cli.fit writes it by hand.
+    recipe: str | None = setting(None, cli=False)
+    augment_flip: bool = setting(False, "Augment: mirror each training image every other epoch "
+                                        "(alternating flips).", flag="--flip/--no-flip")
+    augment_translate: int = setting(0, "Augment: shift each training image by up to PX pixels "
+                                        "(reflect padding).", flag="--translate", metavar="PX",
+                                     minimum=0)
+    freeze_after: dict = setting({}, "Stop training parameter (or layer) NAME after EPOCHS "
+                                     "epochs (repeatable).", metavar="NAME=EPOCHS",
+                                 multiple=True, parse=parse_freeze_after)
+    tta: str = setting("none", "Also report the final test accuracy with test-time "
+                               "augmentation.", choices=MODES)
+    lookahead: bool = setting(False, "airbench94's Lookahead: every 5 steps, pull the weights "
+                                     "toward a slow average (0.95^5·(t/T)^3); end on the average.",
+                              flag="--lookahead/--no-lookahead")
+
+    # Settings that may differ on resume without changing the result (tta: only the final test).
+    FREE_ON_RESUME = ("log_every", "data", "tta")
+
+    def check(self) -> None:
+        """Raise PartrainError, naming the option, for the first setting that is not valid."""
+        if self.model not in MODELS:
+            raise PartrainError(f"unknown model {self.model!r}; choose from {', '.join(MODELS)}")
+        if self.recipe is not None and self.recipe not in RECIPES:
+            raise PartrainError(f"unknown recipe {self.recipe!r}; choose from {', '.join(RECIPES)}")
+        for f in dataclasses.fields(self):
+            _check_value(f, getattr(self, f.name))
+        if self.workers > self.batch_size:
+            raise PartrainError(f"--workers {self.workers} exceeds --batch-size {self.batch_size}")
+        for k, v in self.freeze_after.items():
+            if not isinstance(v, (int, float)) or v < 0:
+                raise PartrainError(f"--freeze-after {k}={v!r}: want a number of epochs >= 0")
+
+    def augment_spec(self) -> AugmentSpec | None:
+        """The AugmentSpec the runners apply, or None when augmentation is off."""
+        spec = AugmentSpec(self.seed, bool(self.augment_flip), int(self.augment_translate))
+        return spec if spec.active else None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def changes(self) -> dict:
+        """The fields that differ from the defaults (what a recipe sets), as copies."""
+        default = TrainConfig()
+        return {k: copy.deepcopy(v) for k, v in self.to_dict().items()
+                if v != getattr(default, k)}
+
+
+def _check_value(f: dataclasses.Field, value) -> None:
+    meta, flag = f.metadata, flag_spelling(f).split("/")[0]
+    if value is None:
+        return
+    choices = meta.get("choices")
+    if choices is not None and value not in choices:
+        raise PartrainError(f"{flag} must be one of {', '.join(choices)}, got {value!r}")
+    if meta.get("type", type(f.default)) is int and int(value) != value:
+        raise PartrainError(f"{flag} must be a whole number, got {value!r}")
+    if "minimum" in meta and value < meta["minimum"]:
+        raise PartrainError(f"{flag} must be at least {meta['minimum']}, got {value!r}")
+
+
+def optimizer_spec(cfg: TrainConfig, model, steps_per_epoch: int = 1) -> tuple[str, dict]:
+    """(name, hyper) for `runner.make_optimizer`; freeze_after's epochs become step counts."""
+    wd = model.weight_decay if cfg.weight_decay is None else cfg.weight_decay
+    hyper = {"lr": cfg.lr, "weight_decay": wd}
+    if cfg.freeze_after:
+        names = [s.name for s in model.layout.specs]
+        for key in cfg.freeze_after:
+            if not any(n == key or n.startswith(key + ".") for n in names):
+                raise PartrainError(f"--freeze-after {key}: model {cfg.model} has no such "
+                                    f"parameter or layer (see partrain fit --dry-run)")
+        hyper["freeze"] = {k: int(round(v * steps_per_epoch)) for k, v in cfg.freeze_after.items()}
+    if cfg.optimizer == "sgd":
+        hyper.update(momentum=cfg.momentum, nesterov=cfg.nesterov)
+    return cfg.optimizer, hyper  # adam, adamw: optim.build_optimizer's own betas
+
+
+# ----------------------------------------------------------------------------------- recipes
+# `partrain fit --recipe NAME` fills in these settings where the command line does not give them;
+# config.json records the result (with the recipe's name), so --resume needs no recipe.
+#
+# `airbench` is Keller Jordan's airbench94 (github.com/KellerJordan/airbench, 94 % on CIFAR-10 in
+# ~3.8 s on an A100) for the model `airbench`, in our conventions:
+# - Loss: airbench SUMS the batch's losses, we average them. Its PyTorch SGD (momentum μ = 0.85)
+#   has lr_torch = 11.5 / (1024·(1 + 1/(1-μ))) on the sum, a step of (lr_torch·bs)·mean gᵢ: on
+#   the mean loss lr = 11.5·bs / (1024·(1 + 1/0.15)) = 1.5 for bs = 1024 (`airbench_lr`).
+# - Weight decay: airbench's weight_decay = 0.0153·bs/11.5 is coupled (added to the summed-loss
+#   gradient before momentum, as our SGD's default); divided by bs for our mean-loss gradient it is
+#   0.0153/11.5 ≈ 1.33e-3 for any bs, and lr·wd is airbench's per-step shrink. It decays the conv
+#   and head weights only (the model's decay ranges; nn/airbench.py says why not the BN biases).
+# - From the model: BN biases learn 64× faster (airbench's bias_scaler), label smoothing 0.2.
+# - Schedule `onecycle`: 0.2 → 1 at 23 % of the steps → 0.07 at the end (airbench's triangle).
+# - Epochs: airbench94 trains 9.9 epochs; ours are whole, so 10 (480 steps of 1024 on the 49,000
+#   images left by the 1,000-image validation split).
+# - Whitening: the first conv's filters come from the training images (`runner.init_from_data`);
+#   its bias trains for 3 epochs, then is frozen (learning-rate scale 0, as requires_grad=False).
+# - Alternating flips, translation by up to 2 px, TTA `flip_translate`, and Lookahead every 5 steps
+#   with decay 0.95⁵·(t/T)³, ending on the average (`train.AirbenchLookahead`).
+# - Not here: the fractional last epoch; BN statistics over ghost batches of 64 (nn/airbench.py).
+# A different --batch-size rescales the lr (∝ batch size) unless --lr is given; the weight decay
+# needs no change. `airbench-short` is the same in 3 epochs, for minutes on a few CPU cores.
+
+AIRBENCH_MOMENTUM, AIRBENCH_BATCH = 0.85, 1024
+
+
+def airbench_lr(batch_size: int = AIRBENCH_BATCH, lr_per_1024: float = 11.5,
+                momentum: float = AIRBENCH_MOMENTUM) -> float:
+    """airbench's learning rate for our mean-reduced loss (see the derivation above)."""
+    return lr_per_1024 * batch_size / (1024 * (1 + 1 / (1 - momentum)))
+
+
+_AIRBENCH = TrainConfig(
+    model="airbench", optimizer="sgd", lr=airbench_lr(), momentum=AIRBENCH_MOMENTUM, nesterov=True,
+    weight_decay=0.0153 / 11.5, schedule="onecycle", batch_size=AIRBENCH_BATCH, epochs=10,
+    augment_flip=True, augment_translate=2, freeze_after={"whiten_bias": 3}, tta="flip_translate",
+    lookahead=True, recipe="airbench")
+
+RECIPES: dict[str, TrainConfig] = {
+    "airbench": _AIRBENCH,
+    "airbench-short": dataclasses.replace(_AIRBENCH, epochs=3, freeze_after={"whiten_bias": 1},
+                                          recipe="airbench-short"),
+}
+
+
+def apply_recipe(name: str, settings: dict, explicit: set[str]) -> dict:
+    """`settings` (TrainConfig fields) with the recipe's changes filled in where not `explicit`ly
+    given; model_options merge, the command line's on top of the recipe's."""
+    try:
+        preset = RECIPES[name].changes()
+    except KeyError:
+        raise PartrainError(f"unknown recipe {name!r}; choose from {', '.join(RECIPES)}") from None
+    out = dict(settings)
+    for key, value in preset.items():
+        if key == "model_options":
+            out[key] = {**value, **settings.get(key, {})}
+        elif key not in explicit:
+            out[key] = value
+    if name.startswith("airbench") and "batch_size" in explicit and "lr" not in explicit:
+        out["lr"] = airbench_lr(out["batch_size"])
+    out["recipe"] = name
+    return out
