@@ -26,7 +26,6 @@ from .errors import PartrainError
 
 FORMAT = "partrain-checkpoint"
 FORMAT_VERSION = 1
-_BIT_GENERATORS = ("PCG64", "PCG64DXSM", "Philox", "SFC64", "MT19937")
 
 
 def save_checkpoint(path: str | os.PathLike, arrays: dict[str, np.ndarray],
@@ -97,21 +96,6 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dic
     if not isinstance(meta, dict):
         raise PartrainError(f"checkpoint {path} is damaged: meta is not a JSON object")
     return {k: np.asarray(v) for k, v in arrays.items()}, meta
-
-
-def rng_state(rng: np.random.Generator) -> dict[str, Any]:
-    """The generator's state as a JSON-able dict (put it in meta to resume the same stream)."""
-    return rng.bit_generator.state
-
-
-def rng_from_state(state: dict[str, Any]) -> np.random.Generator:
-    """A Generator that continues exactly where the one saved with `rng_state` stopped."""
-    name = state.get("bit_generator") if isinstance(state, dict) else None
-    if name not in _BIT_GENERATORS:
-        raise PartrainError(f"checkpoint holds an unknown random generator state ({name!r})")
-    bit_generator = getattr(np.random, name)()
-    bit_generator.state = state
-    return np.random.Generator(bit_generator)
 
 
 # -- helpers -------------------------------------------------------------------------------------

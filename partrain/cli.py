@@ -131,7 +131,8 @@ def fit(ctx, runs_dir, name, resume, quiet, dry_run, max_steps, **options):
     partrain fit --recipe airbench            airbench94's recipe (see README, Recipes)
     partrain fit --recipe airbench --dry-run  what it sets
     """
-    from .train import Interrupted, fit as run_fit, new_run_dir, read_run_config, resume_conflicts
+    from .rundir import RunDir
+    from .train import Interrupted, fit as run_fit, resume_conflicts
 
     settings = _settings(options)
     explicit = {k for k in settings
@@ -145,7 +146,7 @@ def fit(ctx, runs_dir, name, resume, quiet, dry_run, max_steps, **options):
         _print_model(cfg.model, cfg.model_options)
         return
     if resume is not None:
-        saved = TrainConfig.from_dict(read_run_config(resume)["config"])
+        saved = TrainConfig.from_dict(RunDir.open(resume).meta["config"])
         given = {k: v for k, v in settings.items() if k in explicit}
         conflicts = resume_conflicts(saved, given)
         if conflicts:
@@ -157,7 +158,7 @@ def fit(ctx, runs_dir, name, resume, quiet, dry_run, max_steps, **options):
         cfg.check()
         if not Path(cfg.data).exists():
             raise PartrainError(f"{cfg.data} not found; run `partrain prepare` first")
-        run = new_run_dir(runs_dir, name, cfg.model)
+        run = RunDir.create(runs_dir, name, cfg.model).path
     try:
         summary = run_fit(cfg, run, resume=resume is not None, quiet=quiet, max_steps=max_steps)
     except Interrupted as e:
@@ -193,12 +194,10 @@ _CHECKPOINT = click.option("--checkpoint", type=click.Choice(["best", "last"]), 
 def plot(runs, out, pdf):
     """Training loss per iteration and accuracy per epoch of one run, or several overlaid."""
     from .plots import plot_runs
-    from .train import HISTORY_FILE, read_run_config
+    from .rundir import RunDir
 
     for run in runs:
-        read_run_config(run)
-        if not (run / HISTORY_FILE).is_file():
-            raise PartrainError(f"{run} has no {HISTORY_FILE} yet (no step logged)")
+        RunDir.open(run)  # a readable run folder; plot_runs reads every history before drawing
     if out is None:
         out = runs[0] if len(runs) == 1 else runs[0].parent / "compare"
     for path in plot_runs(runs, out, pdf=pdf):

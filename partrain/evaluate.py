@@ -11,16 +11,67 @@ from pathlib import Path
 
 import numpy as np
 
+from .batches import make_batch, normaliser
+from .datasets.store import FILENAME, load_store
 from .errors import PartrainError
+from .rundir import CHECKPOINTS, RunDir, file_sha256, write_json_atomic
+from .tta import MODES, tta_logits
 
-CHECKPOINTS = {"best": "best.h5", "last": "checkpoint.h5"}
 CONFUSION_FILE, EVALUATION_FILE = "confusion.png", "evaluation.json"
 
 
-def data_path(cfg, data_dir: str | Path | None) -> Path:
+def batched_logits(model, images, idx, scale, shift, tta: str = "none", batch: int = 500):
+    """Yield (lo, logits, tta_logits) for images[idx[lo:lo + batch]], batch after batch: the
+    model's evaluation-mode logits and their weighted mean over the TTA views of `tta` (the same
+    array when tta is "none"), both float64. The one inference loop: every accuracy, TTA accuracy
+    and confusion matrix is an argmax of it. The first TTA view is the image itself, so the plain
+    logits come with the TTA ones at no extra pass; one batch buffer is reused throughout.
+    """
+    labels = np.zeros(len(images), np.uint8)  # make_batch's labels; inference needs none
+    buf = None
+    for lo in range(0, len(idx), batch):
+        x, _ = make_batch(images, labels, idx[lo:lo + batch], scale, shift, out=buf,
+                          dtype=model.dtype)
+        buf = x if buf is None else buf
+        plain = np.asarray(model.logits(x), np.float64)
+        yield lo, plain, (plain if tta == "none" else tta_logits(model, x, tta, logits=plain))
+
+
+def predictions(model, images, idx, scale, shift, tta: str = "none",
+                batch: int = 500) -> tuple[np.ndarray, np.ndarray]:
+    """(plain, with TTA) predicted classes of images[idx]: argmaxes of `batched_logits`."""
+    plain = np.empty(len(idx), np.int64)
+    mixed = np.empty(len(idx), np.int64)
+    for lo, z, z_tta in batched_logits(model, images, idx, scale, shift, tta, batch):
+        plain[lo:lo + len(z)] = z.argmax(axis=1)
+        mixed[lo:lo + len(z)] = z_tta.argmax(axis=1)
+    return plain, mixed
+
+
+def accuracy(model, images, labels, scale, shift, idx=None,
+             batch: int = 1000) -> tuple[float, np.ndarray]:
+    """Top-1 accuracy of `model` (eval mode) on images[idx]; also returns the predictions."""
+    idx = np.arange(len(labels)) if idx is None else idx
+    preds = predictions(model, images, idx, scale, shift, batch=batch)[0]
+    return _fraction_right(preds, labels[idx]), preds
+
+
+def tta_accuracy(model, images, labels, scale, shift, mode: str, batch: int = 500,
+                 idx=None) -> tuple[float, float]:
+    """(plain accuracy, accuracy with test-time augmentation `mode`) on images[idx], from one
+    pass per view."""
+    idx = np.arange(len(labels)) if idx is None else idx
+    plain, mixed = predictions(model, images, idx, scale, shift, mode, batch)
+    return _fraction_right(plain, labels[idx]), _fraction_right(mixed, labels[idx])
+
+
+def _fraction_right(preds: np.ndarray, labels: np.ndarray) -> float:
+    return float((preds == labels).mean()) if len(labels) else float("nan")
+
+
+def data_path(config: dict, data_dir: str | Path | None) -> Path:
     """The store to read: DATA_DIR/cifar10.h5 if given, else the one the run was trained on."""
-    from .datasets.store import FILENAME
-    path = Path(data_dir) / FILENAME if data_dir is not None else Path(cfg.data)
+    path = Path(data_dir) / FILENAME if data_dir is not None else Path(config.get("data", FILENAME))
     if not path.exists():
         raise PartrainError(f"{path} not found (the data this run was trained on); "
                             "point --data-dir at the folder holding cifar10.h5")
@@ -28,11 +79,10 @@ def data_path(cfg, data_dir: str | Path | None) -> Path:
 
 
 def load_run(run: str | Path, checkpoint: str = "best"):
-    """(model, cfg, meta_run) of a run with the chosen checkpoint's parameters bound."""
-    from .train import load_params_for_eval
+    """(model, config dict, meta_run) of a run with the chosen checkpoint's parameters bound."""
     if checkpoint not in CHECKPOINTS:
         raise PartrainError(f"checkpoint must be one of {', '.join(CHECKPOINTS)}")
-    return load_params_for_eval(Path(run), CHECKPOINTS[checkpoint])
+    return RunDir.open(run).load_for_eval(checkpoint)
 
 
 def confusion_matrix(labels: np.ndarray, preds: np.ndarray, k: int) -> np.ndarray:
@@ -50,18 +100,14 @@ def evaluate_run(run: str | Path, data_dir: str | Path | None = None, checkpoint
     tta: a `tta.MODES` name; unless "none", also the accuracy with test-time augmentation
     ("test_accuracy_tta"); the per-class numbers and the confusion matrix stay without it.
     """
-    from .batches import normaliser
-    from .datasets.store import load_store
-    from .plots import plot_confusion
-    from .train import accuracy, file_sha256, tta_accuracy, write_json_atomic
-    from .tta import MODES
+    from .plots import plot_confusion  # matplotlib: imported only when a figure is made
 
     warn = warn or (lambda text: print(text, file=sys.stderr))
     if tta not in MODES:
         raise PartrainError(f"--tta must be one of {', '.join(MODES)}")
     run = Path(run)
-    model, cfg, meta_run = load_run(run, checkpoint)
-    path = data_path(cfg, data_dir)
+    model, config, meta_run = load_run(run, checkpoint)
+    path = data_path(config, data_dir)
     data = load_store(path, splits=("test",))
     if file_sha256(path) != meta_run.get("data_sha256"):
         warn(f"warning: {path} is not the file this run was trained on (its sha256 differs)")

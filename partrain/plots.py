@@ -1,13 +1,11 @@
-"""A run's history file and the figures made from it (loss, accuracy, confusion, scaling).
+"""The figures: training loss and accuracy of runs (from history.csv), confusion, scaling.
 
-history.csv is written one row at a time by the training loop (`append_history`), so a run killed
-at any point still has a readable history. Figures use matplotlib's object API (`Figure` +
-`savefig`), never pyplot: no GUI backend, no global state, safe on a headless machine or in a
-worker. matplotlib is imported inside the functions, so importing partrain stays fast.
+Figures use matplotlib's object API (`Figure` + `savefig`), never pyplot: no GUI backend, no global
+state, safe on a headless machine or in a worker. matplotlib is imported inside the functions, so
+importing partrain stays fast.
 """
 from __future__ import annotations
 
-import csv
 import os
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -15,70 +13,10 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from .errors import PartrainError
+from .rundir import RunDir
 
-# Column order of history.csv. kind is "step" (epoch, step, loss, lr, images_per_s) or "epoch"
-# (epoch, step, train_acc, val_acc, time_s, loss = mean training loss of the epoch); columns that
-# do not apply to a row are empty. Accuracies are fractions in [0, 1]; step is 1-based global.
-HISTORY_FIELDS = ("kind", "epoch", "step", "loss", "lr", "images_per_s", "train_acc", "val_acc",
-                  "time_s")
-_INT_FIELDS = ("epoch", "step")
 DPI = 130          # 7 x 4 inches -> 910 x 520 px: sharp when a README shrinks it to ~700 px
 FIGSIZE = (7, 4)
-
-
-# -- history.csv -------------------------------------------------------------------------------
-
-def append_history(path: str | os.PathLike, row: dict[str, Any]) -> None:
-    """Append one row (a dict of some HISTORY_FIELDS, `kind` required); writes the header first."""
-    path = Path(path)
-    unknown = set(row) - set(HISTORY_FIELDS)
-    if unknown:
-        raise ValueError(f"unknown history columns {sorted(unknown)}; known: {HISTORY_FIELDS}")
-    if row.get("kind") not in ("step", "epoch"):
-        raise ValueError(f"history row kind must be 'step' or 'epoch', got {row.get('kind')!r}")
-    new = not path.exists() or path.stat().st_size == 0
-    if not new:
-        with open(path, newline="") as f:
-            header = next(csv.reader(f), [])
-        if tuple(header) != HISTORY_FIELDS:
-            raise PartrainError(f"{path} has columns {header}, not partrain's history columns")
-    with open(path, "a", newline="") as f:
-        writer = csv.writer(f)
-        if new:
-            writer.writerow(HISTORY_FIELDS)
-        writer.writerow([_format(row.get(k)) for k in HISTORY_FIELDS])
-
-
-def read_history(path: str | os.PathLike) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(step_rows, epoch_rows) as dicts holding only the filled columns, as int or float."""
-    path = Path(path)
-    if not path.is_file():
-        raise PartrainError(f"no history file at {path}")
-    steps: list[dict[str, Any]] = []
-    epochs: list[dict[str, Any]] = []
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames is None or "kind" not in reader.fieldnames:
-            raise PartrainError(f"{path} is not a history file (no 'kind' column)")
-        for line, raw in enumerate(reader, start=2):
-            kind = raw.pop("kind")
-            if kind not in ("step", "epoch"):
-                raise PartrainError(f"{path} line {line}: kind must be step or epoch, not {kind!r}")
-            try:
-                row = {k: (int(float(v)) if k in _INT_FIELDS else float(v))
-                       for k, v in raw.items() if k is not None and v not in ("", None)}
-            except ValueError as e:
-                raise PartrainError(f"{path} line {line}: {e}") from None
-            (steps if kind == "step" else epochs).append(row)
-    return steps, epochs
-
-
-def _format(v: Any) -> str:
-    if v is None:
-        return ""
-    if isinstance(v, (int, np.integer)) or isinstance(v, str):
-        return str(v)
-    return f"{float(v):.7g}"
 
 
 # -- figures -----------------------------------------------------------------------------------
@@ -87,15 +25,11 @@ def plot_runs(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
               pdf: bool = False) -> list[Path]:
     """loss.png (per iteration, raw and smoothed) and accuracy.png (per epoch) for one or more runs.
 
-    Each run is a folder holding history.csv (or the csv itself); its folder name labels it.
+    Each run folder's history is read before anything is drawn; its folder name labels it.
     """
     if not run_dirs:
         raise PartrainError("no runs to plot")
-    runs = []
-    for d in map(Path, run_dirs):
-        csv_path = d if d.suffix == ".csv" else d / "history.csv"
-        name = (csv_path.parent if d.suffix == ".csv" else d).resolve().name
-        runs.append((name, *read_history(csv_path)))
+    runs = [(Path(d).resolve().name, *RunDir(d).read_history()) for d in run_dirs]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     colors = _colors(len(runs))

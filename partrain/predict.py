@@ -12,7 +12,10 @@ from typing import Sequence
 
 import numpy as np
 
+from .batches import normaliser
+from .datasets.store import inspect_store, load_store
 from .errors import PartrainError
+from .evaluate import batched_logits, data_path, load_run
 
 SIZE = 32
 
@@ -74,15 +77,11 @@ def predict_run(run: str | Path, inputs: Sequence[str], test_index: bool = False
                 data_dir: str | Path | None = None, checkpoint: str = "best", top: int = 3) -> dict:
     """Top-`top` predictions for each input: {"checkpoint", "results": [{"input", "top": [(class,
     probability), ...], and for test samples "true"}]}. Every input is checked before any work."""
-    from .batches import make_batch, normaliser
-    from .datasets.store import inspect_store, load_store
-    from .evaluate import data_path, load_run
-
     if not inputs:
         raise PartrainError("nothing to predict: give image files, or test indices with --test-index")
     indices = parse_indices(inputs) if test_index else None
-    model, cfg, meta_run = load_run(run, checkpoint)
-    path = data_path(cfg, data_dir)
+    model, config, meta_run = load_run(run, checkpoint)
+    path = data_path(config, data_dir)
     if test_index:
         data = load_store(path, splits=("test",))
         indices = parse_indices(inputs, len(data.test_labels))
@@ -95,9 +94,8 @@ def predict_run(run: str | Path, inputs: Sequence[str], test_index: bool = False
     if list(data.class_names) != list(meta_run.get("class_names", data.class_names)):
         raise PartrainError(f"{path} has other class names than the run {run} was trained with")
     scale, shift = normaliser(data.mean, data.std)
-    x, _ = make_batch(images, np.zeros(len(images), np.int64), np.arange(len(images)), scale,
-                      shift, dtype=model.dtype)
-    probs = softmax(model.logits(x))
+    probs = softmax(np.concatenate([z for _, z, _ in batched_logits(
+        model, images, np.arange(len(images)), scale, shift)]))
     k = min(top, probs.shape[1])
     results = []
     for n, p in enumerate(probs):

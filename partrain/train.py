@@ -8,8 +8,6 @@ exactly the parameters of the same run uninterrupted.
 from __future__ import annotations
 
 import datetime as _dt
-import json
-import os
 import signal
 import sys
 import time
@@ -19,13 +17,12 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .batches import make_batch, normaliser
+from .batches import normaliser
 from .config import TrainConfig, optimizer_spec
 from .errors import PartrainError
+from .evaluate import accuracy, tta_accuracy
 from .nn.models import build_model
-
-CONFIG_FILE, HISTORY_FILE = "config.json", "history.csv"
-CHECKPOINT_FILE, BEST_FILE = "checkpoint.h5", "best.h5"
+from .rundir import RunDir, file_sha256
 
 
 # ------------------------------------------------------------------------- data choices
@@ -47,16 +44,6 @@ def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
     return [(lo, min(lo + batch_size, n)) for lo in range(0, n, batch_size)]
 
 
-def accuracy(model, images, labels, scale, shift, idx=None, batch: int = 1000) -> tuple[float, np.ndarray]:
-    """Top-1 accuracy of `model` (eval mode) on images[idx]; also returns the predictions."""
-    idx = np.arange(len(labels)) if idx is None else idx
-    preds = np.empty(len(idx), np.int64)
-    buf = None
-    for lo in range(0, len(idx), batch):
-        x, _ = make_batch(images, labels, idx[lo:lo + batch], scale, shift, out=buf, dtype=model.dtype)
-        buf = x if buf is None else buf
-        preds[lo:lo + len(x)] = model.logits(x).argmax(axis=1)
-    return float((preds == labels[idx]).mean()) if len(idx) else float("nan"), preds
 
 
 class AirbenchLookahead:
@@ -94,43 +81,6 @@ class AirbenchLookahead:
     def arrays(self) -> dict[str, np.ndarray]:
         return {"lookahead.params": self.parts[0][0].slow, "lookahead.state": self.parts[1][0].slow}
 
-    def restore(self, arrays: dict, run: Path) -> None:
-        for name, dst in self.arrays().items():
-            src = arrays.get(name)
-            if src is None or src.shape != dst.shape or src.dtype != dst.dtype:
-                raise PartrainError(f"checkpoint in {run} does not match this run ({name})")
-            dst[...] = src
-
-
-def tta_accuracy(model, images, labels, scale, shift, mode: str, batch: int = 500,
-                 idx=None) -> tuple[float, float]:
-    """(plain accuracy, accuracy with test-time augmentation `mode`) of `model` on images[idx].
-
-    The TTA logits are `tta.tta_logits`'s weighted mean over `tta.tta_views`; the first view is the
-    image itself, whose logits also give the plain accuracy, so both cost one pass per view.
-    """
-    from .tta import tta_views
-    idx = np.arange(len(labels)) if idx is None else idx
-    if not len(idx):
-        return float("nan"), float("nan")
-    plain = np.empty(len(idx), np.int64)
-    tta = np.empty(len(idx), np.int64)
-    buf = None
-    for lo in range(0, len(idx), batch):
-        x, _ = make_batch(images, labels, idx[lo:lo + batch], scale, shift, out=buf,
-                          dtype=model.dtype)
-        buf = x if buf is None else buf
-        acc = None
-        for weight, view in tta_views(x, mode):
-            z = np.asarray(model.logits(view), np.float64)
-            if view is x:
-                plain[lo:lo + len(x)] = z.argmax(axis=1)
-            acc = z * weight if acc is None else acc + z * weight
-        tta[lo:lo + len(x)] = acc.argmax(axis=1)
-    y = labels[idx]
-    return float((plain == y).mean()), float((tta == y).mean())
-
-
 # ------------------------------------------------------------------------ Ctrl-C handling
 class Interrupted(Exception):
     """Ctrl-C arrived; the loop stopped at a step boundary and saved a checkpoint."""
@@ -162,44 +112,7 @@ def _is_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-# --------------------------------------------------------------------------- run folder
-def new_run_dir(root: Path, name: str | None, model: str) -> Path:
-    if name is None:
-        name = f"{model}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    run = Path(root) / name
-    if run.exists() and any(run.iterdir()):
-        raise PartrainError(f"run folder {run} already exists; pick another --name or use --resume {run}")
-    run.mkdir(parents=True, exist_ok=True)
-    return run
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
-def read_run_config(run: Path) -> dict:
-    path = Path(run) / CONFIG_FILE
-    if not Path(run).is_dir():
-        raise PartrainError(f"run folder {run} does not exist")
-    try:
-        meta = json.loads(path.read_text())
-        if not isinstance(meta["config"], dict):
-            raise TypeError("config is not an object")
-    except FileNotFoundError:
-        raise PartrainError(f"{run} is not a partrain run folder (no {CONFIG_FILE})") from None
-    except (ValueError, KeyError, TypeError):
-        raise PartrainError(f"{path} is corrupt or not written by partrain") from None
-    major = str(meta.get("partrain_version", "0")).split(".")[0]
-    if major != __version__.split(".")[0]:
-        raise PartrainError(f"{run} was written by partrain {meta.get('partrain_version')}, "
-                            f"which this version ({__version__}) cannot read")
-    return meta
-
-
+# ------------------------------------------------------------------------------- resume
 def resume_conflicts(saved: TrainConfig, asked: dict) -> list[str]:
     """Names of settings in `asked` that differ from the saved run and would break exactness."""
     out = []
@@ -311,12 +224,11 @@ def fit(cfg: TrainConfig, run: Path, resume: bool = False, quiet: bool = False,
     """
     from threadpoolctl import threadpool_limits
 
-    from .checkpoint import load_checkpoint, save_checkpoint
     from .datasets.store import load_store
-    from .plots import append_history
 
     cfg.check()
     run = Path(run)
+    rd = RunDir(run)
     data = load_store(cfg.data)
     sha = file_sha256(cfg.data)
     model = build_model(cfg.model, **cfg.model_options)
@@ -333,13 +245,13 @@ def fit(cfg: TrainConfig, run: Path, resume: bool = False, quiet: bool = False,
     epoch, pos, t, best_val = 0, 0, 0, -1.0
     elapsed_before, carried = 0.0, None
     if resume:
-        meta_run = read_run_config(run)
+        meta_run = rd.meta
         if meta_run.get("data_sha256") != sha:
             raise PartrainError(f"data file {cfg.data} differs from the one this run was trained on")
-        if not (run / CHECKPOINT_FILE).exists():
+        if not rd.has_checkpoint("last"):
             raise PartrainError(f"{run} has no checkpoint to resume from")
     else:
-        write_json_atomic(run / CONFIG_FILE, {
+        rd.write_meta({
             "config": cfg.to_dict(), "partrain_version": __version__, "data_sha256": sha,
             "data_source": data.source_name, "class_names": list(data.class_names),
             "created": _dt.datetime.now().isoformat(timespec="seconds"),
@@ -352,36 +264,39 @@ def fit(cfg: TrainConfig, run: Path, resume: bool = False, quiet: bool = False,
         # The engine copied the images into shared memory: read validation batches from there and
         # let the parent's own copy go (150 MB for CIFAR-10).
         data.train_images = runner.images
-        if resume:
-            arrays, meta = load_checkpoint(run / CHECKPOINT_FILE)
-            _restore(runner, arrays, meta, run)
+
+        def saved_arrays() -> dict:
+            # What a checkpoint holds: the flat vectors of the runner (and the Lookahead's slow
+            # copies), written by `checkpoint` and copied back, checked, by `rd.restore`.
+            arrays = {"params": runner.params, "state": runner.state}
+            arrays.update({f"opt.{k}": v for k, v in runner.opt_state.items()})
             if lookahead is not None:
-                lookahead.restore(arrays, run)
+                arrays.update(lookahead.arrays())
+            return arrays
+
+        if resume:
+            meta = rd.restore(saved_arrays())
             epoch, pos, t = meta["epoch"], meta["position"], meta["t"]
             if epoch >= cfg.epochs:
                 raise PartrainError(f"{run} has already finished its {epoch} epochs"
                                     + (" (--epochs N trains it further)"
                                        if cfg.schedule == "constant" else ""))
-            _truncate_history(run / HISTORY_FILE, t)
+            rd.truncate_history(t)
             best_val, elapsed_before = meta.get("best_val", -1.0), meta.get("elapsed_s", 0.0)
             carried = meta.get("epoch_sums") if pos else None
             if cfg.to_dict() != meta_run["config"]:  # e.g. more epochs: config.json says so
-                write_json_atomic(run / CONFIG_FILE, {**meta_run, "config": cfg.to_dict()})
+                rd.write_meta({**meta_run, "config": cfg.to_dict()})
             progress.line(f"resuming {run} at epoch {epoch + 1}, step {pos}/{steps_per_epoch}")
         eval_model = build_model(cfg.model, **cfg.model_options)
         eval_model.bind(runner.params, None, runner.state)
 
-        def checkpoint(ep, p, path=CHECKPOINT_FILE):
+        def checkpoint(ep, p, which="last"):
             # No RNG state is saved because there is none to save: every random choice (the
             # train/val split, each epoch's order, initialisation) is drawn from a generator
             # seeded by (seed, epoch) when needed, so (epoch, position, t) fixes all of them.
             # epoch_sums are the running totals of a half-done epoch, so that its history row
             # after a resume is the one the uninterrupted run writes.
-            arrays = {"params": runner.params, "state": runner.state}
-            arrays.update({f"opt.{k}": v for k, v in runner.opt_state.items()})
-            if lookahead is not None:
-                arrays.update(lookahead.arrays())
-            save_checkpoint(run / path, arrays, {
+            rd.save(which, saved_arrays(), {
                 "epoch": ep, "position": p, "t": t, "best_val": best_val,
                 "elapsed_s": elapsed_before + (time.perf_counter() - t_start),
                 "epoch_sums": [ep_loss, ep_correct, ep_seen, win_loss, win_n,
@@ -430,7 +345,7 @@ def fit(cfg: TrainConfig, run: Path, resume: bool = False, quiet: bool = False,
                         if pos % cfg.log_every == 0 or pos == steps_per_epoch:
                             now = time.perf_counter()
                             ips = win_imgs / max(now - win_t0, 1e-9)
-                            append_history(run / HISTORY_FILE, {
+                            rd.append_history({
                                 "kind": "step", "epoch": epoch + 1, "step": t,
                                 "loss": win_loss / win_n, "lr": lr, "images_per_s": round(ips, 1)})
                             progress.update(pos, win_loss / win_n, ep_correct / ep_seen, ips)
@@ -452,7 +367,7 @@ def fit(cfg: TrainConfig, run: Path, resume: bool = False, quiet: bool = False,
                                    val_idx)[0] if len(val_idx) else float("nan")
                 ep_time = ep_time_before + time.perf_counter() - ep_t0
                 train_acc = ep_correct / max(ep_seen, 1)
-                append_history(run / HISTORY_FILE, {
+                rd.append_history({
                     "kind": "epoch", "epoch": epoch + 1, "step": t, "loss": ep_loss / max(ep_seen, 1),
                     "train_acc": train_acc, "val_acc": val_acc, "time_s": round(ep_time, 2),
                     "images_per_s": round(ep_seen / ep_time, 1)})
@@ -462,7 +377,7 @@ def fit(cfg: TrainConfig, run: Path, resume: bool = False, quiet: bool = False,
                 epoch, pos = epoch + 1, 0
                 if val_acc > best_val:
                     best_val = val_acc
-                    checkpoint(epoch, pos, BEST_FILE)
+                    checkpoint(epoch, pos, "best")
                 checkpoint(epoch, pos)
 
         train_time = time.perf_counter() - t_start
@@ -484,7 +399,7 @@ def fit(cfg: TrainConfig, run: Path, resume: bool = False, quiet: bool = False,
                 summary["test_acc"] = accuracy(eval_model, data.test_images, data.test_labels,
                                                scale, shift)[0]
             summary["test_time_s"] = round(time.perf_counter() - e0, 2)
-        write_json_atomic(run / "summary.json", summary)
+        rd.write_summary(summary)
         if stopped is None:
             tested = ""
             if "test_acc" in summary:
@@ -507,71 +422,3 @@ def _describe_augment(aug) -> str:
     parts = (["alternating flips"] if aug.flip else []) + (
         [f"translate {aug.translate} px"] if aug.translate else [])
     return " + ".join(parts)
-
-
-def _truncate_history(path: Path, t: int) -> None:
-    """Drop history rows logged after the checkpoint we resume from (a crash can leave some)."""
-    import csv
-    if not path.exists():
-        return
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-        fields = rows and list(rows[0].keys())
-    keep = [r for r in rows if r.get("step") and int(float(r["step"])) <= t]
-    if len(keep) == len(rows):
-        return
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        w.writerows(keep)
-    os.replace(tmp, path)
-
-
-def file_sha256(path) -> str:
-    import hashlib
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _restore(runner, arrays: dict, meta: dict, run: Path) -> None:
-    """Copy a checkpoint's arrays into the runner's (shared) vectors, checking every shape."""
-    targets = {"params": runner.params, "state": runner.state}
-    targets.update({f"opt.{k}": v for k, v in runner.opt_state.items()})
-    for name, dst in targets.items():
-        src = arrays.get(name)
-        if src is None or src.shape != dst.shape or src.dtype != dst.dtype:
-            raise PartrainError(f"checkpoint in {run} does not match this model ({name})")
-        dst[...] = src
-
-
-def load_params_for_eval(run: Path, which: str = BEST_FILE):
-    """(model, config, meta) with the parameters of a run's best (or last) checkpoint bound."""
-    from .checkpoint import load_checkpoint
-    meta_run = read_run_config(run)
-    try:
-        cfg = TrainConfig.from_dict(meta_run["config"])
-        model = build_model(cfg.model, **cfg.model_options)
-    except (TypeError, ValueError, KeyError) as e:
-        raise PartrainError(f"{Path(run) / CONFIG_FILE} describes no model this partrain can "
-                            f"build ({e})") from None
-    path = Path(run) / which
-    if not path.exists():
-        path = Path(run) / CHECKPOINT_FILE
-    if not path.exists():
-        raise PartrainError(f"{run} has no checkpoint yet")
-    arrays, meta = load_checkpoint(path)
-    params = np.zeros(model.layout.size, model.dtype)
-    state = np.zeros(model.state_layout.size, model.dtype)
-    for name, dst in (("params", params), ("state", state)):
-        src = arrays.get(name)
-        if src is None or src.shape != dst.shape:
-            raise PartrainError(f"checkpoint {path} does not match model {cfg.model}")
-        dst[...] = src
-    model.bind(params, None, state)
-    meta_run["checkpoint"] = {"path": str(path), "epoch": meta.get("epoch"),
-                              "position": meta.get("position"), "best_val": meta.get("best_val")}
-    return model, cfg, meta_run

@@ -35,23 +35,17 @@ def tta_views(x: np.ndarray, mode: str = "flip_translate") -> list[tuple[float, 
 
 
 def tta_logits(model, x: np.ndarray, mode: str = "flip_translate",
-               batch_size: int | None = 500) -> np.ndarray:
+               logits: np.ndarray | None = None) -> np.ndarray:
     """Weighted mean of `model.logits(view)` over the TTA views of x; (N, n_classes) float64.
 
-    Works in slices of `batch_size` images to bound the im2col memory of a large test set.
+    logits: the caller's float64 logits of x itself, if it has them (the first view is x), which
+    saves that pass. Batching a large test set is `evaluate.batched_logits`'s job.
     """
-    n = x.shape[0]
-    step = n if not batch_size else batch_size
-    out = None
-    for lo in range(0, n, max(step, 1)):
-        xs = x[lo:lo + step]
-        acc = None
-        for weight, view in tta_views(xs, mode):
-            z = np.asarray(model.logits(view), np.float64) * weight
-            acc = z if acc is None else acc + z
-        if out is None:
-            out = np.empty((n, acc.shape[1]), np.float64)
-        out[lo:lo + len(xs)] = acc
-    if out is None:  # empty input
-        out = np.empty((0, getattr(model, "n_classes", 10)), np.float64)
-    return out
+    acc = None
+    for weight, view in tta_views(x, mode):
+        if view is x and logits is not None:
+            z = logits
+        else:
+            z = np.asarray(model.logits(view), np.float64)
+        acc = z * weight if acc is None else acc + z * weight
+    return acc

@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 
 import partrain
-from partrain.checkpoint import (FORMAT_VERSION, load_checkpoint, rng_from_state, rng_state,
-                                 save_checkpoint)
+from partrain.checkpoint import FORMAT_VERSION, load_checkpoint, save_checkpoint
 from partrain.errors import PartrainError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,17 +53,6 @@ def test_overwrite_and_large_meta(tmp_path):
     save_checkpoint(path, {"a": np.zeros(5)}, big)
     arrays, meta = load_checkpoint(path)
     assert arrays["a"].tolist() == [0] * 5 and meta == big
-
-
-def test_rng_state_round_trip(tmp_path):
-    rng = np.random.default_rng(12345)
-    rng.standard_normal(17)
-    save_checkpoint(tmp_path / "ck.h5", {}, {"rng": rng_state(rng)})
-    expected = rng.standard_normal(100)
-    _, meta = load_checkpoint(tmp_path / "ck.h5")
-    assert np.array_equal(rng_from_state(meta["rng"]).standard_normal(100), expected)
-    with pytest.raises(PartrainError, match="random generator"):
-        rng_from_state({"bit_generator": "os.system"})
 
 
 def test_bad_input_fails_before_writing(tmp_path):

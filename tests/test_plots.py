@@ -1,4 +1,4 @@
-"""History file format and the figures: files exist, are real PNGs of the expected size."""
+"""The figures: files exist, are real PNGs of the expected size (history.csv: test_rundir.py)."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,8 +6,8 @@ import pytest
 from matplotlib.image import imread
 
 from partrain.errors import PartrainError
-from partrain.plots import (HISTORY_FIELDS, append_history, plot_confusion, plot_runs,
-                            plot_scaling, read_history)
+from partrain.plots import plot_confusion, plot_runs, plot_scaling
+from partrain.rundir import RunDir
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
            "truck"]
@@ -17,7 +17,7 @@ def write_run(run_dir, seed=0, epochs=6, steps_per_epoch=100, final_acc=0.55):
     """A plausible synthetic run: noisy decaying loss, rising accuracies."""
     rng = np.random.default_rng(seed)
     run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / "history.csv"
+    run = RunDir(run_dir)
     step = 0
     for epoch in range(1, epochs + 1):
         losses = []
@@ -25,13 +25,13 @@ def write_run(run_dir, seed=0, epochs=6, steps_per_epoch=100, final_acc=0.55):
             step += 1
             loss = 2.3 * np.exp(-step / (150 + 50 * seed)) + 0.9 + 0.15 * rng.standard_normal()
             losses.append(loss)
-            append_history(path, {"kind": "step", "epoch": epoch, "step": step, "loss": loss,
-                                  "lr": 1e-3 * 0.95 ** epoch, "images_per_s": 900 + rng.uniform()})
+            run.append_history({"kind": "step", "epoch": epoch, "step": step, "loss": loss,
+                                "lr": 1e-3 * 0.95 ** epoch, "images_per_s": 900 + rng.uniform()})
         val = final_acc * (1 - np.exp(-epoch / 2.0))
-        append_history(path, {"kind": "epoch", "epoch": epoch, "step": step,
-                              "train_acc": min(1.0, val * 1.15), "val_acc": val,
-                              "time_s": 10.0 * epoch, "loss": float(np.mean(losses))})
-    return path
+        run.append_history({"kind": "epoch", "epoch": epoch, "step": step,
+                            "train_acc": min(1.0, val * 1.15), "val_acc": val,
+                            "time_s": 10.0 * epoch, "loss": float(np.mean(losses))})
+    return run
 
 
 def assert_png(path, min_width=700):
@@ -40,36 +40,6 @@ def assert_png(path, min_width=700):
     assert image.ndim == 3 and image.shape[2] in (3, 4) and image.shape[1] >= min_width
     assert image.std() > 0.01  # not blank
     return image
-
-
-def test_history_round_trip(tmp_path):
-    path = write_run(tmp_path / "run", epochs=2, steps_per_epoch=3)
-    assert path.read_text().splitlines()[0] == ",".join(HISTORY_FIELDS)
-    steps, epochs = read_history(path)
-    assert len(steps) == 6 and len(epochs) == 2
-    assert set(steps[0]) == {"epoch", "step", "loss", "lr", "images_per_s"}
-    assert set(epochs[0]) == {"epoch", "step", "train_acc", "val_acc", "time_s", "loss"}
-    assert isinstance(steps[-1]["step"], int) and steps[-1]["step"] == 6
-    assert epochs[1]["time_s"] == 20.0
-
-
-def test_history_rejects_bad_rows_and_files(tmp_path):
-    path = tmp_path / "history.csv"
-    with pytest.raises(ValueError, match="unknown history columns"):
-        append_history(path, {"kind": "step", "accuracy": 1})
-    with pytest.raises(ValueError, match="kind"):
-        append_history(path, {"epoch": 1})
-    assert not path.exists()
-    path.write_text("a,b\n1,2\n")
-    with pytest.raises(PartrainError, match="columns"):
-        append_history(path, {"kind": "step", "step": 1})
-    with pytest.raises(PartrainError, match="not a history file"):
-        read_history(path)
-    with pytest.raises(PartrainError, match="no history file"):
-        read_history(tmp_path / "missing.csv")
-    path.write_text(",".join(HISTORY_FIELDS) + "\nbatch,1,1,,,,,,\n")
-    with pytest.raises(PartrainError, match="line 2"):
-        read_history(path)
 
 
 def test_plot_runs_overlays_several_runs(tmp_path):
@@ -91,7 +61,7 @@ def test_plot_runs_single_run_and_missing(tmp_path):
     assert [p.name for p in paths] == ["loss.png", "accuracy.png"]
     for p in paths:
         assert_png(p)
-    with pytest.raises(PartrainError, match="no history file"):
+    with pytest.raises(PartrainError, match="no history.csv yet"):
         plot_runs([tmp_path / "nothing"], tmp_path / "fig")
 
 

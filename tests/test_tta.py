@@ -35,7 +35,7 @@ class Probe:
 def test_shape_and_linear_average(mode):
     x = RNG.standard_normal((7, 3, 8, 8))
     m = Linear(x.shape[1:])
-    got = tta_logits(m, x, mode, batch_size=3)
+    got = tta_logits(m, x, mode)
     assert got.shape == (7, 10) and got.dtype == np.float64
     views = tta_views(x, mode)
     assert sum(w for w, _ in views) == pytest.approx(1.0)
@@ -60,6 +60,14 @@ def test_flip_translate_by_hand():
     np.testing.assert_allclose(got[:3], [top_left, top_right, p11])
     np.testing.assert_allclose(tta_logits(Probe(), x, "flip")[0][:3], [1.5, 1.5, 5.5])
     np.testing.assert_allclose(tta_logits(Probe(), x, "none")[0][:3], [0, 3, 5])
+
+
+def test_given_logits_of_the_image_replace_its_pass():
+    x = RNG.standard_normal((3, 3, 8, 8))
+    m = Linear(x.shape[1:])
+    mine = np.full((3, 10), 8.0)  # stands in for the first view (the image itself)
+    got = tta_logits(m, x, "flip", logits=mine)
+    np.testing.assert_allclose(got, 0.5 * mine + 0.5 * m.logits(x[..., ::-1]), rtol=1e-12)
 
 
 def test_flip_invariant_model_is_unchanged_by_flip_tta():

@@ -1,0 +1,240 @@
+"""The run folder: the one place that knows its file names and reads or writes them.
+
+A run folder holds config.json (the settings, the data file's sha256, the class names), history.csv
+(one row per logged window and per epoch), checkpoint.h5 (the latest state, for an exact resume),
+best.h5 (the epoch with the best validation accuracy) and summary.json (the final numbers). The
+training loop, `evaluate`, `predict` and `plot` all go through `RunDir`, so the folder's layout and
+every check on it live here. Each file is replaced atomically or appended to one row at a time, so
+a run killed at any moment leaves a folder that still evaluates, plots and resumes.
+"""
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from .checkpoint import load_checkpoint, save_checkpoint
+from .errors import PartrainError
+from .nn.models import build_model
+
+CONFIG, HISTORY, SUMMARY = "config.json", "history.csv", "summary.json"
+CHECKPOINTS = {"last": "checkpoint.h5", "best": "best.h5"}
+
+# Column order of history.csv. kind is "step" (epoch, step, loss, lr, images_per_s) or "epoch"
+# (epoch, step, train_acc, val_acc, time_s, loss = mean training loss of the epoch); columns that
+# do not apply to a row are empty. Accuracies are fractions in [0, 1]; step is 1-based global.
+HISTORY_FIELDS = ("kind", "epoch", "step", "loss", "lr", "images_per_s", "train_acc", "val_acc",
+                  "time_s")
+_INT_FIELDS = ("epoch", "step")
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """Write `obj` as sorted, indented JSON through a temporary file, so readers never see half."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def file_sha256(path) -> str:
+    """The data file's fingerprint: config.json records it, resume and evaluate compare it."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class RunDir:
+    """One run folder. `RunDir(path)` only names it; `create` and `open` check it."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._meta: dict | None = None
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    @classmethod
+    def create(cls, root: str | os.PathLike, name: str | None, model: str) -> "RunDir":
+        """A new, empty folder ROOT/NAME (default name: MODEL-DATE-TIME); refuses a used one."""
+        if name is None:
+            name = f"{model}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+        run = Path(root) / name
+        if run.exists() and any(run.iterdir()):
+            raise PartrainError(f"run folder {run} already exists; pick another --name or use "
+                                f"--resume {run}")
+        run.mkdir(parents=True, exist_ok=True)
+        return cls(run)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "RunDir":
+        """An existing run folder whose config.json this partrain can read."""
+        rd = cls(path)
+        rd._meta = rd._read_meta()
+        return rd
+
+    # -- config.json -----------------------------------------------------------------------
+    @property
+    def meta(self) -> dict:
+        """config.json: {"config": the settings, "partrain_version", "data_sha256", ...}."""
+        if self._meta is None:
+            self._meta = self._read_meta()
+        return self._meta
+
+    def write_meta(self, meta: dict) -> None:
+        write_json_atomic(self.path / CONFIG, meta)
+        self._meta = meta
+
+    def _read_meta(self) -> dict:
+        path = self.path / CONFIG
+        if not self.path.is_dir():
+            raise PartrainError(f"run folder {self.path} does not exist")
+        try:
+            meta = json.loads(path.read_text())
+            if not isinstance(meta["config"], dict):
+                raise TypeError("config is not an object")
+        except FileNotFoundError:
+            raise PartrainError(f"{self.path} is not a partrain run folder (no {CONFIG})") from None
+        except (ValueError, KeyError, TypeError):
+            raise PartrainError(f"{path} is corrupt or not written by partrain") from None
+        major = str(meta.get("partrain_version", "0")).split(".")[0]
+        if major != __version__.split(".")[0]:
+            raise PartrainError(f"{self.path} was written by partrain {meta.get('partrain_version')}"
+                                f", which this version ({__version__}) cannot read")
+        return meta
+
+    # -- history.csv -----------------------------------------------------------------------
+    def append_history(self, row: dict[str, Any]) -> None:
+        """Append one row (a dict of some HISTORY_FIELDS, `kind` required); the header first."""
+        path = self.path / HISTORY
+        unknown = set(row) - set(HISTORY_FIELDS)
+        if unknown:
+            raise ValueError(f"unknown history columns {sorted(unknown)}; known: {HISTORY_FIELDS}")
+        if row.get("kind") not in ("step", "epoch"):
+            raise ValueError(f"history row kind must be 'step' or 'epoch', "
+                             f"got {row.get('kind')!r}")
+        new = not path.exists() or path.stat().st_size == 0
+        if not new:
+            with open(path, newline="") as f:
+                header = next(csv.reader(f), [])
+            if tuple(header) != HISTORY_FIELDS:
+                raise PartrainError(f"{path} has columns {header}, not partrain's history columns")
+        with open(path, "a", newline="") as f:
+            writer = csv.writer(f)
+            if new:
+                writer.writerow(HISTORY_FIELDS)
+            writer.writerow([_format(row.get(k)) for k in HISTORY_FIELDS])
+
+    def truncate_history(self, t: int) -> None:
+        """Drop rows logged after step t, the checkpoint we resume from (a crash can leave some)."""
+        path = self.path / HISTORY
+        if not path.exists():
+            return
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+            fields = rows and list(rows[0].keys())
+        keep = [r for r in rows if r.get("step") and int(float(r["step"])) <= t]
+        if len(keep) == len(rows):
+            return
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fields)
+            w.writeheader()
+            w.writerows(keep)
+        os.replace(tmp, path)
+
+    def read_history(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """(step_rows, epoch_rows) as dicts holding only the filled columns, as int or float."""
+        path = self.path / HISTORY
+        if not path.is_file():
+            raise PartrainError(f"{self.path} has no {HISTORY} yet (no step logged)")
+        steps: list[dict[str, Any]] = []
+        epochs: list[dict[str, Any]] = []
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames is None or "kind" not in reader.fieldnames:
+                raise PartrainError(f"{path} is not a history file (no 'kind' column)")
+            for line, raw in enumerate(reader, start=2):
+                kind = raw.pop("kind")
+                if kind not in ("step", "epoch"):
+                    raise PartrainError(f"{path} line {line}: kind must be step or epoch, "
+                                        f"not {kind!r}")
+                try:
+                    row = {k: (int(float(v)) if k in _INT_FIELDS else float(v))
+                           for k, v in raw.items() if k is not None and v not in ("", None)}
+                except ValueError as e:
+                    raise PartrainError(f"{path} line {line}: {e}") from None
+                (steps if kind == "step" else epochs).append(row)
+        return steps, epochs
+
+    # -- checkpoint.h5 and best.h5 ---------------------------------------------------------
+    def checkpoint_path(self, which: str = "last") -> Path:
+        if which not in CHECKPOINTS:
+            raise PartrainError(f"checkpoint must be one of {', '.join(CHECKPOINTS)}")
+        return self.path / CHECKPOINTS[which]
+
+    def has_checkpoint(self, which: str = "last") -> bool:
+        return self.checkpoint_path(which).exists()
+
+    def save(self, which: str, arrays: dict[str, np.ndarray], meta: dict) -> None:
+        """Write checkpoint `which` ("last" or "best") atomically (checkpoint.save_checkpoint)."""
+        save_checkpoint(self.checkpoint_path(which), arrays, meta)
+
+    def restore(self, targets: dict[str, np.ndarray], which: str = "last") -> dict:
+        """Copy the checkpoint's arrays into the preallocated `targets` (same names, shapes and
+        dtypes, or PartrainError before anything is copied); returns the checkpoint's meta."""
+        path = self.checkpoint_path(which)
+        arrays, meta = load_checkpoint(path)
+        for name, dst in targets.items():
+            src = arrays.get(name)
+            if src is None or src.shape != dst.shape or src.dtype != dst.dtype:
+                raise PartrainError(f"checkpoint {path} does not match this run ({name})")
+        for name, dst in targets.items():
+            dst[...] = arrays[name]
+        return meta
+
+    def load_for_eval(self, which: str = "best"):
+        """(model, config dict, meta) with the parameters of checkpoint `which` bound; "best"
+        falls back to the last checkpoint when no epoch has finished. meta is config.json's,
+        plus "checkpoint": the file, its epoch, position and best validation accuracy."""
+        meta_run = dict(self.meta)
+        config = meta_run["config"]
+        try:
+            model = build_model(config["model"], **config.get("model_options", {}))
+        except (TypeError, ValueError, KeyError) as e:
+            raise PartrainError(f"{self.path / CONFIG} describes no model this partrain can "
+                                f"build ({e})") from None
+        if not self.has_checkpoint(which):
+            which = "last"
+        if not self.has_checkpoint(which):
+            raise PartrainError(f"{self.path} has no checkpoint yet")
+        params = np.zeros(model.layout.size, model.dtype)
+        state = np.zeros(model.state_layout.size, model.dtype)
+        meta = self.restore({"params": params, "state": state}, which)
+        model.bind(params, None, state)
+        meta_run["checkpoint"] = {"path": str(self.checkpoint_path(which)),
+                                  "epoch": meta.get("epoch"), "position": meta.get("position"),
+                                  "best_val": meta.get("best_val")}
+        return model, config, meta_run
+
+    # -- summary.json ----------------------------------------------------------------------
+    def write_summary(self, summary: dict) -> None:
+        write_json_atomic(self.path / SUMMARY, summary)
+
+
+def _format(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, (int, np.integer)) or isinstance(v, str):
+        return str(v)
+    return f"{float(v):.7g}"

@@ -1,0 +1,146 @@
+"""The run folder (rundir.RunDir): its checks and messages, history.csv, the one checked copy of
+checkpoint arrays, and a folder written by the previous code (commit ad42516 on main), which must
+still evaluate, plot and resume exactly."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from partrain.checkpoint import load_checkpoint
+from partrain.errors import PartrainError
+from partrain.evaluate import evaluate_run
+from partrain.plots import plot_runs
+from partrain.rundir import HISTORY_FIELDS, RunDir
+from partrain.train import TrainConfig, fit
+from synthetic import make_tiny_store
+
+# Made with the code of main at ad42516 (cwd holding data/cifar10.h5 = make_tiny_store()):
+#   fit(TrainConfig(model_options={"num_filters": 2, "hidden_dim": 4}, batch_size=50, epochs=2,
+#                   val_size=50, data="data/cifar10.h5", log_every=3), run, max_steps=13)
+# so it stopped in epoch 2 (9 steps per epoch) with best.h5 from epoch 1 and checkpoint.h5 at t=13.
+OLD_RUN = Path(__file__).parent / "fixtures" / "run-main-ad42516"
+
+
+def test_create_names_and_refuses_a_used_folder(tmp_path):
+    rd = RunDir.create(tmp_path, None, "vgg")
+    assert rd.path.parent == tmp_path and rd.path.name.startswith("vgg-") and rd.path.is_dir()
+    assert RunDir.create(tmp_path, "x", "vgg").path == tmp_path / "x"
+    (tmp_path / "x" / "config.json").write_text("{}")
+    with pytest.raises(PartrainError, match="already exists; pick another --name"):
+        RunDir.create(tmp_path, "x", "vgg")
+
+
+def test_open_checks_folder_config_and_version(tmp_path):
+    with pytest.raises(PartrainError, match="does not exist"):
+        RunDir.open(tmp_path / "nope")
+    with pytest.raises(PartrainError, match=r"not a partrain run folder \(no config.json\)"):
+        RunDir.open(tmp_path)
+    (tmp_path / "config.json").write_text('{"config": 3}')
+    with pytest.raises(PartrainError, match="corrupt"):
+        RunDir.open(tmp_path)
+    rd = RunDir(tmp_path)
+    rd.write_meta({"config": {}, "partrain_version": "9.1.0"})
+    with pytest.raises(PartrainError, match="partrain 9.1.0, which this version"):
+        RunDir.open(tmp_path)
+    rd.write_meta({"config": {"a": 1}, "partrain_version": "0.1.0"})
+    assert RunDir.open(tmp_path).meta["config"] == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["config.json"]  # no temporaries left
+
+
+def test_history_round_trip_and_truncate(tmp_path):
+    rd = RunDir(tmp_path)
+    for step in range(1, 7):
+        rd.append_history({"kind": "step", "epoch": 1 + (step > 3), "step": step,
+                           "loss": 2.0 / step, "lr": 1e-3, "images_per_s": 900.5})
+        if step % 3 == 0:
+            rd.append_history({"kind": "epoch", "epoch": step // 3, "step": step, "train_acc": 0.5,
+                               "val_acc": 0.25, "time_s": 10.0 * step, "loss": 1.0})
+    assert (tmp_path / "history.csv").read_text().splitlines()[0] == ",".join(HISTORY_FIELDS)
+    steps, epochs = rd.read_history()
+    assert len(steps) == 6 and len(epochs) == 2
+    assert set(steps[0]) == {"epoch", "step", "loss", "lr", "images_per_s"}
+    assert set(epochs[0]) == {"epoch", "step", "train_acc", "val_acc", "time_s", "loss"}
+    assert isinstance(steps[-1]["step"], int) and steps[-1]["step"] == 6
+    assert epochs[1]["time_s"] == 60.0
+    rd.truncate_history(4)
+    steps, epochs = rd.read_history()
+    assert [r["step"] for r in steps] == [1, 2, 3, 4] and len(epochs) == 1
+
+
+def test_history_rejects_bad_rows_and_files(tmp_path):
+    rd = RunDir(tmp_path)
+    path = tmp_path / "history.csv"
+    with pytest.raises(ValueError, match="unknown history columns"):
+        rd.append_history({"kind": "step", "accuracy": 1})
+    with pytest.raises(ValueError, match="kind"):
+        rd.append_history({"epoch": 1})
+    assert not path.exists()
+    with pytest.raises(PartrainError, match="has no history.csv yet"):
+        rd.read_history()
+    path.write_text("a,b\n1,2\n")
+    with pytest.raises(PartrainError, match="columns"):
+        rd.append_history({"kind": "step", "step": 1})
+    with pytest.raises(PartrainError, match="not a history file"):
+        rd.read_history()
+    path.write_text(",".join(HISTORY_FIELDS) + "\nbatch,1,1,,,,,,\n")
+    with pytest.raises(PartrainError, match="line 2"):
+        rd.read_history()
+
+
+def test_save_restore_is_checked_and_copies_nothing_on_mismatch(tmp_path):
+    rd = RunDir(tmp_path)
+    a, b = np.arange(5, dtype=np.float32), np.ones(3, np.float32)
+    rd.save("best", {"a": a, "b": b}, {"epoch": 2})
+    assert (tmp_path / "best.h5").is_file() and not rd.has_checkpoint("last")
+    x, y = np.zeros(5, np.float32), np.zeros(3, np.float32)
+    assert rd.restore({"a": x, "b": y}, "best") == {"epoch": 2}
+    assert x.tobytes() == a.tobytes() and y.tobytes() == b.tobytes()
+    for bad in ({"a": np.zeros(5, np.float32), "b": np.zeros(4, np.float32)},   # shape
+                {"a": np.zeros(5, np.float32), "b": np.zeros(3, np.float64)},   # dtype
+                {"a": np.zeros(5, np.float32), "c": np.zeros(3, np.float32)}):  # missing
+        with pytest.raises(PartrainError, match="does not match this run"):
+            rd.restore(bad, "best")
+        assert not bad["a"].any()  # checked before anything is copied
+    with pytest.raises(PartrainError, match="checkpoint must be one of"):
+        rd.save("first", {}, {})
+
+
+@pytest.fixture
+def old_run(tmp_path, monkeypatch):
+    """A copy of the old run folder beside data/cifar10.h5 (config.json names it relatively)."""
+    monkeypatch.chdir(tmp_path)
+    store = make_tiny_store(tmp_path / "data" / "cifar10.h5")
+    run = shutil.copytree(OLD_RUN, tmp_path / "runs" / "old")
+    return run, store
+
+
+def test_old_run_folder_evaluates_and_plots(old_run, tmp_path):
+    run, store = old_run
+    r = evaluate_run(run, out_dir=tmp_path / "eval", warn=pytest.fail)  # the same data: no warning
+    assert r["checkpoint"].endswith("best.h5") and r["epoch"] == 1 and r["n_test"] == 100
+    assert json.loads((tmp_path / "eval" / "evaluation.json").read_text())["n_test"] == 100
+    last = evaluate_run(run, data_dir=store.parent, checkpoint="last", out_dir=tmp_path / "e2")
+    assert last["checkpoint"].endswith("checkpoint.h5")
+    paths = plot_runs([run], tmp_path / "fig")
+    assert [p.name for p in paths] == ["loss.png", "accuracy.png"]
+
+
+def test_old_run_folder_resumes_exactly(old_run, tmp_path):
+    run, store = old_run
+    saved = TrainConfig.from_dict(RunDir.open(run).meta["config"])
+    fit(saved, run, resume=True, quiet=True, evaluate_test=False)
+    fresh = tmp_path / "runs" / "fresh"
+    fresh.mkdir()
+    fit(TrainConfig.from_dict(saved.to_dict()), fresh, quiet=True, evaluate_test=False)
+    got, meta = load_checkpoint(run / "checkpoint.h5")
+    want, _ = load_checkpoint(fresh / "checkpoint.h5")
+    assert meta["epoch"] == 2 and meta["t"] == 18
+    for name in want:
+        assert got[name].tobytes() == want[name].tobytes(), name
+    steps, epochs = RunDir(run).read_history()
+    assert [r["step"] for r in epochs] == [9, 18]
+    assert [r["step"] for r in steps] == [3, 6, 9, 12, 15, 18]
