@@ -132,7 +132,7 @@ def fit(ctx, runs_dir, name, resume, quiet, dry_run, max_steps, **options):
     partrain fit --recipe airbench --dry-run  what it sets
     """
     from .rundir import RunDir
-    from .train import Interrupted, fit as run_fit, resume_conflicts
+    from .train import Interrupted, fit as run_fit
 
     settings = _settings(options)
     explicit = {k for k in settings
@@ -146,12 +146,7 @@ def fit(ctx, runs_dir, name, resume, quiet, dry_run, max_steps, **options):
         _print_model(cfg.model, cfg.model_options)
         return
     if resume is not None:
-        saved = TrainConfig.from_dict(RunDir.open(resume).meta["config"])
-        given = {k: v for k, v in settings.items() if k in explicit}
-        conflicts = resume_conflicts(saved, given)
-        if conflicts:
-            raise PartrainError("cannot resume exactly with changed settings: " + ", ".join(conflicts))
-        cfg = TrainConfig.from_dict({**saved.to_dict(), **given})
+        cfg = RunDir.open(resume).resume_config({k: settings[k] for k in explicit})
         run = resume
     else:
         cfg = TrainConfig(**settings)

@@ -156,6 +156,28 @@ class TrainConfig:
                 if v != getattr(default, k)}
 
 
+def resumed(saved: TrainConfig, given: dict) -> TrainConfig:
+    """The settings of a resumed run: the saved ones, with the `given` ones (from the command
+    line) on top where they cannot change the result; PartrainError naming every other change.
+
+    More epochs of a constant schedule extend the same run exactly; the settings in
+    FREE_ON_RESUME only change the log or the final test; anything else would not be the run
+    that was started.
+    """
+    conflicts = []
+    for k, v in given.items():
+        if k in TrainConfig.FREE_ON_RESUME or v is None:
+            continue
+        if k == "epochs" and saved.schedule == "constant" and v >= saved.epochs:
+            continue
+        if getattr(saved, k) != v:
+            conflicts.append(f"{k} ({getattr(saved, k)!r} -> {v!r})")
+    if conflicts:
+        raise PartrainError("cannot resume exactly with changed settings: " + ", ".join(conflicts))
+    return TrainConfig.from_dict({**saved.to_dict(), **{k: v for k, v in given.items()
+                                                          if v is not None}})
+
+
 def _check_value(f: dataclasses.Field, value) -> None:
     meta, flag = f.metadata, flag_spelling(f).split("/")[0]
     if value is None:

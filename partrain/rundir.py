@@ -21,6 +21,7 @@ import numpy as np
 
 from . import __version__
 from .checkpoint import load_checkpoint, save_checkpoint
+from .config import TrainConfig, resumed
 from .errors import PartrainError
 from .nn.models import build_model
 
@@ -94,6 +95,11 @@ class RunDir:
     def write_meta(self, meta: dict) -> None:
         write_json_atomic(self.path / CONFIG, meta)
         self._meta = meta
+
+    def resume_config(self, given: dict) -> TrainConfig:
+        """The settings to continue this run with: config.json's, with `given` (settings from
+        the command line) on top where they keep the result exact (`config.resumed`)."""
+        return resumed(TrainConfig.from_dict(self.meta["config"]), given)
 
     def _read_meta(self) -> dict:
         path = self.path / CONFIG

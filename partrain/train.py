@@ -1,9 +1,11 @@
 """The training loop: epochs, evaluation, history, checkpoints, exact resume.
 
-One loop drives either runner (in-process `LocalRunner`, or the worker pool `ParallelRunner`); the
-runner owns the step, this module owns everything around it. Every random choice is a function of
-(seed, epoch), so a run interrupted at any step boundary and resumed from its checkpoint ends with
-exactly the parameters of the same run uninterrupted.
+`fit` reads as airbench's `main`: set up, `for epoch: for step:`, end of epoch, finish. One loop
+drives either runner (in-process `LocalRunner`, or the worker pool `ParallelRunner`); the runner
+owns the step, this module everything around it. The loop's state is one named record,
+`RunState`, which is also what a checkpoint's metadata holds. Every random choice is a function
+of (seed, epoch), so a run interrupted at any step boundary and resumed from its checkpoint ends
+with exactly the parameters of the same run uninterrupted.
 """
 from __future__ import annotations
 
@@ -12,16 +14,20 @@ import signal
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from . import __version__
 from .batches import normaliser
 from .config import TrainConfig, optimizer_spec
+from .datasets.store import load_store
 from .errors import PartrainError
 from .evaluate import accuracy, tta_accuracy
 from .nn.models import build_model
+from .optim import make_schedule
 from .rundir import RunDir, file_sha256
 
 
@@ -42,8 +48,6 @@ def epoch_order(train_idx: np.ndarray, seed: int, epoch: int) -> np.ndarray:
 def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
     """[lo, hi) of each step of an epoch; the last batch may be smaller (every sample is used)."""
     return [(lo, min(lo + batch_size, n)) for lo in range(0, n, batch_size)]
-
-
 
 
 class AirbenchLookahead:
@@ -112,21 +116,107 @@ def _is_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-# ------------------------------------------------------------------------------- resume
-def resume_conflicts(saved: TrainConfig, asked: dict) -> list[str]:
-    """Names of settings in `asked` that differ from the saved run and would break exactness."""
-    out = []
-    for k, v in asked.items():
-        if k in TrainConfig.FREE_ON_RESUME or v is None:
-            continue
-        if k == "epochs" and saved.schedule == "constant" and v >= saved.epochs:
-            continue  # more epochs of a constant schedule extend the same run exactly
-        if getattr(saved, k) != v:
-            out.append(f"{k} ({getattr(saved, k)!r} -> {v!r})")
-    return out
+# --------------------------------------------------------------------------- loop state
+@dataclass
+class Meter:
+    """Running sums over a stretch of steps: an epoch, or the window between two history rows.
+
+    `seconds_before` is the time the stretch took in earlier calls of `fit` (a resumed epoch);
+    `timed` counts only the images of this call, so images/s never mixes two processes' clocks.
+    """
+
+    loss_sum: float = 0.0
+    correct: int = 0
+    seen: int = 0
+    seconds_before: float = 0.0
+    t0: float = field(default_factory=time.perf_counter, repr=False)
+    timed: int = field(default=0, repr=False)
+
+    def add(self, loss_sum: float, correct: int, n: int) -> None:
+        self.loss_sum += loss_sum
+        self.correct += correct
+        self.seen += n
+        self.timed += n
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / max(self.seen, 1)
+
+    @property
+    def acc(self) -> float:
+        return self.correct / max(self.seen, 1)
+
+    def seconds(self) -> float:
+        return self.seconds_before + time.perf_counter() - self.t0
+
+    def rate(self) -> float:
+        """Images per second of this call's share of the stretch."""
+        return self.timed / max(time.perf_counter() - self.t0, 1e-9)
+
+    def saved(self) -> dict:
+        return {"loss_sum": self.loss_sum, "correct": self.correct, "seen": self.seen,
+                "seconds": self.seconds()}
+
+    @classmethod
+    def restored(cls, d: dict | None) -> "Meter":
+        d = d or {}
+        return cls(d.get("loss_sum", 0.0), d.get("correct", 0), d.get("seen", 0),
+                   d.get("seconds", 0.0))
 
 
-# --------------------------------------------------------------------------------- fit
+@dataclass
+class RunState:
+    """Where a run is: the checkpoint's metadata, saved and restored by name.
+
+    epoch: epochs finished; position: steps done in the current epoch; t: optimizer steps in
+    all; elapsed_s: training time of earlier calls. The meters are the half-done epoch's sums
+    (and its log window's), so that its history rows after a resume are the ones the
+    uninterrupted run writes.
+    """
+
+    epoch: int = 0
+    position: int = 0
+    t: int = 0
+    best_val: float = -1.0
+    elapsed_s: float = 0.0
+    epoch_meter: Meter = field(default_factory=Meter)
+    window: Meter = field(default_factory=Meter)
+
+    def meta(self, cfg: TrainConfig, elapsed_now: float) -> dict:
+        # No RNG state: every random choice (split, order, initialisation, augmentation) is
+        # drawn from a generator seeded by (seed, epoch[, index]), so (epoch, position, t) fix all.
+        mid_epoch = self.position > 0
+        return {"epoch": self.epoch, "position": self.position, "t": self.t,
+                "best_val": self.best_val, "elapsed_s": self.elapsed_s + elapsed_now,
+                "epoch_meter": self.epoch_meter.saved() if mid_epoch else None,
+                "window_meter": self.window.saved() if mid_epoch else None,
+                "config": cfg.to_dict(), "model": cfg.model}
+
+    @classmethod
+    def from_meta(cls, meta: dict) -> "RunState":
+        state = cls(meta["epoch"], meta["position"], meta["t"], meta.get("best_val", -1.0),
+                    meta.get("elapsed_s", 0.0))
+        if not state.position:
+            return state
+        legacy = meta.get("epoch_sums")  # checkpoints before RunState: a positional list
+        if legacy:
+            ep_loss, ep_correct, ep_seen, win_loss, win_n, ep_seconds = legacy
+            meta = {"epoch_meter": {"loss_sum": ep_loss, "correct": ep_correct, "seen": ep_seen,
+                                    "seconds": ep_seconds},
+                    "window_meter": {"loss_sum": win_loss, "seen": win_n}}
+        state.epoch_meter = Meter.restored(meta.get("epoch_meter"))
+        state.window = Meter.restored(meta.get("window_meter"))
+        return state
+
+    def start_epoch(self) -> None:
+        """Fresh meters at an epoch's start; a resumed half-epoch keeps its sums, restarts clocks."""
+        if self.position == 0:
+            self.epoch_meter, self.window = Meter(), Meter()
+        else:
+            self.epoch_meter.t0 = self.window.t0 = time.perf_counter()
+
+
+# ------------------------------------------------------------------------------ progress
 class Progress:
     """What the user sees while training.
 
@@ -201,6 +291,7 @@ def format_duration(seconds: float) -> str:
     return f"{h} h {m:02d} min"
 
 
+# ---------------------------------------------------------------------------- the run
 def make_runner(cfg: TrainConfig, data, model_spec, opt_spec, train_idx=None):
     """LocalRunner for one worker, the engine for more; both initialise the model identically
     (init_from_data sees only `train_idx`) and augment as cfg says."""
@@ -215,6 +306,46 @@ def make_runner(cfg: TrainConfig, data, model_spec, opt_spec, train_idx=None):
                           **common)
 
 
+@dataclass
+class Plan:
+    """What a run's settings and data fix before the first step."""
+
+    cfg: TrainConfig
+    data: object
+    model: object              # a model of the run's shape (its size, decay ranges, names)
+    train_idx: np.ndarray
+    val_idx: np.ndarray
+    bounds: list
+    schedule: object
+    opt_spec: tuple
+
+    @classmethod
+    def of(cls, cfg: TrainConfig, data) -> "Plan":
+        model = build_model(cfg.model, **cfg.model_options)
+        train_idx, val_idx = split_train_val(len(data.train_labels), cfg.val_size, cfg.seed)
+        bounds = batch_bounds(len(train_idx), cfg.batch_size)
+        schedule = make_schedule(cfg.schedule, cfg.lr, cfg.epochs * len(bounds),
+                                 warmup_steps=int(round(cfg.warmup_epochs * len(bounds))))
+        return cls(cfg, data, model, train_idx, val_idx, bounds, schedule,
+                   optimizer_spec(cfg, model, len(bounds)))
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.bounds)
+
+    def make_runner(self):
+        return make_runner(self.cfg, self.data, (self.cfg.model, dict(self.cfg.model_options)),
+                           self.opt_spec, self.train_idx)
+
+    def describe(self, run: Path) -> str:
+        cfg, aug = self.cfg, self.cfg.augment_spec()
+        return (f"training {cfg.model} ({self.model.layout.size:,} parameters) on "
+                f"{len(self.train_idx):,} images, {cfg.workers} worker(s), batch {cfg.batch_size}, "
+                f"{cfg.optimizer} lr {cfg.lr:g}"
+                + (f", augmentation: {_describe_augment(aug)}" if aug else "")
+                + (f" (recipe {cfg.recipe})" if cfg.recipe else "") + f"; run folder {run}")
+
+
 def fit(cfg: TrainConfig, run: Path, resume: bool = False, quiet: bool = False,
         evaluate_test: bool = True, max_steps: int | None = None) -> dict:
     """Train (or continue) the run in folder `run`; returns the final summary.
@@ -222,200 +353,186 @@ def fit(cfg: TrainConfig, run: Path, resume: bool = False, quiet: bool = False,
     max_steps stops after that many optimizer steps in this call (for tests and benchmarks), with
     a checkpoint as if interrupted.
     """
-    from threadpoolctl import threadpool_limits
-
-    from .datasets.store import load_store
-
     cfg.check()
-    run = Path(run)
-    rd = RunDir(run)
-    data = load_store(cfg.data)
-    sha = file_sha256(cfg.data)
-    model = build_model(cfg.model, **cfg.model_options)
-    model_spec = (cfg.model, dict(cfg.model_options))
-    scale, shift = normaliser(data.mean, data.std)
-    train_idx, val_idx = split_train_val(len(data.train_labels), cfg.val_size, cfg.seed)
-    bounds = batch_bounds(len(train_idx), cfg.batch_size)
-    steps_per_epoch = len(bounds)
-    opt_spec = optimizer_spec(cfg, model, steps_per_epoch)
-    from .optim import make_schedule
-    schedule = make_schedule(cfg.schedule, cfg.lr, cfg.epochs * steps_per_epoch,
-                             warmup_steps=int(round(cfg.warmup_epochs * steps_per_epoch)))
+    rd, data = RunDir(run), load_store(cfg.data)
+    plan = Plan.of(cfg, data)
+    _open_run_folder(rd, plan, resume)
+    progress = Progress(quiet)
+    with plan.make_runner() as runner, stop_at_step_boundary() as flag:
+        session = Session(rd, plan, runner, progress)
+        state = session.resume() if resume else RunState()
+        progress.line(plan.describe(rd.path))
+        stopped, steps_done = None, 0
+        for epoch in range(state.epoch, cfg.epochs):
+            runner.set_order(epoch_order(plan.train_idx, cfg.seed, epoch), epoch)
+            progress.start_epoch(epoch, cfg.epochs, plan.steps_per_epoch, state.position)
+            state.start_epoch()
+            with threadpool_limits(1 if cfg.workers == 1 else None):
+                for lo, hi in plan.bounds[state.position:]:
+                    lr = plan.schedule(state.t)
+                    state.t += 1
+                    loss_sum, correct = runner.step(lo, hi, lr, state.t)
+                    session.after_step(state.t, hi - lo)
+                    state.position += 1
+                    steps_done += 1
+                    state.epoch_meter.add(loss_sum, correct, hi - lo)
+                    state.window.add(loss_sum, 0, hi - lo)
+                    if state.position % cfg.log_every == 0 or state.position == len(plan.bounds):
+                        session.log_window(state, lr)
+                    if not np.isfinite(loss_sum):
+                        raise PartrainError(f"loss became {loss_sum} at step {state.t}; "
+                                            f"try a smaller --lr")
+                    if flag["stop"] or (max_steps is not None and steps_done >= max_steps):
+                        stopped = "interrupted" if flag["stop"] else "max_steps"
+                        break
+            progress.end_epoch()
+            if stopped is not None:
+                session.checkpoint(state)
+                break
+            session.end_epoch(state)
+        return session.finish(state, stopped, steps_done, evaluate_test)
 
-    epoch, pos, t, best_val = 0, 0, 0, -1.0
-    elapsed_before, carried = 0.0, None
-    if resume:
-        meta_run = rd.meta
-        if meta_run.get("data_sha256") != sha:
-            raise PartrainError(f"data file {cfg.data} differs from the one this run was trained on")
-        if not rd.has_checkpoint("last"):
-            raise PartrainError(f"{run} has no checkpoint to resume from")
-    else:
+
+def _open_run_folder(rd: RunDir, plan: Plan, resume: bool) -> None:
+    """A new run writes config.json; a resumed one must have been trained on this data file."""
+    cfg, data, sha = plan.cfg, plan.data, file_sha256(plan.cfg.data)
+    if not resume:
         rd.write_meta({
             "config": cfg.to_dict(), "partrain_version": __version__, "data_sha256": sha,
             "data_source": data.source_name, "class_names": list(data.class_names),
             "created": _dt.datetime.now().isoformat(timespec="seconds"),
-            "parameters": model.layout.size})
+            "parameters": plan.model.layout.size})
+        return
+    if rd.meta.get("data_sha256") != sha:
+        raise PartrainError(f"data file {cfg.data} differs from the one this run was trained on")
+    if not rd.has_checkpoint("last"):
+        raise PartrainError(f"{rd.path} has no checkpoint to resume from")
 
-    progress = Progress(quiet)
-    with make_runner(cfg, data, model_spec, opt_spec, train_idx) as runner:
-        lookahead = (AirbenchLookahead(runner.params, runner.state, cfg.epochs * steps_per_epoch)
-                     if cfg.lookahead else None)
-        # The engine copied the images into shared memory: read validation batches from there and
-        # let the parent's own copy go (150 MB for CIFAR-10).
-        data.train_images = runner.images
 
-        def saved_arrays() -> dict:
-            # What a checkpoint holds: the flat vectors of the runner (and the Lookahead's slow
-            # copies), written by `checkpoint` and copied back, checked, by `rd.restore`.
-            arrays = {"params": runner.params, "state": runner.state}
-            arrays.update({f"opt.{k}": v for k, v in runner.opt_state.items()})
-            if lookahead is not None:
-                arrays.update(lookahead.arrays())
-            return arrays
+class Session:
+    """One call of `fit` with its runner: the arrays a checkpoint holds, history rows, the end
+    of an epoch and of the run. The loop itself stays in `fit`."""
 
-        if resume:
-            meta = rd.restore(saved_arrays())
-            epoch, pos, t = meta["epoch"], meta["position"], meta["t"]
-            if epoch >= cfg.epochs:
-                raise PartrainError(f"{run} has already finished its {epoch} epochs"
-                                    + (" (--epochs N trains it further)"
-                                       if cfg.schedule == "constant" else ""))
-            rd.truncate_history(t)
-            best_val, elapsed_before = meta.get("best_val", -1.0), meta.get("elapsed_s", 0.0)
-            carried = meta.get("epoch_sums") if pos else None
-            if cfg.to_dict() != meta_run["config"]:  # e.g. more epochs: config.json says so
-                rd.write_meta({**meta_run, "config": cfg.to_dict()})
-            progress.line(f"resuming {run} at epoch {epoch + 1}, step {pos}/{steps_per_epoch}")
-        eval_model = build_model(cfg.model, **cfg.model_options)
-        eval_model.bind(runner.params, None, runner.state)
+    def __init__(self, rd: RunDir, plan: Plan, runner, progress: Progress):
+        self.rd, self.plan, self.runner, self.progress = rd, plan, runner, progress
+        cfg = plan.cfg
+        self.lookahead = (AirbenchLookahead(runner.params, runner.state,
+                                            cfg.epochs * plan.steps_per_epoch)
+                          if cfg.lookahead else None)
+        # The engine copied the images into shared memory: read validation batches from there
+        # and let the parent's own copy go (150 MB for CIFAR-10).
+        plan.data.train_images = runner.images
+        self.eval_model = build_model(cfg.model, **cfg.model_options)
+        self.eval_model.bind(runner.params, None, runner.state)
+        self.scale, self.shift = normaliser(plan.data.mean, plan.data.std)
+        self.t_start, self.images_done = time.perf_counter(), 0
 
-        def checkpoint(ep, p, which="last"):
-            # No RNG state is saved because there is none to save: every random choice (the
-            # train/val split, each epoch's order, initialisation) is drawn from a generator
-            # seeded by (seed, epoch) when needed, so (epoch, position, t) fixes all of them.
-            # epoch_sums are the running totals of a half-done epoch, so that its history row
-            # after a resume is the one the uninterrupted run writes.
-            rd.save(which, saved_arrays(), {
-                "epoch": ep, "position": p, "t": t, "best_val": best_val,
-                "elapsed_s": elapsed_before + (time.perf_counter() - t_start),
-                "epoch_sums": [ep_loss, ep_correct, ep_seen, win_loss, win_n,
-                               ep_time_before + time.perf_counter() - ep_t0] if p else None,
-                "config": cfg.to_dict(), "model": cfg.model})
+    def arrays(self) -> dict[str, np.ndarray]:
+        """What a checkpoint holds: the runner's flat vectors and the Lookahead's slow copies."""
+        arrays = {"params": self.runner.params, "state": self.runner.state}
+        arrays.update({f"opt.{k}": v for k, v in self.runner.opt_state.items()})
+        if self.lookahead is not None:
+            arrays.update(self.lookahead.arrays())
+        return arrays
 
-        t_start = time.perf_counter()
-        images_done = 0
-        steps_this_call = 0
-        stopped = None
-        aug = cfg.augment_spec()
-        progress.line(f"training {cfg.model} ({model.layout.size:,} parameters) on "
-                      f"{len(train_idx):,} images, {cfg.workers} worker(s), batch {cfg.batch_size}, "
-                      f"{cfg.optimizer} lr {cfg.lr:g}"
-                      + (f", augmentation: {_describe_augment(aug)}" if aug else "")
-                      + (f" (recipe {cfg.recipe})" if cfg.recipe else "") + f"; run folder {run}")
-        with stop_at_step_boundary() as flag:
-            while epoch < cfg.epochs and stopped is None:
-                order = epoch_order(train_idx, cfg.seed, epoch)
-                runner.set_order(order, epoch)
-                progress.start_epoch(epoch, cfg.epochs, steps_per_epoch, pos)
-                ep_t0, ep_loss, ep_correct, ep_seen = time.perf_counter(), 0.0, 0, 0
-                win_t0, win_imgs, win_loss, win_n = time.perf_counter(), 0, 0.0, 0
-                ep_time_before = 0.0
-                if carried:  # resuming mid-epoch: continue the epoch's and the window's sums
-                    ep_loss, ep_correct, ep_seen, win_loss, win_n, ep_time_before = carried
-                    carried = None
-                with threadpool_limits(1 if cfg.workers == 1 else None):
-                    while pos < steps_per_epoch:
-                        lo, hi = bounds[pos]
-                        lr = schedule(t)
-                        t += 1
-                        loss_sum, correct = runner.step(lo, hi, lr, t)
-                        if lookahead is not None:
-                            lookahead.after_step(t)
-                        n = hi - lo
-                        pos += 1
-                        images_done += n
-                        steps_this_call += 1
-                        ep_loss += loss_sum
-                        ep_correct += correct
-                        ep_seen += n
-                        win_imgs += n
-                        win_loss += loss_sum
-                        win_n += n
-                        if pos % cfg.log_every == 0 or pos == steps_per_epoch:
-                            now = time.perf_counter()
-                            ips = win_imgs / max(now - win_t0, 1e-9)
-                            rd.append_history({
-                                "kind": "step", "epoch": epoch + 1, "step": t,
-                                "loss": win_loss / win_n, "lr": lr, "images_per_s": round(ips, 1)})
-                            progress.update(pos, win_loss / win_n, ep_correct / ep_seen, ips)
-                            win_t0, win_imgs, win_loss, win_n = now, 0, 0.0, 0
-                        if not np.isfinite(loss_sum):
-                            raise PartrainError(f"loss became {loss_sum} at step {t}; "
-                                                f"try a smaller --lr")
-                        if flag["stop"]:
-                            stopped = "interrupted"
-                            break
-                        if max_steps is not None and steps_this_call >= max_steps:
-                            stopped = "max_steps"
-                            break
-                progress.end_epoch()
-                if stopped is not None:
-                    checkpoint(epoch, pos)
-                    break
-                val_acc = accuracy(eval_model, data.train_images, data.train_labels, scale, shift,
-                                   val_idx)[0] if len(val_idx) else float("nan")
-                ep_time = ep_time_before + time.perf_counter() - ep_t0
-                train_acc = ep_correct / max(ep_seen, 1)
-                rd.append_history({
-                    "kind": "epoch", "epoch": epoch + 1, "step": t, "loss": ep_loss / max(ep_seen, 1),
-                    "train_acc": train_acc, "val_acc": val_acc, "time_s": round(ep_time, 2),
-                    "images_per_s": round(ep_seen / ep_time, 1)})
-                progress.line(f"epoch {epoch + 1}/{cfg.epochs}: loss {ep_loss / max(ep_seen, 1):.4f}"
-                              f"  train acc {train_acc:.1%}  val acc {val_acc:.1%}  "
-                              f"{ep_time:.1f} s  {ep_seen / ep_time:.0f} img/s")
-                epoch, pos = epoch + 1, 0
-                if val_acc > best_val:
-                    best_val = val_acc
-                    checkpoint(epoch, pos, "best")
-                checkpoint(epoch, pos)
+    def resume(self) -> RunState:
+        """Restore the last checkpoint into the runner; drop history rows logged after it."""
+        cfg, rd = self.plan.cfg, self.rd
+        state = RunState.from_meta(rd.restore(self.arrays()))
+        if state.epoch >= cfg.epochs:
+            raise PartrainError(f"{rd.path} has already finished its {state.epoch} epochs"
+                                + (" (--epochs N trains it further)"
+                                   if cfg.schedule == "constant" else ""))
+        rd.truncate_history(state.t)
+        if cfg.to_dict() != rd.meta["config"]:  # e.g. more epochs: config.json says so
+            rd.write_meta({**rd.meta, "config": cfg.to_dict()})
+        self.progress.line(f"resuming {rd.path} at epoch {state.epoch + 1}, step "
+                           f"{state.position}/{self.plan.steps_per_epoch}")
+        return state
 
-        train_time = time.perf_counter() - t_start
-        summary = {"run": str(run), "epochs_done": epoch, "steps": t,
+    def after_step(self, t: int, n: int) -> None:
+        """Step t (1-based) of n images is done: Lookahead's turn, the images/s count."""
+        self.images_done += n
+        if self.lookahead is not None:
+            self.lookahead.after_step(t)
+
+    def checkpoint(self, state: RunState, which: str = "last") -> None:
+        self.rd.save(which, self.arrays(),
+                     state.meta(self.plan.cfg, time.perf_counter() - self.t_start))
+
+    def log_window(self, state: RunState, lr: float) -> None:
+        w, ips = state.window, state.window.rate()
+        self.rd.append_history({"kind": "step", "epoch": state.epoch + 1, "step": state.t,
+                                "loss": w.loss_sum / w.seen, "lr": lr,
+                                "images_per_s": round(ips, 1)})
+        self.progress.update(state.position, w.loss_sum / w.seen, state.epoch_meter.acc, ips)
+        state.window = Meter()
+
+    def end_epoch(self, state: RunState) -> None:
+        """Validate, log the epoch, move on, checkpoint (best.h5 too when validation improved)."""
+        plan, m = self.plan, state.epoch_meter
+        val_acc = (accuracy(self.eval_model, plan.data.train_images, plan.data.train_labels,
+                            self.scale, self.shift, plan.val_idx)[0]
+                   if len(plan.val_idx) else float("nan"))
+        seconds = m.seconds()
+        self.rd.append_history({"kind": "epoch", "epoch": state.epoch + 1, "step": state.t,
+                                "loss": m.loss, "train_acc": m.acc, "val_acc": val_acc,
+                                "time_s": round(seconds, 2),
+                                "images_per_s": round(m.seen / seconds, 1)})
+        self.progress.line(f"epoch {state.epoch + 1}/{plan.cfg.epochs}: loss {m.loss:.4f}"
+                           f"  train acc {m.acc:.1%}  val acc {val_acc:.1%}  "
+                           f"{seconds:.1f} s  {m.seen / seconds:.0f} img/s")
+        state.epoch, state.position = state.epoch + 1, 0
+        if val_acc > state.best_val:
+            state.best_val = val_acc
+            self.checkpoint(state, "best")
+        self.checkpoint(state)
+
+    def finish(self, state: RunState, stopped: str | None, steps_done: int,
+               evaluate_test: bool) -> dict:
+        """summary.json, the final test accuracy (with TTA if asked) and the closing lines."""
+        cfg, rd, spe = self.plan.cfg, self.rd, self.plan.steps_per_epoch
+        train_time = time.perf_counter() - self.t_start
+        summary = {"run": str(rd.path), "epochs_done": state.epoch, "steps": state.t,
                    "train_time_s": round(train_time, 2),
-                   "total_train_time_s": round(elapsed_before + train_time, 2),
-                   "images_per_s": round(images_done / max(train_time, 1e-9), 1),
-                   "best_val_acc": best_val, "stopped": stopped}
+                   "total_train_time_s": round(state.elapsed_s + train_time, 2),
+                   "images_per_s": round(self.images_done / max(train_time, 1e-9), 1),
+                   "best_val_acc": state.best_val, "stopped": stopped}
+        where = f"epoch {state.epoch + 1}, step {state.position}/{spe}"
         if stopped == "interrupted":
-            raise Interrupted(f"interrupted at epoch {epoch + 1}, step {pos}/{steps_per_epoch}; "
-                              f"checkpoint saved — continue with: partrain fit --resume {run}")
+            raise Interrupted(f"interrupted at {where}; checkpoint saved — continue with: "
+                              f"partrain fit --resume {rd.path}")
         if stopped is None and evaluate_test:
-            e0 = time.perf_counter()
-            if cfg.tta != "none":
-                summary["test_acc"], summary["test_acc_tta"] = tta_accuracy(
-                    eval_model, data.test_images, data.test_labels, scale, shift, cfg.tta)
-                summary["tta"] = cfg.tta
-            else:
-                summary["test_acc"] = accuracy(eval_model, data.test_images, data.test_labels,
-                                               scale, shift)[0]
-            summary["test_time_s"] = round(time.perf_counter() - e0, 2)
+            summary.update(self.test())
         rd.write_summary(summary)
-        if stopped is None:
-            tested = ""
-            if "test_acc" in summary:
-                tested = f", test acc {summary['test_acc']:.2%}"
-                if "test_acc_tta" in summary:
-                    tested += f", with TTA ({cfg.tta}) {summary['test_acc_tta']:.2%}"
-                tested += f" (test {format_duration(summary['test_time_s'])})"
-            progress.line(
-                f"done: {epoch} epochs in {format_duration(elapsed_before + train_time)} "
-                f"({summary['images_per_s']:,.0f} img/s), best val acc {best_val:.1%}" + tested
-                + f"\nnext: partrain plot {run}; partrain evaluate {run}")
-        else:
-            progress.line(f"stopped after {steps_this_call} steps (--max-steps) at epoch "
-                          f"{epoch + 1}, step {pos}/{steps_per_epoch}; continue with: "
-                          f"partrain fit --resume {run}")
+        if stopped is not None:
+            self.progress.line(f"stopped after {steps_done} steps (--max-steps) at {where}; "
+                               f"continue with: partrain fit --resume {rd.path}")
+            return summary
+        tested = ""
+        if "test_acc" in summary:
+            tested = f", test acc {summary['test_acc']:.2%}"
+            if "test_acc_tta" in summary:
+                tested += f", with TTA ({cfg.tta}) {summary['test_acc_tta']:.2%}"
+            tested += f" (test {format_duration(summary['test_time_s'])})"
+        self.progress.line(
+            f"done: {state.epoch} epochs in {format_duration(state.elapsed_s + train_time)} "
+            f"({summary['images_per_s']:,.0f} img/s), best val acc {state.best_val:.1%}" + tested
+            + f"\nnext: partrain plot {rd.path}; partrain evaluate {rd.path}")
         return summary
+
+    def test(self) -> dict:
+        """The final test accuracy of the trained parameters, with TTA too if cfg.tta says so."""
+        cfg, data, e0 = self.plan.cfg, self.plan.data, time.perf_counter()
+        if cfg.tta != "none":
+            plain, with_tta = tta_accuracy(self.eval_model, data.test_images, data.test_labels,
+                                           self.scale, self.shift, cfg.tta)
+            out = {"test_acc": plain, "test_acc_tta": with_tta, "tta": cfg.tta}
+        else:
+            out = {"test_acc": accuracy(self.eval_model, data.test_images, data.test_labels,
+                                        self.scale, self.shift)[0]}
+        out["test_time_s"] = round(time.perf_counter() - e0, 2)
+        return out
 
 
 def _describe_augment(aug) -> str:

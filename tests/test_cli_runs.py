@@ -23,7 +23,8 @@ from pathlib import Path
 import pytest
 
 from partrain.checkpoint import load_checkpoint
-from partrain.train import Progress, TrainConfig, fit
+from partrain.config import TrainConfig
+from partrain.train import Progress, fit
 from synthetic import make_tiny_store
 
 TINY = ["--workers", "1", "--model-option", "num_filters=4", "--model-option", "hidden_dim=16",

@@ -14,7 +14,8 @@ from matplotlib.image import imread
 from partrain.errors import PartrainError
 from partrain.evaluate import confusion_matrix, evaluate_run
 from partrain.predict import format_predictions, load_image, predict_run, softmax
-from partrain.train import TrainConfig, fit
+from partrain.config import TrainConfig
+from partrain.train import fit
 from synthetic import CLASS_NAMES, make_tiny_store
 
 

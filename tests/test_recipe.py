@@ -298,6 +298,6 @@ def test_frozen_layer_skips_its_backward_without_changing_the_run(tiny_store, mo
         r.set_order(np.arange(len(data.train_labels)))
         for t in range(1, 6):
             r.step(16 * (t - 1), 16 * t, 0.1, t)
-        assert ("whiten_bias" in r.model._frozen) == skip
+        assert ("whiten_bias" in r.model.frozen) == skip
         results.append(r.params.copy())
     np.testing.assert_array_equal(results[0], results[1])

@@ -15,7 +15,8 @@ from partrain.errors import PartrainError
 from partrain.evaluate import evaluate_run
 from partrain.plots import plot_runs
 from partrain.rundir import HISTORY_FIELDS, RunDir
-from partrain.train import TrainConfig, fit
+from partrain.config import TrainConfig
+from partrain.train import fit
 from synthetic import make_tiny_store
 
 # Made with the code of main at ad42516 (cwd holding data/cifar10.h5 = make_tiny_store()):

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from partrain.checkpoint import load_checkpoint
+from partrain.config import TrainConfig, resumed
 from partrain.errors import PartrainError
-from partrain.train import (TrainConfig, batch_bounds, epoch_order, fit, resume_conflicts,
-                            split_train_val)
+from partrain.train import batch_bounds, epoch_order, fit, split_train_val
 
 SMALL = {"num_filters": 4, "hidden_dim": 16, "weight_scale": 0.01}
 
@@ -60,10 +60,15 @@ def test_resume_is_bit_identical(tiny_store, tmp_path, stop_after):
 
 def test_resume_conflicts_are_named():
     saved = TrainConfig(lr=1e-3, epochs=3)
-    assert resume_conflicts(saved, {"lr": 1e-2}) == ["lr (0.001 -> 0.01)"]
-    assert resume_conflicts(saved, {"epochs": 5}) == []  # constant schedule: extending is exact
-    assert resume_conflicts(TrainConfig(schedule="cosine", epochs=3), {"epochs": 5})
-    assert resume_conflicts(saved, {"workers": 2})
+    with pytest.raises(PartrainError, match=r"changed settings: lr \(0.001 -> 0.01\)$"):
+        resumed(saved, {"lr": 1e-2})
+    # constant schedule: extending is exact; log_every only changes the log
+    assert resumed(saved, {"epochs": 5, "log_every": 7}) == TrainConfig(lr=1e-3, epochs=5,
+                                                                       log_every=7)
+    with pytest.raises(PartrainError, match="epochs"):
+        resumed(TrainConfig(schedule="cosine", epochs=3), {"epochs": 5})
+    with pytest.raises(PartrainError, match="workers"):
+        resumed(saved, {"workers": 2})
 
 
 def test_bad_settings(tiny_store, tmp_path):
