@@ -140,8 +140,8 @@ def fit(ctx, recipe, model, model_option, optimizer, lr, momentum, nesterov, wei
     """
     from click.core import ParameterSource
 
-    from .train import (Interrupted, TrainConfig, fit as run_fit, new_run_dir, read_run_config,
-                        resume_conflicts)
+    from .interrupt import Interrupted
+    from .train import TrainConfig, fit as run_fit, new_run_dir, read_run_config, resume_conflicts
 
     settings = dict(model=model, model_options=_model_options(model_option), optimizer=optimizer,
                     lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,

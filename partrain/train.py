@@ -11,10 +11,8 @@ import dataclasses
 import datetime as _dt
 import json
 import os
-import signal
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,8 +20,11 @@ import numpy as np
 
 from . import __version__
 from .batches import make_batch, normaliser
+from .ema import AirbenchLookahead
 from .errors import PartrainError
+from .interrupt import Interrupted, catch_signals
 from .nn.models import MODELS, build_model
+from .runner import make_runner
 
 CONFIG_FILE, HISTORY_FILE = "config.json", "history.csv"
 CHECKPOINT_FILE, BEST_FILE = "checkpoint.h5", "best.h5"
@@ -147,49 +148,6 @@ def accuracy(model, images, labels, scale, shift, idx=None, batch: int = 1000) -
     return float((preds == labels[idx]).mean()) if len(idx) else float("nan"), preds
 
 
-class AirbenchLookahead:
-    """airbench94's Lookahead: every 5 steps the slow copy of the parameters and of the model
-    state (batch-norm running statistics; the whitening filters there never change, so neither
-    does their average) moves toward the trained ones, slow = d·slow + (1-d)·fast with
-    d = 0.95⁵·(t/T)³, and the trained ones are reset to it; after the last step T, they are set to
-    the slow copy (d = 1). Early on d ≈ 0 (almost no averaging); at the end d ≈ 0.77. As in
-    airbench94 (its state_dict sweep), frozen parameters are averaged too: the whitening bias
-    still moves toward its slow copy after it stops training. Runs in the parent between steps
-    (the workers are idle then); the slow copies are checkpointed, so resume stays exact.
-    """
-
-    EVERY, BASE = 5, 0.95 ** 5
-
-    def __init__(self, params: np.ndarray, state: np.ndarray, total_steps: int):
-        from .ema import Lookahead
-        self.total = total_steps
-        self.parts = [(Lookahead(), params), (Lookahead(), state)]
-        for la, arr in self.parts:
-            la.init(arr)
-
-    def after_step(self, t: int) -> None:
-        """Call after step t (1-based) is done."""
-        if t % self.EVERY == 0:
-            self._update(1.0 - self.BASE * (min(t, self.total) / self.total) ** 3)
-        if t == self.total:
-            self._update(0.0)
-
-    def _update(self, alpha: float) -> None:
-        for la, arr in self.parts:
-            if arr.size:
-                la.update(arr, alpha)
-
-    def arrays(self) -> dict[str, np.ndarray]:
-        return {"lookahead.params": self.parts[0][0].slow, "lookahead.state": self.parts[1][0].slow}
-
-    def restore(self, arrays: dict, run: Path) -> None:
-        for name, dst in self.arrays().items():
-            src = arrays.get(name)
-            if src is None or src.shape != dst.shape or src.dtype != dst.dtype:
-                raise PartrainError(f"checkpoint in {run} does not match this run ({name})")
-            dst[...] = src
-
-
 def tta_accuracy(model, images, labels, scale, shift, mode: str, batch: int = 500,
                  idx=None) -> tuple[float, float]:
     """(plain accuracy, accuracy with test-time augmentation `mode`) of `model` on images[idx].
@@ -217,37 +175,6 @@ def tta_accuracy(model, images, labels, scale, shift, mode: str, batch: int = 50
         tta[lo:lo + len(x)] = acc.argmax(axis=1)
     y = labels[idx]
     return float((plain == y).mean()), float((tta == y).mean())
-
-
-# ------------------------------------------------------------------------ Ctrl-C handling
-class Interrupted(Exception):
-    """Ctrl-C arrived; the loop stopped at a step boundary and saved a checkpoint."""
-
-
-@contextmanager
-def stop_at_step_boundary():
-    """First SIGINT sets a flag the loop checks after each step; a second one interrupts at once."""
-    state = {"stop": False}
-    if not _is_main_thread():
-        yield state
-        return
-
-    def handler(signum, frame):
-        if state["stop"]:
-            raise KeyboardInterrupt
-        state["stop"] = True
-        print("\nstopping after this step (Ctrl-C again to force)", file=sys.stderr, flush=True)
-
-    old = signal.signal(signal.SIGINT, handler)
-    try:
-        yield state
-    finally:
-        signal.signal(signal.SIGINT, old)
-
-
-def _is_main_thread() -> bool:
-    import threading
-    return threading.current_thread() is threading.main_thread()
 
 
 # --------------------------------------------------------------------------- run folder
@@ -376,20 +303,6 @@ def format_duration(seconds: float) -> str:
     return f"{h} h {m:02d} min"
 
 
-def make_runner(cfg: TrainConfig, data, model_spec, opt_spec, train_idx=None):
-    """LocalRunner for one worker, the engine for more; both initialise the model identically
-    (init_from_data sees only `train_idx`) and augment as cfg says."""
-    common = dict(seed=cfg.seed, augment=cfg.augment_spec(), init_idx=train_idx)
-    if cfg.workers == 1:
-        from .runner import LocalRunner
-        return LocalRunner(model_spec, opt_spec, data.train_images, data.train_labels,
-                           data.mean, data.std, **common)
-    from .parallel.engine import ParallelRunner
-    return ParallelRunner(model_spec, opt_spec, data.train_images, data.train_labels,
-                          data.mean, data.std, n_workers=cfg.workers, reduction=cfg.reduction,
-                          **common)
-
-
 def fit(cfg: TrainConfig, run: Path, resume: bool = False, quiet: bool = False,
         evaluate_test: bool = True, max_steps: int | None = None) -> dict:
     """Train (or continue) the run in folder `run`; returns the final summary.
@@ -434,7 +347,9 @@ def fit(cfg: TrainConfig, run: Path, resume: bool = False, quiet: bool = False,
             "parameters": model.layout.size})
 
     progress = Progress(quiet)
-    with make_runner(cfg, data, model_spec, opt_spec, train_idx) as runner:
+    # Ctrl-C is caught from before the workers start: see `interrupt`.
+    with catch_signals() as stop, make_runner(cfg, data, model_spec, opt_spec, train_idx,
+                                              stop) as runner:
         lookahead = (AirbenchLookahead(runner.params, runner.state, cfg.epochs * steps_per_epoch)
                      if cfg.lookahead else None)
         # The engine copied the images into shared memory: read validation batches from there and
@@ -486,72 +401,70 @@ def fit(cfg: TrainConfig, run: Path, resume: bool = False, quiet: bool = False,
                       f"{cfg.optimizer} lr {cfg.lr:g}"
                       + (f", augmentation: {_describe_augment(aug)}" if aug else "")
                       + (f" (recipe {cfg.recipe})" if cfg.recipe else "") + f"; run folder {run}")
-        with stop_at_step_boundary() as flag:
-            while epoch < cfg.epochs and stopped is None:
-                order = epoch_order(train_idx, cfg.seed, epoch)
-                runner.set_order(order, epoch)
-                progress.start_epoch(epoch, cfg.epochs, steps_per_epoch, pos)
-                ep_t0, ep_loss, ep_correct, ep_seen = time.perf_counter(), 0.0, 0, 0
-                win_t0, win_imgs, win_loss, win_n = time.perf_counter(), 0, 0.0, 0
-                ep_time_before = 0.0
-                if carried:  # resuming mid-epoch: continue the epoch's and the window's sums
-                    ep_loss, ep_correct, ep_seen, win_loss, win_n, ep_time_before = carried
-                    carried = None
-                with threadpool_limits(1 if cfg.workers == 1 else None):
-                    while pos < steps_per_epoch:
-                        lo, hi = bounds[pos]
-                        lr = schedule(t)
-                        t += 1
-                        loss_sum, correct = runner.step(lo, hi, lr, t)
-                        if lookahead is not None:
-                            lookahead.after_step(t)
-                        n = hi - lo
-                        pos += 1
-                        images_done += n
-                        steps_this_call += 1
-                        ep_loss += loss_sum
-                        ep_correct += correct
-                        ep_seen += n
-                        win_imgs += n
-                        win_loss += loss_sum
-                        win_n += n
-                        if pos % cfg.log_every == 0 or pos == steps_per_epoch:
-                            now = time.perf_counter()
-                            ips = win_imgs / max(now - win_t0, 1e-9)
-                            append_history(run / HISTORY_FILE, {
-                                "kind": "step", "epoch": epoch + 1, "step": t,
-                                "loss": win_loss / win_n, "lr": lr, "images_per_s": round(ips, 1)})
-                            progress.update(pos, win_loss / win_n, ep_correct / ep_seen, ips)
-                            win_t0, win_imgs, win_loss, win_n = now, 0, 0.0, 0
-                        if not np.isfinite(loss_sum):
-                            raise PartrainError(f"loss became {loss_sum} at step {t}; "
-                                                f"try a smaller --lr")
-                        if flag["stop"]:
-                            stopped = "interrupted"
-                            break
-                        if max_steps is not None and steps_this_call >= max_steps:
-                            stopped = "max_steps"
-                            break
-                progress.end_epoch()
-                if stopped is not None:
-                    checkpoint(epoch, pos)
-                    break
-                val_acc = accuracy(eval_model, data.train_images, data.train_labels, scale, shift,
-                                   val_idx)[0] if len(val_idx) else float("nan")
-                ep_time = ep_time_before + time.perf_counter() - ep_t0
-                train_acc = ep_correct / max(ep_seen, 1)
-                append_history(run / HISTORY_FILE, {
-                    "kind": "epoch", "epoch": epoch + 1, "step": t, "loss": ep_loss / max(ep_seen, 1),
-                    "train_acc": train_acc, "val_acc": val_acc, "time_s": round(ep_time, 2),
-                    "images_per_s": round(ep_seen / ep_time, 1)})
-                progress.line(f"epoch {epoch + 1}/{cfg.epochs}: loss {ep_loss / max(ep_seen, 1):.4f}"
-                              f"  train acc {train_acc:.1%}  val acc {val_acc:.1%}  "
-                              f"{ep_time:.1f} s  {ep_seen / ep_time:.0f} img/s")
-                epoch, pos = epoch + 1, 0
-                if val_acc > best_val:
-                    best_val = val_acc
-                    checkpoint(epoch, pos, BEST_FILE)
+        while epoch < cfg.epochs and stopped is None:
+            order = epoch_order(train_idx, cfg.seed, epoch)
+            runner.set_order(order, epoch)
+            progress.start_epoch(epoch, cfg.epochs, steps_per_epoch, pos)
+            ep_t0, ep_loss, ep_correct, ep_seen = time.perf_counter(), 0.0, 0, 0
+            win_t0, win_imgs, win_loss, win_n = time.perf_counter(), 0, 0.0, 0
+            ep_time_before = 0.0
+            if carried:  # resuming mid-epoch: continue the epoch's and the window's sums
+                ep_loss, ep_correct, ep_seen, win_loss, win_n, ep_time_before = carried
+                carried = None
+            with threadpool_limits(1 if cfg.workers == 1 else None):
+                while pos < steps_per_epoch and not stop.requested:  # also: Ctrl-C at start-up
+                    lo, hi = bounds[pos]
+                    lr = schedule(t)
+                    t += 1
+                    loss_sum, correct = runner.step(lo, hi, lr, t)
+                    if lookahead is not None:
+                        lookahead.after_step(t)
+                    n = hi - lo
+                    pos += 1
+                    images_done += n
+                    steps_this_call += 1
+                    ep_loss += loss_sum
+                    ep_correct += correct
+                    ep_seen += n
+                    win_imgs += n
+                    win_loss += loss_sum
+                    win_n += n
+                    if pos % cfg.log_every == 0 or pos == steps_per_epoch:
+                        now = time.perf_counter()
+                        ips = win_imgs / max(now - win_t0, 1e-9)
+                        append_history(run / HISTORY_FILE, {
+                            "kind": "step", "epoch": epoch + 1, "step": t,
+                            "loss": win_loss / win_n, "lr": lr, "images_per_s": round(ips, 1)})
+                        progress.update(pos, win_loss / win_n, ep_correct / ep_seen, ips)
+                        win_t0, win_imgs, win_loss, win_n = now, 0, 0.0, 0
+                    if not np.isfinite(loss_sum):
+                        raise PartrainError(f"loss became {loss_sum} at step {t}; "
+                                            f"try a smaller --lr")
+                    if max_steps is not None and steps_this_call >= max_steps:
+                        stopped = "max_steps"
+                        break
+            progress.end_epoch()
+            if stop.requested:
+                stopped = "interrupted"
+            if stopped is not None:
                 checkpoint(epoch, pos)
+                break
+            val_acc = accuracy(eval_model, data.train_images, data.train_labels, scale, shift,
+                               val_idx)[0] if len(val_idx) else float("nan")
+            ep_time = ep_time_before + time.perf_counter() - ep_t0
+            train_acc = ep_correct / max(ep_seen, 1)
+            append_history(run / HISTORY_FILE, {
+                "kind": "epoch", "epoch": epoch + 1, "step": t, "loss": ep_loss / max(ep_seen, 1),
+                "train_acc": train_acc, "val_acc": val_acc, "time_s": round(ep_time, 2),
+                "images_per_s": round(ep_seen / ep_time, 1)})
+            progress.line(f"epoch {epoch + 1}/{cfg.epochs}: loss {ep_loss / max(ep_seen, 1):.4f}"
+                          f"  train acc {train_acc:.1%}  val acc {val_acc:.1%}  "
+                          f"{ep_time:.1f} s  {ep_seen / ep_time:.0f} img/s")
+            epoch, pos = epoch + 1, 0
+            if val_acc > best_val:
+                best_val = val_acc
+                checkpoint(epoch, pos, BEST_FILE)
+            checkpoint(epoch, pos)
 
         train_time = time.perf_counter() - t_start
         summary = {"run": str(run), "epochs_done": epoch, "steps": t,

@@ -83,7 +83,7 @@ def test_whole_model_gradient():
 def test_whitening_is_never_trained():
     m, params = bound_model(np.float32, **TINY)
     w0 = m.state_layout.views(m.state)["whiten.w"].copy()
-    opt = build_optimizer("sgd", lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01,
+    opt = build_optimizer("sgd", momentum=0.9, nesterov=True, weight_decay=0.01,
                           decoupled=True, decay_ranges=m.layout.decay_ranges(),
                           lr_scale_ranges=m.layout.lr_scale_ranges())
     st = {"velocity": np.zeros_like(params)}
@@ -94,7 +94,7 @@ def test_whitening_is_never_trained():
     for t in (1, 2):
         m.train_step(x, y, 0.25, stats)
         m.merge_stats(stats, 2)
-        opt.step(params, m.grads, st, t)
+        opt.step(params, m.grads, st, t, 0.1)
     assert not np.array_equal(params, p0)
     np.testing.assert_array_equal(m.state_layout.views(m.state)["whiten.w"], w0)
 

@@ -22,7 +22,9 @@ from partrain.nn.airbench import whitening_weights
 from partrain.nn.models import build_model
 from partrain.parallel.engine import ParallelRunner
 from partrain.recipes import RECIPES, airbench_lr
-from partrain.runner import LocalRunner, PhasedOptimizer, init_from_data, make_optimizer
+from partrain.optim import PhasedOptimizer, make_optimizer
+from partrain.runner import LocalRunner
+from partrain.step import init_from_data
 from partrain.train import TrainConfig, accuracy, fit, tta_accuracy
 from partrain.tta import tta_logits
 from synthetic import learnable_split
