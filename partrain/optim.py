@@ -10,6 +10,9 @@ Two properties the engine relies on:
   then [k, n) equals stepping [0, n) bit for bit.
 - Speed: the slice is processed in cache-sized chunks with two scratch buffers allocated once, using
   in-place ufuncs; there are no full-size temporaries (a naive numpy Adam makes ~10 of them).
+
+The learning rate is an argument of every `step` (the schedule's value), never a setting of the
+optimizer. Freezing (`make_optimizer`'s "freeze") is one optimizer per phase (`PhasedOptimizer`).
 """
 from __future__ import annotations
 
