@@ -141,7 +141,8 @@ class ParallelRunner:
                  "ctl": ((self.n_workers, W.CTL_COLUMNS), np.float64)}
         specs.update({f"grad{w}": ((size,), m.dtype) for w in range(self.n_workers)})
         specs.update({f"opt_{k}": ((size,), m.dtype) for k in optimizer.state_names})
-        self._shm = shm = SharedArrays.create(specs)
+        with self._stop.deferred():  # a stop-now inside would leak the block being made
+            self._shm = shm = SharedArrays.create(specs)
         self.tag = shm.names()[0].rsplit("-", 1)[0] if shm.names() else "partrain"
         if hasattr(images, "read_direct"):
             images.read_direct(shm["images"])
@@ -164,7 +165,8 @@ class ParallelRunner:
                           for w in range(self.n_workers)]
         self._pool.log_paths = self.log_paths
         t0 = time.perf_counter()
-        self._pool.start(start_method, cfg)
+        with self._stop.deferred():  # nor may it cut a process start in half
+            self._pool.start(start_method, cfg)
         self._wait(self._pool.collect, b"k", timeout, "start")
         self.startup_s = time.perf_counter() - t0
 
