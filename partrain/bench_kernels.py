@@ -15,7 +15,7 @@ from threadpoolctl import threadpool_info, threadpool_limits
 from .nn import functional as F
 from .nn.layers import StepContext
 from .nn.models import build_model
-from .runner import make_optimizer
+from .optim import make_optimizer
 
 
 def _median_ms(fn, repeats: int, warmup: int = 2) -> float:

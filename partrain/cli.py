@@ -131,8 +131,9 @@ def fit(ctx, runs_dir, name, resume, quiet, dry_run, max_steps, **options):
     partrain fit --recipe airbench            airbench94's recipe (see README, Recipes)
     partrain fit --recipe airbench --dry-run  what it sets
     """
+    from .interrupt import Interrupted
     from .rundir import RunDir
-    from .train import Interrupted, fit as run_fit
+    from .train import fit as run_fit
 
     settings = _settings(options)
     explicit = {k for k in settings

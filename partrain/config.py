@@ -224,7 +224,7 @@ def optimizer_spec(cfg: TrainConfig, model, steps_per_epoch: int = 1) -> tuple[s
 # - Schedule `onecycle`: 0.2 → 1 at 23 % of the steps → 0.07 at the end (airbench's triangle).
 # - Epochs: airbench94 trains 9.9 epochs; ours are whole, so 10 (480 steps of 1024 on the 49,000
 #   images left by the 1,000-image validation split).
-# - Whitening: the first conv's filters come from the training images (`runner.init_from_data`);
+# - Whitening: the first conv's filters come from the training images (the airbench model's `init_from_data`);
 #   its bias trains for 3 epochs, then is frozen (learning-rate scale 0, as requires_grad=False).
 # - Alternating flips, translation by up to 2 px, TTA `flip_translate`, and Lookahead every 5 steps
 #   with decay 0.95⁵·(t/T)³, ending on the average (`train.AirbenchLookahead`).

@@ -1,22 +1,18 @@
-"""Averages of the flat parameter vector: an exponential moving average (EMA) and Lookahead.
+"""Lookahead on the flat parameter vector, and airbench94's schedule for it.
 
-Both work on the one flat vector (see `nn.params`) in place, chunk by chunk with one scratch buffer,
-so they cost a few passes over the parameters per call and no full-size temporaries.
-
-- `ParamEMA(decay)`: ema = decay·ema + (1 - decay)·params after each step (hlb-cifar10 / airbench
-  v1 evaluate with such an average). `warmup=True` uses min(decay, (1 + t)/(10 + t)) so that early
-  steps are not dominated by the initial weights. Evaluate with `swap_in` / `swap_out` (exchange
-  contents, no copy kept) or `copy_to`.
-- `Lookahead(alpha)`: every call moves slow weights toward the fast ones, slow += alpha·(fast −
-  slow), then resets the fast weights to the slow ones (Zhang et al. 2019; airbench95/96 call it
-  every 5 steps with a decay schedule).
-
-Batch-norm running statistics live in the model's `state` vector; average them with a second
-`ParamEMA` if wanted (airbench's EMA copies them as they are).
+`Lookahead(alpha)`: every call moves slow weights toward the fast ones, slow += alpha·(fast −
+slow), then resets the fast weights to the slow ones (Zhang et al. 2019). It works on the one flat
+vector (see `nn.params`) in place, chunk by chunk, so a call costs a few passes over the
+parameters and no full-size temporaries. `AirbenchLookahead` calls it every 5 steps with
+airbench94's decay schedule, on the parameters and on the model state (batch-norm statistics).
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+
+from .errors import PartrainError
 
 CHUNK = 65536
 
@@ -24,76 +20,6 @@ CHUNK = 65536
 def _chunks(n: int, chunk: int):
     for lo in range(0, n, chunk):
         yield lo, min(lo + chunk, n)
-
-
-class ParamEMA:
-    def __init__(self, decay: float, warmup: bool = False, chunk: int = CHUNK):
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
-        self.decay, self.warmup, self.chunk = float(decay), bool(warmup), int(chunk)
-        self.ema: np.ndarray | None = None
-        self._scratch: np.ndarray | None = None
-
-    def _buf(self, dtype) -> np.ndarray:
-        if self._scratch is None or self._scratch.dtype != dtype:
-            self._scratch = np.empty(self.chunk, dtype)
-        return self._scratch
-
-    def init(self, params: np.ndarray, out: np.ndarray | None = None) -> None:
-        """Start the average at `params` (into `out` if given: a shared or checkpoint array)."""
-        self.ema = np.array(params, copy=True) if out is None else out
-        if out is not None:
-            np.copyto(out, params)
-
-    def decay_at(self, step: int | None) -> float:
-        if step is None or not self.warmup:
-            return self.decay
-        return min(self.decay, (1.0 + step) / (10.0 + step))
-
-    def update(self, params: np.ndarray, step: int | None = None) -> float:
-        """ema = d·ema + (1-d)·params in place; returns the decay d used."""
-        if self.ema is None:
-            self.init(params)
-            return 0.0
-        d = self.decay_at(step)
-        dt = self.ema.dtype
-        keep, take = np.array(d, dt), np.array(1.0 - d, dt)
-        buf = self._buf(dt)
-        for lo, hi in _chunks(params.size, self.chunk):
-            e, b = self.ema[lo:hi], buf[:hi - lo]
-            np.multiply(e, keep, out=e)
-            np.multiply(params[lo:hi], take, out=b)
-            np.add(e, b, out=e)
-        return d
-
-    def copy_to(self, out: np.ndarray) -> np.ndarray:
-        np.copyto(out, self.ema)
-        return out
-
-    def swap(self, params: np.ndarray) -> None:
-        """Exchange the contents of `params` and the average (call again to undo)."""
-        buf = self._buf(params.dtype)
-        for lo, hi in _chunks(params.size, self.chunk):
-            p, e, b = params[lo:hi], self.ema[lo:hi], buf[:hi - lo]
-            np.copyto(b, p)
-            np.copyto(p, e)
-            np.copyto(e, b)
-
-    swap_in = swap_out = swap
-
-    def swapped(self, params: np.ndarray):
-        """Context manager: the averaged weights are in `params` inside the block."""
-        ema = self
-
-        class _Swapped:
-            def __enter__(self):
-                ema.swap(params)
-                return params
-
-            def __exit__(self, *exc):
-                ema.swap(params)
-
-        return _Swapped()
 
 
 class Lookahead:
@@ -118,3 +44,45 @@ class Lookahead:
             np.multiply(p, a, out=p)
             np.add(s, p, out=s)
             np.copyto(p, s)
+
+
+class AirbenchLookahead:
+    """airbench94's Lookahead: every 5 steps the slow copy of the parameters and of the model
+    state (batch-norm running statistics; the whitening filters there never change, so neither
+    does their average) moves toward the trained ones, slow = d·slow + (1-d)·fast with
+    d = 0.95⁵·(t/T)³, and the trained ones are reset to it; after the last step T, they are set to
+    the slow copy (d = 1). Early on d ≈ 0 (almost no averaging); at the end d ≈ 0.77. As in
+    airbench94 (its state_dict sweep), frozen parameters are averaged too: the whitening bias
+    still moves toward its slow copy after it stops training. Runs in the parent between steps
+    (the workers are idle then); the slow copies are checkpointed, so resume stays exact.
+    """
+
+    EVERY, BASE = 5, 0.95 ** 5
+
+    def __init__(self, params: np.ndarray, state: np.ndarray, total_steps: int):
+        self.total = total_steps
+        self.parts = [(Lookahead(), params), (Lookahead(), state)]
+        for la, arr in self.parts:
+            la.init(arr)
+
+    def after_step(self, t: int) -> None:
+        """Call after step t (1-based) is done."""
+        if t % self.EVERY == 0:
+            self._update(1.0 - self.BASE * (min(t, self.total) / self.total) ** 3)
+        if t == self.total:
+            self._update(0.0)
+
+    def _update(self, alpha: float) -> None:
+        for la, arr in self.parts:
+            if arr.size:
+                la.update(arr, alpha)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"lookahead.params": self.parts[0][0].slow, "lookahead.state": self.parts[1][0].slow}
+
+    def restore(self, arrays: dict, run: Path) -> None:
+        for name, dst in self.arrays().items():
+            src = arrays.get(name)
+            if src is None or src.shape != dst.shape or src.dtype != dst.dtype:
+                raise PartrainError(f"checkpoint in {run} does not match this run ({name})")
+            dst[...] = src

@@ -10,6 +10,9 @@ Two properties the engine relies on:
   then [k, n) equals stepping [0, n) bit for bit.
 - Speed: the slice is processed in cache-sized chunks with two scratch buffers allocated once, using
   in-place ufuncs; there are no full-size temporaries (a naive numpy Adam makes ~10 of them).
+
+The learning rate is an argument of every `step` (the schedule's value), never a setting of the
+optimizer. Freezing (`make_optimizer`'s "freeze") is one optimizer per phase (`PhasedOptimizer`).
 """
 from __future__ import annotations
 
@@ -32,14 +35,12 @@ class Optimizer:
 
     state_names: tuple[str, ...] = ()
 
-    def __init__(self, lr: float, weight_decay: float, decoupled: bool,
+    def __init__(self, weight_decay: float, decoupled: bool,
                  decay_ranges: Sequence[tuple[int, int]] | None,
                  lr_scale_ranges: Sequence[tuple[int, int, float]] | None,
                  chunk: int):
-        _check(lr > 0, f"learning rate must be positive, got {lr}")
         _check(weight_decay >= 0, f"weight_decay must be >= 0, got {weight_decay}")
         _check(chunk >= 1, f"chunk must be >= 1, got {chunk}")
-        self.lr = float(lr)
         self.weight_decay = float(weight_decay)
         self.decoupled = bool(decoupled)
         self.chunk = int(chunk)
@@ -50,10 +51,11 @@ class Optimizer:
         self._scratch: dict[np.dtype, tuple[np.ndarray, np.ndarray]] = {}
 
     def step(self, params: np.ndarray, grads: np.ndarray, state: dict[str, np.ndarray], t: int,
-             lr: float | None = None, lo: int = 0, hi: int | None = None) -> None:
+             lr: float, lo: int = 0, hi: int | None = None) -> None:
         """Update params[lo:hi] and state[name][lo:hi] in place from grads[lo:hi] (read only).
 
-        t is the 1-based step count; lr defaults to the constructor's lr (schedules pass their own).
+        t is the 1-based step count; lr is this step's learning rate (the schedule's: it has no
+        other source).
         """
         n = params.shape[0]
         hi = n if hi is None else hi
@@ -66,7 +68,7 @@ class Optimizer:
             _check(name in state and state[name].shape == params.shape
                    and state[name].dtype == params.dtype,
                    f"optimizer state {name!r} must be a flat {params.dtype} vector of {n}")
-        lr = self.lr if lr is None else float(lr)
+        lr = float(lr)
         dtype = params.dtype
         a, b = self._buffers(dtype)
         st = [state[name] for name in self.state_names]
@@ -138,10 +140,10 @@ class Adam(Optimizer):
 
     state_names = ("m", "v")
 
-    def __init__(self, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+    def __init__(self, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, decoupled: bool = False,
                  decay_ranges=None, lr_scale_ranges=None, chunk: int = DEFAULT_CHUNK):
-        super().__init__(lr, weight_decay, decoupled, decay_ranges, lr_scale_ranges, chunk)
+        super().__init__(weight_decay, decoupled, decay_ranges, lr_scale_ranges, chunk)
         b1, b2 = (float(b) for b in betas)
         _check(0 <= b1 < 1 and 0 <= b2 < 1, f"betas must be in [0, 1), got {betas}")
         _check(eps > 0, f"eps must be positive, got {eps}")
@@ -186,10 +188,10 @@ class SGD(Optimizer):
     With momentum 0 there is no state.
     """
 
-    def __init__(self, lr: float = 1e-2, momentum: float = 0.0, nesterov: bool = False,
+    def __init__(self, momentum: float = 0.0, nesterov: bool = False,
                  weight_decay: float = 0.0, decoupled: bool = False,
                  decay_ranges=None, lr_scale_ranges=None, chunk: int = DEFAULT_CHUNK):
-        super().__init__(lr, weight_decay, decoupled, decay_ranges, lr_scale_ranges, chunk)
+        super().__init__(weight_decay, decoupled, decay_ranges, lr_scale_ranges, chunk)
         _check(0 <= momentum < 1, f"momentum must be in [0, 1), got {momentum}")
         _check(not nesterov or momentum > 0, "nesterov needs momentum > 0")
         self.momentum, self.nesterov = float(momentum), bool(nesterov)
@@ -221,7 +223,12 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 
 
 def build_optimizer(name: str, **hyper) -> Optimizer:
-    """An optimizer by name: adam, adamw (= adam with decoupled decay) or sgd."""
+    """An optimizer by name: adam, adamw (= adam with decoupled decay) or sgd.
+
+    An "lr" in hyper is ignored: the learning rate comes with every step (the schedule's). Older
+    specs (train.optimizer_spec, bench) still carry one.
+    """
+    hyper.pop("lr", None)
     key = name.lower()
     if key == "adamw":
         hyper.setdefault("decoupled", True)
@@ -238,6 +245,83 @@ def build_optimizer(name: str, **hyper) -> Optimizer:
         return cls(**hyper)
     except TypeError as e:
         raise ValueError(f"bad hyperparameters for {name}: {e}") from None
+
+
+# -- freezing: one optimizer per phase -----------------------------------------------------------
+
+def make_optimizer(model, optimizer_spec: tuple[str, dict]):
+    """The optimizer of `optimizer_spec` = (name, hyper) over the model's flat vector: weight decay
+    on the model's decay ranges, its per-parameter learning-rate scales.
+
+    hyper may hold "freeze": {parameter name or layer prefix: step count s}: from step t = s + 1
+    on, those parameters get a learning-rate scale of 0, i.e. stay exactly as they are (p - 0·d
+    == p), as PyTorch's requires_grad = False leaves them. That is one optimizer per phase,
+    chosen by t (`PhasedOptimizer`): no state, so a resumed run freezes at the same step.
+    """
+    name, hyper = optimizer_spec
+    hyper = dict(hyper)
+    freeze = {k: int(v) for k, v in (hyper.pop("freeze", None) or {}).items()}
+    specs = model.layout.specs
+    for key in freeze:
+        if not any(_matches(s.name, key) for s in specs):
+            raise ValueError(f"cannot freeze {key!r}: the model has no such parameter "
+                             f"({', '.join(s.name for s in specs)})")
+
+    def build(frozen: set[str]):
+        scales = [(model.layout.offsets[s.name], model.layout.offsets[s.name] + s.size,
+                   0.0 if any(_matches(s.name, k) for k in frozen) else s.lr_scale)
+                  for s in specs if s.size]
+        return build_optimizer(name, decay_ranges=model.layout.decay_ranges(),
+                               lr_scale_ranges=[r for r in scales if r[2] != 1.0], **hyper)
+
+    if not freeze:
+        return build(set())
+    starts = sorted({0} | {s + 1 for s in freeze.values()})
+    frozen = {t0: {k for k, s in freeze.items() if s + 1 <= t0} for t0 in starts}
+    return PhasedOptimizer([(t0, build(frozen[t0])) for t0 in starts], frozen)
+
+
+def _matches(param: str, key: str) -> bool:
+    return param == key or param.startswith(key + ".")
+
+
+class PhasedOptimizer:
+    """Optimizers with the same hyperparameters and state, each used from its first step t on.
+
+    Only their learning-rate scales differ (parameters frozen from some step), so they share the
+    flat state vectors; like every optimizer here, stepping a slice equals stepping the whole.
+    """
+
+    def __init__(self, phases: list[tuple[int, Optimizer]], frozen: dict[int, set] | None = None):
+        self.phases = sorted(phases, key=lambda p: p[0])
+        self.state_names = self.phases[0][1].state_names
+        self.frozen = frozen or {}
+
+    def frozen_at(self, t: int) -> set:
+        """The names (parameters or layer prefixes) frozen at step t."""
+        return next((self.frozen.get(t0, set()) for t0, _ in reversed(self.phases) if t >= t0),
+                    set())
+
+    def at(self, t: int) -> Optimizer:
+        """The optimizer that step t (1-based) uses."""
+        chosen = self.phases[0][1]
+        for t0, opt in self.phases:
+            if t >= t0:
+                chosen = opt
+        return chosen
+
+    def step(self, params, grads, state, t, lr, lo=0, hi=None) -> None:
+        self.at(t).step(params, grads, state, t, lr, lo, hi)
+
+
+def sync_frozen(model, optimizer, t: int) -> None:
+    """Tell the model which whole layers the optimizer has frozen by step t, so that it skips
+    their backward work (airbench: conv0a's input gradient once the whitening bias is frozen).
+    Their parameters stay as they are either way (learning-rate scale 0); this only saves time."""
+    if isinstance(optimizer, PhasedOptimizer):
+        for key in optimizer.frozen_at(t):
+            if key in model.layer_names and key not in model.frozen:
+                model.set_frozen(key)
 
 
 # -- learning-rate schedules ---------------------------------------------------------------------

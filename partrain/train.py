@@ -10,10 +10,7 @@ with exactly the parameters of the same run uninterrupted.
 from __future__ import annotations
 
 import datetime as _dt
-import signal
-import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,11 +21,15 @@ from . import __version__
 from .batches import normaliser
 from .config import TrainConfig, optimizer_spec
 from .datasets.store import load_store
+from .ema import AirbenchLookahead
 from .errors import PartrainError
 from .evaluate import accuracy, tta_accuracy
+from .interrupt import Interrupted, catch_signals
 from .nn.models import build_model
 from .optim import make_schedule
+from .progress import Progress, format_duration
 from .rundir import RunDir, file_sha256
+from .runner import make_runner
 
 
 # ------------------------------------------------------------------------- data choices
@@ -48,72 +49,6 @@ def epoch_order(train_idx: np.ndarray, seed: int, epoch: int) -> np.ndarray:
 def batch_bounds(n: int, batch_size: int) -> list[tuple[int, int]]:
     """[lo, hi) of each step of an epoch; the last batch may be smaller (every sample is used)."""
     return [(lo, min(lo + batch_size, n)) for lo in range(0, n, batch_size)]
-
-
-class AirbenchLookahead:
-    """airbench94's Lookahead: every 5 steps the slow copy of the parameters and of the model
-    state (batch-norm running statistics; the whitening filters there never change, so neither
-    does their average) moves toward the trained ones, slow = d·slow + (1-d)·fast with
-    d = 0.95⁵·(t/T)³, and the trained ones are reset to it; after the last step T, they are set to
-    the slow copy (d = 1). Early on d ≈ 0 (almost no averaging); at the end d ≈ 0.77. As in
-    airbench94 (its state_dict sweep), frozen parameters are averaged too: the whitening bias
-    still moves toward its slow copy after it stops training. Runs in the parent between steps
-    (the workers are idle then); the slow copies are checkpointed, so resume stays exact.
-    """
-
-    EVERY, BASE = 5, 0.95 ** 5
-
-    def __init__(self, params: np.ndarray, state: np.ndarray, total_steps: int):
-        from .ema import Lookahead
-        self.total = total_steps
-        self.parts = [(Lookahead(), params), (Lookahead(), state)]
-        for la, arr in self.parts:
-            la.init(arr)
-
-    def after_step(self, t: int) -> None:
-        """Call after step t (1-based) is done."""
-        if t % self.EVERY == 0:
-            self._update(1.0 - self.BASE * (min(t, self.total) / self.total) ** 3)
-        if t == self.total:
-            self._update(0.0)
-
-    def _update(self, alpha: float) -> None:
-        for la, arr in self.parts:
-            if arr.size:
-                la.update(arr, alpha)
-
-    def arrays(self) -> dict[str, np.ndarray]:
-        return {"lookahead.params": self.parts[0][0].slow, "lookahead.state": self.parts[1][0].slow}
-
-# ------------------------------------------------------------------------ Ctrl-C handling
-class Interrupted(Exception):
-    """Ctrl-C arrived; the loop stopped at a step boundary and saved a checkpoint."""
-
-
-@contextmanager
-def stop_at_step_boundary():
-    """First SIGINT sets a flag the loop checks after each step; a second one interrupts at once."""
-    state = {"stop": False}
-    if not _is_main_thread():
-        yield state
-        return
-
-    def handler(signum, frame):
-        if state["stop"]:
-            raise KeyboardInterrupt
-        state["stop"] = True
-        print("\nstopping after this step (Ctrl-C again to force)", file=sys.stderr, flush=True)
-
-    old = signal.signal(signal.SIGINT, handler)
-    try:
-        yield state
-    finally:
-        signal.signal(signal.SIGINT, old)
-
-
-def _is_main_thread() -> bool:
-    import threading
-    return threading.current_thread() is threading.main_thread()
 
 
 # --------------------------------------------------------------------------- loop state
@@ -216,96 +151,7 @@ class RunState:
             self.epoch_meter.t0 = self.window.t0 = time.perf_counter()
 
 
-# ------------------------------------------------------------------------------ progress
-class Progress:
-    """What the user sees while training.
-
-    - On a terminal (the stream is a TTY): a tqdm bar per epoch with steps done, elapsed and ETA,
-      the loss of the last logged window, the accuracy so far this epoch and images/s; at the end
-      of the epoch the bar is replaced by a one-line summary (`line`).
-    - Elsewhere (CI logs, pipes, files): the same numbers as a plain line, with the epoch's ETA,
-      at most every tenth of an epoch and every `plain_every` seconds; no carriage returns, so
-      logs stay readable.
-    - quiet: nothing at all; the caller prints the final summary.
-    Summaries (`line`) go to stdout; the bar goes to `stream` (stderr by default).
-    """
-
-    def __init__(self, quiet: bool, stream=None, tty: bool | None = None,
-                 plain_every: float = 5.0):
-        self.quiet, self.plain_every = quiet, plain_every
-        self.stream = stream or sys.stderr
-        self.tty = (hasattr(self.stream, "isatty") and self.stream.isatty()) if tty is None else tty
-        self.bar = None
-        self.epoch = self.epochs = self.total = self.done0 = self.next_plain = 0
-        self.t0 = self.last_plain = time.perf_counter()
-
-    def line(self, text: str) -> None:
-        if self.quiet:
-            return
-        if self.bar is not None:
-            self.bar.write(text, file=sys.stdout)
-        else:
-            print(text, flush=True)
-
-    def start_epoch(self, epoch: int, epochs: int, total: int, done: int) -> None:
-        """Epoch `epoch` (0-based) of `epochs` has `total` steps, `done` of them already (resume)."""
-        self.epoch, self.epochs, self.total, self.done0 = epoch, epochs, total, done
-        self.t0 = self.last_plain = time.perf_counter()
-        self.next_plain = done + max(1, total // 10)
-        if self.quiet or not self.tty:
-            return
-        from tqdm import tqdm
-        self.bar = tqdm(total=total, initial=done, desc=f"epoch {epoch + 1}/{epochs}",
-                        unit="step", file=self.stream, leave=False, dynamic_ncols=True)
-
-    def update(self, pos: int, loss: float, acc: float, ips: float) -> None:
-        """`pos` steps of the epoch are done; loss of the last window, accuracy so far, img/s."""
-        if self.quiet:
-            return
-        if self.bar is not None:
-            self.bar.set_postfix_str(f"loss {loss:.3f}, acc {acc:.1%}, {ips:,.0f} img/s",
-                                     refresh=False)
-            self.bar.update(pos - self.bar.n)
-        elif (not self.tty and self.next_plain <= pos < self.total  # the epoch line ends it
-              and time.perf_counter() - self.last_plain >= self.plain_every):
-            self.next_plain = pos + max(1, self.total // 10)
-            self.last_plain = now = time.perf_counter()
-            eta = (now - self.t0) / max(pos - self.done0, 1) * (self.total - pos)
-            print(f"epoch {self.epoch + 1}/{self.epochs} step {pos}/{self.total}: loss {loss:.4f}"
-                  f"  acc {acc:.1%}  {ips:,.0f} img/s  ETA {format_duration(eta)}", flush=True)
-
-    def end_epoch(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
-
-
-def format_duration(seconds: float) -> str:
-    """12.3 s, 4 min 05 s, 1 h 02 min."""
-    if seconds < 60:
-        return f"{seconds:.1f} s"
-    m, s = divmod(int(round(seconds)), 60)
-    if m < 60:
-        return f"{m} min {s:02d} s"
-    h, m = divmod(m, 60)
-    return f"{h} h {m:02d} min"
-
-
 # ---------------------------------------------------------------------------- the run
-def make_runner(cfg: TrainConfig, data, model_spec, opt_spec, train_idx=None):
-    """LocalRunner for one worker, the engine for more; both initialise the model identically
-    (init_from_data sees only `train_idx`) and augment as cfg says."""
-    common = dict(seed=cfg.seed, augment=cfg.augment_spec(), init_idx=train_idx)
-    if cfg.workers == 1:
-        from .runner import LocalRunner
-        return LocalRunner(model_spec, opt_spec, data.train_images, data.train_labels,
-                           data.mean, data.std, **common)
-    from .parallel.engine import ParallelRunner
-    return ParallelRunner(model_spec, opt_spec, data.train_images, data.train_labels,
-                          data.mean, data.std, n_workers=cfg.workers, reduction=cfg.reduction,
-                          **common)
-
-
 @dataclass
 class Plan:
     """What a run's settings and data fix before the first step."""
@@ -333,9 +179,9 @@ class Plan:
     def steps_per_epoch(self) -> int:
         return len(self.bounds)
 
-    def make_runner(self):
+    def make_runner(self, stop):
         return make_runner(self.cfg, self.data, (self.cfg.model, dict(self.cfg.model_options)),
-                           self.opt_spec, self.train_idx)
+                           self.opt_spec, self.train_idx, stop)
 
     def describe(self, run: Path) -> str:
         cfg, aug = self.cfg, self.cfg.augment_spec()
@@ -358,7 +204,9 @@ def fit(cfg: TrainConfig, run: Path, resume: bool = False, quiet: bool = False,
     plan = Plan.of(cfg, data)
     _open_run_folder(rd, plan, resume)
     progress = Progress(quiet)
-    with plan.make_runner() as runner, stop_at_step_boundary() as flag:
+    # Ctrl-C is caught from before the workers start (interrupt.py): the first stops at the next
+    # step boundary with a checkpoint, the second at once.
+    with catch_signals() as stop, plan.make_runner(stop) as runner:
         session = Session(rd, plan, runner, progress)
         state = session.resume() if resume else RunState()
         progress.line(plan.describe(rd.path))
@@ -369,6 +217,8 @@ def fit(cfg: TrainConfig, run: Path, resume: bool = False, quiet: bool = False,
             state.start_epoch()
             with threadpool_limits(1 if cfg.workers == 1 else None):
                 for lo, hi in plan.bounds[state.position:]:
+                    if stop.requested:  # also a Ctrl-C during worker start-up
+                        break
                     lr = plan.schedule(state.t)
                     state.t += 1
                     loss_sum, correct = runner.step(lo, hi, lr, state.t)
@@ -382,10 +232,12 @@ def fit(cfg: TrainConfig, run: Path, resume: bool = False, quiet: bool = False,
                     if not np.isfinite(loss_sum):
                         raise PartrainError(f"loss became {loss_sum} at step {state.t}; "
                                             f"try a smaller --lr")
-                    if flag["stop"] or (max_steps is not None and steps_done >= max_steps):
-                        stopped = "interrupted" if flag["stop"] else "max_steps"
+                    if max_steps is not None and steps_done >= max_steps:
+                        stopped = "max_steps"
                         break
             progress.end_epoch()
+            if stop.requested:
+                stopped = "interrupted"
             if stopped is not None:
                 session.checkpoint(state)
                 break

@@ -9,7 +9,7 @@ from partrain.nn.airbench import (DiracConv, FloorMaxPool, init_whitening, patch
                                   whitening_weights)
 from partrain.nn.layers import StepContext
 from partrain.nn.models import MODELS, build_model
-from partrain.runner import make_optimizer
+from partrain.optim import make_optimizer
 
 from gradcheck import check_model_gradient
 
@@ -84,7 +84,7 @@ def test_whole_model_gradient():
 def test_whitening_is_never_trained():
     m, params = bound_model(np.float32, **TINY)
     w0 = m.state_layout.views(m.state)["whiten.w"].copy()
-    opt = make_optimizer(m, ("sgd", dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01,
+    opt = make_optimizer(m, ("sgd", dict(momentum=0.9, nesterov=True, weight_decay=0.01,
                                          decoupled=True)))
     st = {"velocity": np.zeros_like(params)}
     stats = np.zeros(m.stats_size, np.float32)
@@ -94,7 +94,7 @@ def test_whitening_is_never_trained():
     for t in (1, 2):
         m.train_step(x, y, 0.25, stats)
         m.merge_stats(stats, 2)
-        opt.step(params, m.grads, st, t)
+        opt.step(params, m.grads, st, t, 0.1)
     assert not np.array_equal(params, p0)
     np.testing.assert_array_equal(m.state_layout.views(m.state)["whiten.w"], w0)
 

@@ -24,7 +24,8 @@ import pytest
 
 from partrain.checkpoint import load_checkpoint
 from partrain.config import TrainConfig
-from partrain.train import Progress, fit
+from partrain.progress import Progress
+from partrain.train import fit
 from synthetic import make_tiny_store
 
 TINY = ["--workers", "1", "--model-option", "num_filters=4", "--model-option", "hidden_dim=16",

@@ -20,7 +20,7 @@ from partrain.nn.models import build_model
 from partrain.optim import OPTIMIZERS, SCHEDULES, Adam
 from partrain.parallel.engine import usable_cores
 from partrain.parallel.reduce import REDUCTIONS
-from partrain.runner import make_optimizer
+from partrain.optim import make_optimizer
 from partrain.train import fit
 from partrain.tta import MODES
 

@@ -1,7 +1,13 @@
-"""Failures with real processes: a training script (a ParallelRunner loop on a tiny store) runs in
-a subprocess; the test kills a worker, presses Ctrl-C (SIGINT to the whole process group, as a
-terminal does), or signals the parent, then checks the exit status, the message, that nothing is
-left in /dev/shm and that every process the script started is gone.
+"""Failures with real processes: a training script (a ParallelRunner loop on a tiny store, driven
+as train.fit drives it: `interrupt.catch_signals` around it) runs in a subprocess, and so does a
+real `partrain fit`; the test kills a worker, presses Ctrl-C (SIGINT to the whole process group,
+as a terminal does), or signals the parent, then checks the exit status, the message, that nothing
+is left in /dev/shm and that every process the script started is gone.
+
+Timing on a loaded machine (two cores shared with other jobs): the tests wait for conditions (a
+file, a line on stderr, a block in /dev/shm), never for a guessed time. Where a time bound is the
+point, it is 20 s: far above what cleanup takes when the cores are busy, far below "never" (the
+failure it guards against is a wait that does not end).
 """
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -25,7 +32,8 @@ SCRIPT = textwrap.dedent('''
     import numpy as np
     from partrain.datasets.store import load_store
     from partrain.errors import PartrainError
-    from partrain.parallel.engine import Interrupted, ParallelRunner
+    from partrain.interrupt import Interrupted, catch_signals
+    from partrain.parallel.engine import ParallelRunner
 
     def descendants(root):
         kids = {}
@@ -56,9 +64,9 @@ SCRIPT = textwrap.dedent('''
             labels[np.random.default_rng(0).permutation(n)[2 * batch + 15]] = 10
         t = 0
         try:
-            with ParallelRunner(spec, ("adam", {"lr": 1e-3}), data.train_images,
-                                labels, data.mean, data.std, n_workers=workers,
-                                log_dir=log_dir) as r:
+            with catch_signals() as stop, ParallelRunner(
+                    spec, ("adam", {}), data.train_images, labels, data.mean, data.std,
+                    n_workers=workers, log_dir=log_dir, stop=stop) as r:
                 epoch = 0
                 while True:
                     r.set_order(np.random.default_rng(epoch).permutation(n))
@@ -66,17 +74,19 @@ SCRIPT = textwrap.dedent('''
                     for lo in range(0, n - batch + 1, batch):
                         t += 1
                         r.step(lo, lo + batch, 1e-3, t)
+                        if stop.requested:
+                            raise Interrupted(f"after step {t}")
                         if t == 2:
                             with open(info + ".tmp", "w") as f:
                                 json.dump({"workers": r.worker_pids, "shm": r.shm_names,
                                            "all": descendants(os.getpid())}, f)
                             os.rename(info + ".tmp", info)
-        except Interrupted:
-            ok = np.isfinite(r.params).all()
-            print(f"interrupted after step {t}, params finite: {ok}", file=sys.stderr)
-            sys.exit(130)
-        except KeyboardInterrupt:
-            print(f"forced stop during step {t}", file=sys.stderr)
+        except Interrupted as e:
+            if e.at_once:
+                print(f"forced stop during step {t}", file=sys.stderr)
+            else:
+                ok = np.isfinite(r.params).all()
+                print(f"interrupted after step {t}, params finite: {ok}", file=sys.stderr)
             sys.exit(130)
         except PartrainError as e:
             print(f"Error: {e}", file=sys.stderr)
@@ -89,22 +99,89 @@ def _leftovers(pid: int) -> list[str]:
     return sorted(n for n in os.listdir("/dev/shm") if n.startswith(f"partrain-{pid}-"))
 
 
-class Run:
+def _group(pgid: int) -> list[int]:
+    """Live processes of process group `pgid` (the run and everything it started: the
+    forkserver forks the workers inside the same group)."""
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                out.append(int(d))
+    return out
+
+
+class Proc:
+    """A subprocess in its own session whose stderr is read as it comes (`wait_for`)."""
+
+    def __init__(self, argv, cwd=None):
+        self.proc = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True, start_new_session=True)
+        self.pid = self.proc.pid
+        self._err: list[str] = []
+        self._new = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self):
+        for line in self.proc.stderr:
+            with self._new:
+                self._err.append(line)
+                self._new.notify_all()
+
+    @property
+    def err(self) -> str:
+        with self._new:
+            return "".join(self._err)
+
+    def wait_for(self, text: str, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        with self._new:
+            while text not in "".join(self._err):
+                left = deadline - time.monotonic()
+                if left <= 0 or (self.proc.poll() is not None and not self._reader.is_alive()):
+                    pytest.fail(f"never saw {text!r} on stderr: rc={self.proc.poll()}\n"
+                                + "".join(self._err))
+                self._new.wait(min(left, 0.1))
+
+    def finish(self, timeout=60.0):
+        self.proc.wait(timeout=timeout)
+        self.t_exit = time.monotonic()
+        self._reader.join(10)
+        return self.proc.returncode, self.err
+
+    def assert_clean(self, wait=20.0):
+        """No shared memory and no process of this run left (allowing `wait` s to die out)."""
+        deadline = time.monotonic() + wait
+        while True:
+            shm = _leftovers(self.pid)
+            procs = _group(self.pid)
+            if not shm and not procs:
+                return
+            if time.monotonic() > deadline:
+                pytest.fail(f"left behind: shared memory {shm}, processes {procs}")
+            time.sleep(0.05)
+
+
+class Run(Proc):
     def __init__(self, tmp_path: Path, store: Path, model="linear", batch=20, workers=2,
                  fault="none"):
         script = tmp_path / "train_script.py"
         script.write_text(SCRIPT)
         self.info_path = tmp_path / "info.json"
         self.log_dir = tmp_path / "logs"
-        self.proc = subprocess.Popen(
-            [sys.executable, str(script), str(store), str(self.info_path), model, str(batch),
-             str(workers), str(self.log_dir), fault],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-        deadline = time.monotonic() + 60
+        super().__init__([sys.executable, str(script), str(store), str(self.info_path), model,
+                          str(batch), str(workers), str(self.log_dir), fault])
+        deadline = time.monotonic() + 120
         while not self.info_path.exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                out, err = self.proc.communicate(timeout=10)
-                pytest.fail(f"training script did not start: rc={self.proc.returncode}\n{err}")
+                self.proc.kill()
+                rc, err = self.finish()
+                pytest.fail(f"training script did not start: rc={rc}\n{err}")
             time.sleep(0.02)
         self.info = json.loads(self.info_path.read_text())
         assert len(self.info["workers"]) == workers
@@ -113,22 +190,10 @@ class Run:
         if fault == "none":  # (a faulty run may already have ended and cleaned up)
             assert set(self.info["shm"]) <= set(_leftovers(self.proc.pid))
 
-    def finish(self, timeout=20.0):
-        out, err = self.proc.communicate(timeout=timeout)
-        self.t_exit = time.monotonic()
-        return self.proc.returncode, err
 
-    def assert_clean(self, wait=5.0):
-        """No shared memory and no process of this run left (allowing `wait` s to die out)."""
-        deadline = time.monotonic() + wait
-        while True:
-            shm = _leftovers(self.proc.pid)
-            procs = [p for p in self.info["all"] if alive(p)]
-            if not shm and not procs:
-                return
-            if time.monotonic() > deadline:
-                pytest.fail(f"left behind: shared memory {shm}, processes {procs}")
-            time.sleep(0.05)
+def assert_quiet(err: str) -> None:
+    """Nothing but the script's own lines: no traceback, no ignored exception, no leak warning."""
+    assert "Traceback" not in err and "Exception ignored" not in err and "leaked" not in err, err
 
 
 def test_worker_killed_mid_epoch(tmp_path, tiny_store):
@@ -138,9 +203,9 @@ def test_worker_killed_mid_epoch(tmp_path, tiny_store):
     rc, err = run.finish()
     assert rc == 1
     assert "Error: worker 1 died (killed by signal 9 (SIGKILL))" in err
-    assert run.t_exit - t0 < 3.0  # noticed within a second; the rest is cleanup and exit
-    assert "Traceback" not in err and "leaked" not in err
-    run.assert_clean(wait=2.0)
+    assert run.t_exit - t0 < 20.0  # noticed within POLL_S, then cleanup; see the module doc
+    assert_quiet(err)
+    run.assert_clean()
 
 
 def test_ctrl_c_stops_at_a_step_boundary(tmp_path, tiny_store):
@@ -148,24 +213,27 @@ def test_ctrl_c_stops_at_a_step_boundary(tmp_path, tiny_store):
     os.killpg(run.proc.pid, signal.SIGINT)  # what the terminal does: every process gets it
     rc, err = run.finish()
     assert rc == 130, err
-    assert "stopping after this step" in err
+    assert "stopping after this step (Ctrl-C again to force)" in err
     assert "interrupted after step" in err and "params finite: True" in err
-    assert "Traceback" not in err and "leaked" not in err
-    run.assert_clean(wait=2.0)
+    assert_quiet(err)
+    run.assert_clean()
 
 
 def test_second_ctrl_c_forces_exit_and_still_unlinks(tmp_path, tiny_store):
-    run = Run(tmp_path, tiny_store, model="cnn", batch=250)  # long steps: both land mid-step
+    run = Run(tmp_path, tiny_store, model="cnn", batch=250)
+    # A stopped worker cannot finish its step: both Ctrl-Cs land in the same step, whatever the
+    # load, and only the forced stop can end it.
+    os.kill(run.info["workers"][1], signal.SIGSTOP)
     os.killpg(run.proc.pid, signal.SIGINT)
-    time.sleep(0.05)
+    run.wait_for("stopping after this step")  # the first one was handled
     os.killpg(run.proc.pid, signal.SIGINT)
     t0 = time.monotonic()
     rc, err = run.finish()
     assert rc == 130, err
     assert "forced stop during step" in err
-    assert run.t_exit - t0 < 3.0
-    assert "leaked" not in err
-    run.assert_clean(wait=2.0)
+    assert run.t_exit - t0 < 20.0  # at once, not after the step (which never ends)
+    assert_quiet(err)
+    run.assert_clean()
 
 
 def test_sigterm_to_parent_cleans_up(tmp_path, tiny_store):
@@ -173,8 +241,8 @@ def test_sigterm_to_parent_cleans_up(tmp_path, tiny_store):
     os.kill(run.proc.pid, signal.SIGTERM)
     rc, err = run.finish()
     assert rc == 128 + signal.SIGTERM, err
-    assert "leaked" not in err
-    run.assert_clean(wait=2.0)
+    assert_quiet(err)
+    run.assert_clean()
 
 
 def test_parent_killed_outright_workers_exit_and_tracker_unlinks(tmp_path, tiny_store):
@@ -183,7 +251,7 @@ def test_parent_killed_outright_workers_exit_and_tracker_unlinks(tmp_path, tiny_
     rc, err = run.finish()
     assert rc == -signal.SIGKILL
     # workers see EOF on their pipes; the resource tracker unlinks the blocks once all are gone
-    run.assert_clean(wait=10.0)
+    run.assert_clean()
 
 
 def test_worker_error_reported_with_traceback_in_log(tmp_path, tiny_store):
@@ -196,4 +264,46 @@ def test_worker_error_reported_with_traceback_in_log(tmp_path, tiny_store):
     assert "Traceback" not in err  # the traceback goes to the log, not the terminal
     log = line[0].rsplit("(traceback in ", 1)[1].rstrip(")")
     assert Path(log).parent == run.log_dir and "Traceback" in Path(log).read_text()
-    run.assert_clean(wait=2.0)
+    run.assert_clean()
+
+
+# ------------------------------------------------------------------ partrain fit, during start-up
+def _fit_while_starting(tmp_path, store) -> Proc:
+    """A real `partrain fit` with 2 workers, returned once its shared memory exists: the parent
+    has set up the model and is starting the workers (that takes a while: the forkserver starts
+    a fresh Python with numpy, then forks each worker, which attaches and builds its model)."""
+    fit = Proc([sys.executable, "-m", "partrain.cli", "fit", "--model", "linear", "--epochs",
+                "50", "--val-size", "50", "--workers", "2", "--data-dir", str(store.parent), "--runs-dir",
+                str(tmp_path / "runs"), "--name", "r"], cwd=tmp_path)
+    deadline = time.monotonic() + 120
+    while not _leftovers(fit.pid):
+        if fit.proc.poll() is not None or time.monotonic() > deadline:
+            fit.proc.kill()
+            pytest.fail("fit did not get to its workers' start-up:\n" + fit.finish()[1])
+        time.sleep(0.002)
+    return fit
+
+
+def test_ctrl_c_while_workers_start_stops_with_a_checkpoint(tmp_path, tiny_store):
+    fit = _fit_while_starting(tmp_path, tiny_store)
+    os.killpg(fit.pid, signal.SIGINT)
+    rc, err = fit.finish()
+    assert rc == 130, err
+    assert "stopping after this step (Ctrl-C again to force)" in err
+    # step 0 when it landed in the start-up (almost always); a later step is as documented too
+    assert "interrupted at epoch 1, step " in err and "continue with: partrain fit --resume" in err
+    assert (tmp_path / "runs" / "r" / "checkpoint.h5").exists()
+    assert_quiet(err)
+    fit.assert_clean()
+
+
+def test_second_ctrl_c_while_workers_start_stops_at_once(tmp_path, tiny_store):
+    fit = _fit_while_starting(tmp_path, tiny_store)
+    os.killpg(fit.pid, signal.SIGINT)
+    fit.wait_for("stopping after this step")
+    os.killpg(fit.pid, signal.SIGINT)
+    rc, err = fit.finish()
+    assert rc == 130, err
+    assert "stopped at once" in err
+    assert_quiet(err)
+    fit.assert_clean()

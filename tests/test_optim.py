@@ -69,7 +69,7 @@ def _vectors(seed=0, n=N):
 @pytest.mark.parametrize("wd,decoupled", [(0.0, False), (0.05, False), (0.05, True)])
 def test_adam_matches_textbook(wd, decoupled):
     p, rng = _vectors()
-    opt = Adam(lr=0.01, weight_decay=wd, decoupled=decoupled, decay_ranges=DECAY,
+    opt = Adam(weight_decay=wd, decoupled=decoupled, decay_ranges=DECAY,
                lr_scale_ranges=SCALE, chunk=37)   # chunk not dividing anything: exercises edges
     state = {k: np.zeros(N, np.float32) for k in opt.state_names}
     rp, rm, rv = p.astype(np.float64), np.zeros(N), np.zeros(N)
@@ -87,7 +87,7 @@ def test_adam_first_step_by_hand():
     """Step 1: m_hat = g and v_hat = g^2, so every parameter moves by lr*g/(|g|+eps)."""
     p = np.array([1.0, -2.0, 0.5, 0.0], np.float32)
     g = np.array([0.3, -4.0, 1e-3, 0.0], np.float32)
-    opt = build_optimizer("adam", lr=0.1)
+    opt = build_optimizer("adam")
     state = {"m": np.zeros(4, np.float32), "v": np.zeros(4, np.float32)}
     opt.step(p, g, state, 1, 0.1)
     expected = np.array([1.0 - 0.1, -2.0 + 0.1, 0.5 - 0.1 * 1e-3 / (1e-3 + 1e-8), 0.0])
@@ -100,7 +100,7 @@ def test_adam_l2_is_the_course_regularisation():
     """Coupled decay adds reg*W to the gradient: the derivative of 0.5*reg*sum(W^2)."""
     p = np.array([2.0, 2.0], np.float32)
     g = np.zeros(2, np.float32)
-    opt = Adam(lr=0.5, weight_decay=0.1, decay_ranges=[(0, 1)])
+    opt = Adam(weight_decay=0.1, decay_ranges=[(0, 1)])
     state = {k: np.zeros(2, np.float32) for k in opt.state_names}
     opt.step(p, g, state, 1, 0.5)
     assert state["m"][0] == pytest.approx(0.1 * 0.1 * 2.0)   # (1-b1) * reg * W
@@ -112,7 +112,7 @@ def test_adam_l2_is_the_course_regularisation():
     (0.9, True, 5e-4, False), (0.85, True, 0.05, True)])
 def test_sgd_matches_textbook(mu, nesterov, wd, decoupled):
     p, rng = _vectors(1)
-    opt = SGD(lr=0.1, momentum=mu, nesterov=nesterov, weight_decay=wd, decoupled=decoupled,
+    opt = SGD(momentum=mu, nesterov=nesterov, weight_decay=wd, decoupled=decoupled,
               decay_ranges=DECAY, lr_scale_ranges=SCALE, chunk=50)
     assert opt.state_names == (("velocity",) if mu else ())
     state = {k: np.zeros(N, np.float32) for k in opt.state_names}
@@ -129,7 +129,7 @@ def test_sgd_matches_textbook(mu, nesterov, wd, decoupled):
 def test_sgd_first_step_by_hand():
     p = np.array([1.0, 1.0, 1.0], np.float32)
     g = np.array([2.0, 0.0, -1.0], np.float32)
-    opt = SGD(lr=0.5, momentum=0.9, nesterov=True, weight_decay=0.1, decay_ranges=[(1, 3)])
+    opt = SGD(momentum=0.9, nesterov=True, weight_decay=0.1, decay_ranges=[(1, 3)])
     state = {"velocity": np.zeros(3, np.float32)}
     opt.step(p, g, state, 1, 0.5)
     # g' = g + 0.1*p on [1, 3) = [2, 0.1, -0.9]; u = g'; nesterov d = g' + 0.9*u = 1.9*g'
@@ -150,7 +150,7 @@ def test_sharded_steps_equal_one_step_bit_for_bit(name, hyper):
     scale = [(1100, 1350, 0.1), (4000, 4100, 2.0)]
     rng = np.random.default_rng(2)
     p0 = rng.standard_normal(n).astype(np.float32)
-    make = lambda: build_optimizer(name, lr=0.01, decay_ranges=decay, lr_scale_ranges=scale,
+    make = lambda: build_optimizer(name, decay_ranges=decay, lr_scale_ranges=scale,
                                    chunk=256, **hyper)
     full = make()
     state_full = {k: np.zeros(n, np.float32) for k in full.state_names}
@@ -207,7 +207,7 @@ def test_lr_scale_ranges_scale_the_step():
     """Plain SGD moves each element by lr*scale*g, scale 1 outside the ranges."""
     p = np.zeros(10, np.float32)
     g = np.ones(10, np.float32)
-    SGD(lr=1.0, lr_scale_ranges=[(2, 4, 0.5), (8, 10, 0.0)]).step(p, g, {}, 1, 0.1)
+    SGD(lr_scale_ranges=[(2, 4, 0.5), (8, 10, 0.0)]).step(p, g, {}, 1, 0.1)
     np.testing.assert_allclose(p, -0.1 * np.array([1, 1, .5, .5, 1, 1, 1, 1, 0, 0]), rtol=1e-6)
 
 
@@ -238,6 +238,15 @@ def test_bad_names_and_arguments():
         opt.step(p, p.copy(), {"m": p.copy(), "v": p.copy()}, 1, 0.1, 5, 11)
     with pytest.raises(ValueError, match="1-based"):
         opt.step(p, p.copy(), {"m": p.copy(), "v": p.copy()}, 0, 0.1)
+
+
+def test_the_learning_rate_comes_only_with_the_step():
+    with pytest.raises(TypeError):
+        Adam(lr=0.1)
+    opt = build_optimizer("sgd", lr=123.0)  # a spec's lr is ignored, never used
+    p = np.ones(4, np.float32)
+    opt.step(p, np.ones(4, np.float32), {}, 1, 0.25)
+    np.testing.assert_array_equal(p, 0.75)
 
 
 def test_adamw_alias_and_betas():

@@ -22,8 +22,10 @@ from partrain.datasets.store import channel_stats
 from partrain.nn.airbench import whitening_weights
 from partrain.nn.models import build_model
 from partrain.parallel.engine import ParallelRunner
-from partrain.runner import LocalRunner, PhasedOptimizer, init_from_data, make_optimizer
-from partrain.train import accuracy, fit, tta_accuracy
+from partrain.optim import PhasedOptimizer, make_optimizer
+from partrain.runner import LocalRunner
+from partrain.evaluate import accuracy, tta_accuracy
+from partrain.train import fit
 from partrain.tta import tta_logits
 from synthetic import learnable_split
 
@@ -99,9 +101,9 @@ def test_init_from_data_runs_in_the_parent_on_train_indices_only(data):
     m.bind(np.zeros(m.layout.size, np.float32), None, np.zeros(m.state_layout.size, np.float32))
     m.init_params(np.random.default_rng(3))
     assert not np.allclose(m.state, local.state)
-    assert init_from_data(m, images, train_idx, mean, std)
+    assert m.init_from_data(images, train_idx, mean, std)
     assert np.array_equal(m.state, local.state)
-    assert not init_from_data(build_model("linear"), images, None, mean, std)  # nothing to do
+    assert not build_model("linear").init_from_data(images, None, mean, std)  # nothing to do
 
 
 def test_freeze_after_steps_is_exact_and_stateless():
@@ -259,7 +261,7 @@ def test_cli_recipe_run_on_two_workers_resumes(tiny_store, tmp_path):
 
 
 def test_airbench_lookahead_by_hand():
-    from partrain.train import AirbenchLookahead
+    from partrain.ema import AirbenchLookahead
     p = np.zeros(3, np.float32)
     st = np.ones(2, np.float32)
     la = AirbenchLookahead(p, st, total_steps=10)

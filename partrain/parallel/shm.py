@@ -5,8 +5,8 @@ name. Block names are `partrain-<parent pid>-<random>-<array>`, so `ls /dev/shm`
 block, and a test can check that a run left nothing behind.
 
 Lifetime, on every exit path:
-- `SharedArrays.unlink()` (idempotent) is called by the engine's `close()`, its signal handlers and
-  its failure path; a `weakref.finalize` (which also runs at interpreter exit) covers callers that
+- `SharedArrays.unlink()` (idempotent) is called by the engine's `close()`, its `abort()` (a
+  second Ctrl-C) and its failure path; a `weakref.finalize` (which also runs at interpreter exit) covers callers that
   forget to close.
 - If the parent is killed outright (SIGKILL), the multiprocessing resource tracker unlinks the
   blocks once the parent and its workers are gone (the parent registers each block there on

@@ -7,7 +7,7 @@ gradients, optimizer state and results all live in shared memory):
   b"S" + STEP(lo, hi, lr, t, epoch,       b"c" (gradient of my shard written; results in ctl[w])
               then_reduce)
                                            or b"r" when then_reduce (also reduced and stepped)
-  b"R" + REDUCE(lr, t)                     b"r" (my slice of the sum reduced, optimizer stepped)
+  b"R" (with the last STEP's lr and t)     b"r" (my slice of the sum reduced, optimizer stepped)
   b"Q"                                     (exits)
                                            b"k" once after start-up: attached and ready
                                            b"E" + one-line message: failed (traceback in the log)
@@ -26,13 +26,12 @@ import traceback
 
 from threadpoolctl import threadpool_limits
 
-from ..nn.models import build_model
-from ..runner import make_optimizer, shard_gradient, split_shards, sync_frozen
+from ..optim import sync_frozen
+from ..step import init_model, shard_gradient, split_shards
 from .reduce import get_reduction, reduce_and_step
 from .shm import SharedArrays
 
 STEP = struct.Struct("<qqdqq?")    # lo, hi, lr, t, epoch (keys the augmentation), then_reduce
-REDUCE = struct.Struct("<dq")      # lr, t
 # Columns of the control block ctl (float64, one row per worker), written by worker w in row w.
 LOSS, CORRECT, T_COMPUTE, T_REDUCE, T_OPTIM, PID = range(6)
 CTL_COLUMNS = 8
@@ -70,55 +69,47 @@ def _serve(w: int, conn, cfg: dict) -> int:
     with threadpool_limits(limits=1):  # N workers on N cores: no BLAS oversubscription
         shm = SharedArrays.attach(cfg["descriptor"])
         n_workers = cfg["n_workers"]
-        name, options = cfg["model_spec"]
-        model = build_model(name, **options) if isinstance(name, str) else name(**options)
-        params, state = shm["params"], shm["state"]
         grads = [shm[f"grad{v}"] for v in range(n_workers)]
+        rep = init_model(cfg["model_spec"], cfg["optimizer_spec"], cfg["mean"], cfg["std"],
+                         arrays=(shm["params"], grads[w], shm["state"]))
+        model, optimizer, params = rep.model, rep.optimizer, rep.params
+        opt_state = {k: shm[f"opt_{k}"] for k in optimizer.state_names}
         reduced, perm = shm["reduced"], shm["perm"]
         images, labels = shm["images"], shm["labels"]
         stats = shm["stats"][w] if model.stats_size else None
         ctl = shm["ctl"][w]
-        model.bind(params, grads[w], state)
-        optimizer = make_optimizer(model, cfg["optimizer_spec"])
-        opt_state = {k: shm[f"opt_{k}"] for k in optimizer.state_names}
-        scale, shift = cfg["scale"], cfg["shift"]
-        group = model.group_size
         reduction = get_reduction(cfg["reduction"])
         my_lo, my_hi = (reduction.ranges(params.size, n_workers)[w] if reduction.in_workers
                         else (0, 0))
         ctl[:] = 0
         ctl[PID] = os.getpid()
         augment = cfg.get("augment")  # an AugmentSpec or None
-        xbuf = None
+        xbuf, lr, t = None, 0.0, 0
         conn.send_bytes(b"k")
         while True:
             msg = conn.recv_bytes()
             op = msg[:1]
+            if op == b"Q":
+                return 0
             if op == b"S":
                 lo, hi, lr, t, epoch, then_reduce = STEP.unpack_from(msg, 1)
                 c0 = time.perf_counter()
-                s_lo, s_hi = split_shards(lo, hi, n_workers, group)[w]
+                s_lo, s_hi = split_shards(lo, hi, n_workers, model.group_size)[w]
                 sync_frozen(model, optimizer, t)
                 loss, correct, xbuf = shard_gradient(
-                    model, images, labels, perm[s_lo:s_hi], scale, shift, 1.0 / (hi - lo),
+                    model, images, labels, perm[s_lo:s_hi], rep.scale, rep.shift, 1.0 / (hi - lo),
                     stats, xbuf, augment, epoch)
                 ctl[LOSS], ctl[CORRECT] = loss, correct
                 ctl[T_COMPUTE] = time.perf_counter() - c0
-                if then_reduce:
-                    ctl[T_REDUCE], ctl[T_OPTIM] = reduce_and_step(
-                        grads, reduced, params, opt_state, optimizer, my_lo, my_hi, t, lr)
-                    conn.send_bytes(b"r")
-                else:
+                if not then_reduce:
                     conn.send_bytes(b"c")
-            elif op == b"R":
-                lr, t = REDUCE.unpack_from(msg, 1)
-                ctl[T_REDUCE], ctl[T_OPTIM] = reduce_and_step(
-                    grads, reduced, params, opt_state, optimizer, my_lo, my_hi, t, lr)
-                conn.send_bytes(b"r")
-            elif op == b"Q":
-                return 0
-            else:
+                    continue
+            elif op != b"R":
                 raise RuntimeError(f"unknown command {msg[:16]!r} from the parent")
+            # b"R", or b"S" with then_reduce: sum my slice of the gradients, step it
+            ctl[T_REDUCE], ctl[T_OPTIM] = reduce_and_step(
+                grads, reduced, params, opt_state, optimizer, my_lo, my_hi, t, lr)
+            conn.send_bytes(b"r")
 
 
 def describe_exit(exitcode: int | None) -> str:

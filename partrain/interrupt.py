@@ -1,0 +1,101 @@
+"""Ctrl-C and SIGTERM for a training loop: one stop flag, one exception.
+
+Whoever drives the loop installs `catch_signals()` around it, worker start-up included (train.fit;
+a ParallelRunner used on its own, as by bench, installs it for itself):
+- the first Ctrl-C sets `stop.requested` and prints "stopping after this step (Ctrl-C again to
+  force)"; the loop finishes its step, saves a checkpoint and raises `Interrupted`;
+- a second Ctrl-C stops now: every abort registered with `on_force` runs (a ParallelRunner's kills
+  its workers and unlinks its shared memory), then `Interrupted` (at_once) is raised;
+- SIGTERM does the same abort, then raises SystemExit(143).
+
+An exception raised from a signal handler can be lost: when the handler runs inside a `__del__`,
+Python prints "Exception ignored in ..." and carries on. So clean-up that must not be cut runs in
+`stop.deferred()` (there a forced stop only aborts; its exception is raised when the block ends),
+and a runner that was aborted raises `stop.forced_exception()` at its next wait, so a lost
+exception comes back at a safe point.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+STOPPING = b"\nstopping after this step (Ctrl-C again to force)\n"
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C stopped the run: at a step boundary, or at once (`at_once`) after a second one.
+    A KeyboardInterrupt, so code that does not know it treats it as Ctrl-C."""
+
+    def __init__(self, message: str, at_once: bool = False):
+        super().__init__(message)
+        self.at_once = at_once
+
+
+class StopFlag:
+    """What the signals asked for; the loop reads `requested` between steps."""
+
+    def __init__(self) -> None:
+        self.requested = False            # first Ctrl-C: stop after the current step
+        self.forced: int | None = None    # the signal that asked to stop now
+        self._aborts: list[Callable[[], None]] = []
+        self._deferring = 0
+        self._pending: BaseException | None = None
+
+    def on_force(self, abort: Callable[[], None]) -> None:
+        """Call `abort` (it must be safe in a signal handler) when a stop-now arrives."""
+        self._aborts.append(abort)
+
+    def forget(self, abort: Callable[[], None]) -> None:
+        if abort in self._aborts:
+            self._aborts.remove(abort)
+
+    def forced_exception(self) -> BaseException:
+        if self.forced == signal.SIGTERM:
+            return SystemExit(128 + signal.SIGTERM)
+        return Interrupted("stopped at once (Ctrl-C twice); the last checkpoint is kept",
+                           at_once=True)
+
+    @contextmanager
+    def deferred(self) -> Iterator[None]:
+        """Inside: a forced stop aborts but raises only when the block ends."""
+        self._deferring += 1
+        try:
+            yield
+        finally:
+            self._deferring -= 1
+        if not self._deferring and self._pending is not None:
+            exc, self._pending = self._pending, None
+            raise exc
+
+    def _on_signal(self, signum, frame) -> None:
+        if signum == signal.SIGINT and not self.requested:
+            self.requested = True
+            os.write(2, STOPPING)  # no buffered stream: the handler may run inside a print
+            return
+        self.forced = signum
+        for abort in list(self._aborts):
+            abort()
+        exc = self.forced_exception()
+        if self._deferring:
+            self._pending = exc
+            return
+        raise exc
+
+
+@contextmanager
+def catch_signals() -> Iterator[StopFlag]:
+    """Install the handlers for the block (in the main thread only; elsewhere signals cannot be
+    caught, and the flag just stays down) and restore the previous ones after it."""
+    stop = StopFlag()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    saved = {sig: signal.signal(sig, stop._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, old in saved.items():
+            signal.signal(sig, old)

@@ -1,0 +1,121 @@
+"""What one process does for a training step, shared by both runners and every worker.
+
+`runner.LocalRunner` and `parallel.engine.ParallelRunner` compute exactly the same thing, only
+split: `split_shards` cuts a minibatch into contiguous shards of whole batch-norm groups, and
+`shard_gradient` is what one process (or one worker) does with its shard; `merge_stats` adds the
+shards' batch-norm statistics in a fixed order. `init_model` is the one way a process sets up its
+replica of the model (the parent initialises it, a worker binds it to shared memory), so N
+workers start from exactly what one process starts from.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence, Union
+
+import numpy as np
+
+from .batches import make_batch, normaliser
+from .nn.models import build_model
+from .optim import make_optimizer
+
+Arrays = tuple[np.ndarray, np.ndarray, np.ndarray]  # params, grads, state
+
+
+@dataclass
+class Replica:
+    """One process's model, bound to its flat vectors, with its optimizer and normaliser."""
+
+    model: object
+    optimizer: object
+    params: np.ndarray
+    grads: np.ndarray
+    state: np.ndarray
+    scale: np.ndarray
+    shift: np.ndarray
+
+    def initialise(self, seed: int, images, init_idx, mean, std) -> None:
+        """`init_params(default_rng(seed))`, then `init_from_data` on images[init_idx] (the
+        training indices; None: all): what the parent does once, before any step."""
+        self.model.init_params(np.random.default_rng(seed))
+        self.model.init_from_data(images, init_idx, mean, std)
+
+
+def init_model(model_spec, optimizer_spec, mean, std,
+               arrays: Union[Arrays, Callable[[object, object], Arrays], None] = None,
+               seed: int | None = None, images=None, init_idx=None) -> Replica:
+    """Build the model of `model_spec` = (name or factory, options) and its optimizer, and bind it.
+
+    arrays: the (params, grads, state) vectors to bind, or a function (model, optimizer) -> them
+    for a caller that sizes shared memory by the model; None: fresh zeros in this process.
+    seed: `Replica.initialise` them from (seed, images, init_idx) (the parent); None: they are
+    already there (a worker reads them from shared memory) or the caller initialises them.
+    """
+    name, options = model_spec
+    options = dict(options or {})
+    model = build_model(name, **options) if isinstance(name, str) else name(**options)
+    optimizer = make_optimizer(model, optimizer_spec)
+    if arrays is None:
+        arrays = (np.zeros(model.layout.size, model.dtype), np.zeros(model.layout.size, model.dtype),
+                  np.zeros(model.state_layout.size, model.dtype))
+    elif callable(arrays):
+        arrays = arrays(model, optimizer)
+    params, grads, state = arrays
+    model.bind(params, grads, state)
+    rep = Replica(model, optimizer, params, grads, state, *normaliser(mean, std))
+    if seed is not None:
+        rep.initialise(seed, images, init_idx, mean, std)
+    return rep
+
+
+def active_augment(augment):
+    """The AugmentSpec the workers apply, or None when it would change nothing."""
+    return augment if augment is not None and augment.active else None
+
+
+def split_shards(lo: int, hi: int, n_workers: int, group_size: int = 1) -> list[tuple[int, int]]:
+    """Contiguous [lo, hi) pieces of whole groups; group counts differ by at most one.
+
+    Workers past the number of groups get an empty shard (lo == hi).
+    """
+    base, extra = divmod(n_groups(hi - lo, group_size), n_workers)
+    shards, start = [], lo
+    for w in range(n_workers):
+        stop = min(hi, start + (base + (w < extra)) * group_size)
+        shards.append((start, stop))
+        start = stop
+    return shards
+
+
+def n_groups(n: int, group_size: int) -> int:
+    return -(-n // group_size)
+
+
+def shard_gradient(model, images, labels, idx, scale, shift, loss_scale, stats_out=None,
+                   xbuf=None, augment=None, epoch: int = 0) -> tuple[float, int, np.ndarray | None]:
+    """Gradient of loss_scale * (sum of losses over samples idx) into the model's bound grads.
+
+    augment: an `augment.AugmentSpec` or None; each sample is flipped/translated as (seed, epoch,
+    its index) decide, so the result does not depend on who computes which shard.
+    Returns (loss_sum, n_correct, xbuf) — xbuf is the reusable input buffer for the next call.
+    An empty shard zeroes the gradient so that sums over workers stay right.
+    """
+    if len(idx) == 0:
+        model.grads[:] = 0
+        if stats_out is not None:
+            stats_out[:] = 0
+        return 0.0, 0, xbuf
+    x, y = make_batch(images, labels, idx, scale, shift, out=xbuf, dtype=model.dtype,
+                      augment=augment, epoch=epoch)
+    loss_sum, correct = model.train_step(x, y, loss_scale, stats_out)
+    return loss_sum, correct, (xbuf if xbuf is not None and xbuf.shape[0] >= len(idx) else x)
+
+
+def merge_stats(model, stats: Sequence[np.ndarray], batch: int) -> None:
+    """Fold the shards' batch-norm statistics (one row per shard, summed in order w = 0..N-1, so
+    bit-reproducible) of a step of `batch` samples into the model's running statistics."""
+    if not model.stats_size:
+        return
+    total = np.array(stats[0])
+    for row in stats[1:]:
+        total += row
+    model.merge_stats(total, n_groups(batch, model.group_size))
