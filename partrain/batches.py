@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .augment import augment_batch
+
 
 def normaliser(mean: np.ndarray, std: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(scale, shift) with x = pixel * scale - shift, shaped (3, 1, 1) for broadcasting."""
@@ -31,7 +33,6 @@ def make_batch(images: np.ndarray, labels: np.ndarray, idx: np.ndarray,
         out = np.empty((n,) + images.shape[1:], dtype)
     x = out[:n]
     if augment is not None and augment.active:
-        from .augment import augment_batch
         pixels = augment_batch(images, idx, augment.seed, epoch, augment.flip, augment.translate)
     else:
         pixels = images[idx]

@@ -30,8 +30,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import h5py
 import numpy as np
 
+from .datasets.store import channel_stats, inspect_store
 from .errors import PartrainError
 from .parallel.engine import ParallelRunner, step_breakdown, usable_cores
 
@@ -88,16 +90,12 @@ def pss_bytes(pid: int) -> int | None:
 @contextlib.contextmanager
 def open_images(cfg: BenchConfig, echo: Callable[[str], None]):
     """Yield (images as an h5py dataset, labels, mean, std, description)."""
-    import h5py
-
     if cfg.data is not None:
-        from .datasets.store import inspect_store
 
         info = inspect_store(cfg.data)  # validates the store and reads the labels
         with h5py.File(cfg.data, "r") as f:
             yield f["train/images"], info.train_labels, info.mean, info.std, str(cfg.data)
         return
-    from .datasets.store import channel_stats
 
     n = cfg.synthetic
     echo(f"no data set given: using {n:,} random images")

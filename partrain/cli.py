@@ -7,17 +7,29 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import sys
+import textwrap
 from pathlib import Path
 
 import click
 from click.core import ParameterSource
 
 from . import __version__
+from .bench import BenchConfig, format_table, run_scaling, write_results
+from .bench_kernels import run_kernel_bench
 from .config import (RECIPES, TrainConfig, apply_recipe, flag_spelling,
                      parse_model_options)
+from .datasets import cifar10
 from .errors import PartrainError
+from .evaluate import evaluate_run, format_report
+from .interrupt import Interrupted
+from .nn.models import build_model
 from .parallel.engine import usable_cores
+from .predict import format_predictions, predict_run
+from .prepare import prepare as run_prepare
+from .rundir import RunDir
+from .train import fit as run_fit
 
 
 def user_errors(fn):
@@ -51,8 +63,6 @@ def main():
 @user_errors
 def prepare(data_dir, source, force, url, md5):
     """Download or read CIFAR-10 and write DATA_DIR/cifar10.h5 (verified, atomic)."""
-    from .datasets import cifar10
-    from .prepare import prepare as run_prepare
 
     run_prepare(data_dir, source, force, url=url or cifar10.URL, md5=md5 or cifar10.MD5,
                 echo=click.echo)
@@ -131,9 +141,6 @@ def fit(ctx, runs_dir, name, resume, quiet, dry_run, max_steps, **options):
     partrain fit --recipe airbench            airbench94's recipe (see README, Recipes)
     partrain fit --recipe airbench --dry-run  what it sets
     """
-    from .interrupt import Interrupted
-    from .rundir import RunDir
-    from .train import fit as run_fit
 
     settings = _settings(options)
     explicit = {k for k in settings
@@ -190,7 +197,6 @@ _CHECKPOINT = click.option("--checkpoint", type=click.Choice(["best", "last"]), 
 def plot(runs, out, pdf):
     """Training loss per iteration and accuracy per epoch of one run, or several overlaid."""
     from .plots import plot_runs
-    from .rundir import RunDir
 
     for run in runs:
         RunDir.open(run)  # a readable run folder; plot_runs reads every history before drawing
@@ -212,7 +218,6 @@ def plot(runs, out, pdf):
 @user_errors
 def evaluate(run, data_dir, checkpoint, out, tta):
     """Test accuracy, accuracy per class and a confusion-matrix PNG of a run."""
-    from .evaluate import evaluate_run, format_report
 
     result = evaluate_run(run, data_dir=data_dir, checkpoint=checkpoint, out_dir=out,
                           warn=lambda text: click.echo(text, err=True), tta=tta)
@@ -236,7 +241,6 @@ def predict(run, inputs, test_index, top, data_dir, checkpoint):
     partrain predict runs/NAME cat.png dog.jpg
     partrain predict runs/NAME --test-index 0 5 9
     """
-    from .predict import format_predictions, predict_run
 
     out = predict_run(run, inputs, test_index=test_index, data_dir=data_dir,
                       checkpoint=checkpoint, top=top)
@@ -244,7 +248,6 @@ def predict(run, inputs, test_index, top, data_dir, checkpoint):
 
 
 def _print_model(name: str, options: dict) -> None:
-    from .nn.models import build_model
 
     try:
         m = build_model(name, **options)
@@ -252,7 +255,6 @@ def _print_model(name: str, options: dict) -> None:
         raise PartrainError(str(e)) from None
     click.echo(f"model {name}: {m.layout.size:,} parameters")
     if m.options:
-        import textwrap
         click.echo(textwrap.fill(", ".join(f"{k}={v!r}" for k, v in m.options.items()), 98,
                                  initial_indent="  options: ", subsequent_indent="    "))
     click.echo(f"  {'parameter':<20} {'shape':<20} {'size':>12}  decay  lr scale")
@@ -300,12 +302,9 @@ def _int_list(text: str | None, what: str) -> list[int] | None:
 def bench(workers, batch_sizes, reduction, model, model_options, optimizer, steps, warmup,
           data_dir, synthetic, out_dir, kernels, layers):
     """Scaling benchmark: images/s, speed-up and efficiency against the number of workers."""
-    from .bench import BenchConfig, format_table, run_scaling, write_results
 
     if kernels:
-        import json
 
-        from .bench_kernels import run_kernel_bench
         res = run_kernel_bench(model, tuple(_int_list(batch_sizes, "--batch-size")), steps,
                                per_layer=layers, echo=click.echo,
                                model_options=parse_model_options(model_options), optimizer=optimizer)

@@ -22,6 +22,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import h5py
 import numpy as np
 
 from ..errors import PartrainError
@@ -79,7 +80,6 @@ def channel_stats(images: np.ndarray, chunk: int = 1000) -> tuple[np.ndarray, np
 
 def _write_h5(path: Path, data: CifarData) -> None:
     """Write every dataset and attribute of `data` into a new HDF5 file at `path`."""
-    import h5py
 
     with h5py.File(path, "w") as f:
         for split in SPLITS:
@@ -179,7 +179,6 @@ def inspect_store(path) -> CifarData:
 
 
 def _open(path, splits, read_images: bool) -> CifarData:
-    import h5py
 
     path = Path(path)
     splits = tuple(splits)

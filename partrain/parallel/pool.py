@@ -12,6 +12,7 @@ partrain already imported: no fork-after-threads hazard, no re-import per worker
 from __future__ import annotations
 
 import multiprocessing as mp
+import signal
 import time
 
 from ..errors import PartrainError
@@ -35,18 +36,34 @@ class WorkerPool:
         return [p.pid for p in self.procs]
 
     def start(self, start_method: str, cfg: dict) -> None:
-        """Start one worker per log path with `cfg` (see worker.main); returns at once."""
+        """Start one worker per log path with `cfg` (see worker.main); returns at once.
+
+        SIGINT is blocked meanwhile, and the forkserver and the workers inherit that mask: a
+        Ctrl-C at the terminal goes to the whole process group, and one that reached the
+        forkserver while it imports (before it ignores SIGINT) killed it, failing every start.
+        The parent decides what Ctrl-C means; its pending SIGINT is delivered on unblocking.
+        Only started processes are recorded, so `stop` never meets one that never ran.
+        """
         ctx = mp.get_context(start_method)
         if start_method == "forkserver":
             ctx.set_forkserver_preload([W.__name__])
-        for w, log_path in enumerate(self.log_paths):
-            parent_end, child_end = ctx.Pipe(duplex=True)
-            p = ctx.Process(target=W.main, name=f"partrain-worker-{w}", daemon=True,
-                            args=(w, child_end, dict(cfg, log_path=log_path)))
-            self.conns.append(parent_end)
-            self.procs.append(p)
-            p.start()
-            child_end.close()  # the worker holds the only other end: its death means EOF here
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            for w, log_path in enumerate(self.log_paths):
+                parent_end, child_end = ctx.Pipe(duplex=True)
+                p = ctx.Process(target=W.main, name=f"partrain-worker-{w}", daemon=True,
+                                args=(w, child_end, dict(cfg, log_path=log_path)))
+                try:
+                    p.start()
+                except BaseException:
+                    parent_end.close()
+                    raise
+                finally:
+                    child_end.close()  # the worker holds the only other end: death means EOF
+                self.conns.append(parent_end)
+                self.procs.append(p)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
     def send_all(self, msg: bytes) -> None:
         for w, conn in enumerate(self.conns):
