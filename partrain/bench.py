@@ -131,7 +131,7 @@ def run_scaling(cfg: BenchConfig, echo: Callable[[str], None] = print) -> tuple[
             "config": asdict(cfg), "workers": workers}
     rows: list[dict] = []
     model_spec = (cfg.model, dict(cfg.model_options))
-    opt_spec = (cfg.optimizer, {"lr": cfg.lr})
+    opt_spec = (cfg.optimizer, {})  # cfg.lr goes with every step
     with open_images(cfg, echo) as (images, labels, mean, std, source):
         meta["data"] = source
         n_images = len(labels)

@@ -47,7 +47,7 @@ def bench_model(model_name: str, batch: int, repeats: int = 20, optimizer: str =
     grads = np.zeros_like(params)
     model.bind(params, grads, None)
     model.init_params(np.random.default_rng(0))
-    hyper = {"lr": 1e-3, "weight_decay": model.weight_decay}
+    hyper = {"weight_decay": model.weight_decay}
     if optimizer == "sgd":
         hyper["momentum"] = 0.9
     opt = make_optimizer(model, (optimizer, hyper))

@@ -194,7 +194,7 @@ def _check_value(f: dataclasses.Field, value) -> None:
 def optimizer_spec(cfg: TrainConfig, model, steps_per_epoch: int = 1) -> tuple[str, dict]:
     """(name, hyper) for `runner.make_optimizer`; freeze_after's epochs become step counts."""
     wd = model.weight_decay if cfg.weight_decay is None else cfg.weight_decay
-    hyper = {"lr": cfg.lr, "weight_decay": wd}
+    hyper = {"weight_decay": wd}  # the learning rate goes with every step (the schedule)
     if cfg.freeze_after:
         names = [s.name for s in model.layout.specs]
         for key in cfg.freeze_after:

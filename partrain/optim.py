@@ -223,12 +223,8 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 
 
 def build_optimizer(name: str, **hyper) -> Optimizer:
-    """An optimizer by name: adam, adamw (= adam with decoupled decay) or sgd.
-
-    An "lr" in hyper is ignored: the learning rate comes with every step (the schedule's). Older
-    specs (train.optimizer_spec, bench) still carry one.
-    """
-    hyper.pop("lr", None)
+    """An optimizer by name: adam, adamw (= adam with decoupled decay) or sgd. It has no learning
+    rate of its own: that comes with every step (the schedule's), by one road."""
     key = name.lower()
     if key == "adamw":
         hyper.setdefault("decoupled", True)

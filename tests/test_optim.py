@@ -243,7 +243,9 @@ def test_bad_names_and_arguments():
 def test_the_learning_rate_comes_only_with_the_step():
     with pytest.raises(TypeError):
         Adam(lr=0.1)
-    opt = build_optimizer("sgd", lr=123.0)  # a spec's lr is ignored, never used
+    with pytest.raises(TypeError):
+        build_optimizer("sgd", lr=123.0)  # no second road: a spec carries no lr
+    opt = build_optimizer("sgd")
     p = np.ones(4, np.float32)
     opt.step(p, np.ones(4, np.float32), {}, 1, 0.25)
     np.testing.assert_array_equal(p, 0.75)

@@ -32,7 +32,8 @@ from synthetic import learnable_split
 N_IMAGES = 300
 SMALL_CNN = ("three-layer", dict(num_filters=4, hidden_dim=16, weight_scale=1e-2))
 TINY_AIRBENCH = ("airbench", dict(widths=[4, 6, 8], ghost_batch=4))
-SGD = ("sgd", {"lr": 0.02, "momentum": 0.9})
+LR = 0.02
+SGD = ("sgd", {"momentum": 0.9})
 AUG = AugmentSpec(seed=5, flip=True, translate=2)
 
 
@@ -54,7 +55,7 @@ def train(data, runner, model=SMALL_CNN, opt=SGD, epochs=2, steps=6, batch=25, f
                         first_epoch + epoch)
             for s in range(steps):
                 t += 1
-                out.append(r.step(s * batch, (s + 1) * batch, opt[1]["lr"], t))
+                out.append(r.step(s * batch, (s + 1) * batch, LR, t))
         return r.params.copy(), r.state.copy(), out
 
 
@@ -108,9 +109,9 @@ def test_init_from_data_runs_in_the_parent_on_train_indices_only(data):
 
 def test_freeze_after_steps_is_exact_and_stateless():
     m = build_model(*TINY_AIRBENCH[:1], **TINY_AIRBENCH[1])
-    opt = make_optimizer(m, ("sgd", {"lr": 0.1, "momentum": 0.85, "nesterov": True,
+    opt = make_optimizer(m, ("sgd", {"momentum": 0.85, "nesterov": True,
                                      "weight_decay": 1e-3, "freeze": {"whiten_bias": 2}}))
-    plain = make_optimizer(m, ("sgd", {"lr": 0.1, "momentum": 0.85, "nesterov": True,
+    plain = make_optimizer(m, ("sgd", {"momentum": 0.85, "nesterov": True,
                                        "weight_decay": 1e-3}))
     assert isinstance(opt, PhasedOptimizer) and opt.state_names == ("velocity",)
     lo = m.layout.offsets["whiten_bias.b"]
@@ -132,7 +133,7 @@ def test_freeze_after_steps_is_exact_and_stateless():
             rest[bias] = False
             assert np.array_equal(p[rest], q[rest])  # everything else as before
     with pytest.raises(ValueError, match="no such parameter"):
-        make_optimizer(m, ("sgd", {"lr": 0.1, "freeze": {"nope": 1}}))
+        make_optimizer(m, ("sgd", {"freeze": {"nope": 1}}))
 
 
 def test_tta_accuracy_is_tta_logits_and_plain_accuracy(data):
@@ -289,7 +290,7 @@ def test_frozen_layer_skips_its_backward_without_changing_the_run(tiny_store, mo
     from partrain.runner import LocalRunner
 
     data = load_store(tiny_store)
-    spec = ("sgd", {"lr": 0.1, "momentum": 0.85, "nesterov": True, "weight_decay": 1e-3,
+    spec = ("sgd", {"momentum": 0.85, "nesterov": True, "weight_decay": 1e-3,
                     "freeze": {"whiten_bias": 2}})
     results = []
     for skip in (True, False):
