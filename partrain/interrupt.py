@@ -43,6 +43,12 @@ class StopFlag:
         self._aborts: list[Callable[[], None]] = []
         self._deferring = 0
         self._pending: BaseException | None = None
+        self._now_message: str | None = None  # set by stop_now_from_here
+
+    def stop_now_from_here(self, message: str) -> None:
+        """From now on the first Ctrl-C stops at once with `message`: there is no step boundary
+        left to wait for (fit's final test pass, after the last checkpoint)."""
+        self._now_message = message
 
     def on_force(self, abort: Callable[[], None]) -> None:
         """Call `abort` (it must be safe in a signal handler) when a stop-now arrives."""
@@ -55,8 +61,8 @@ class StopFlag:
     def forced_exception(self) -> BaseException:
         if self.forced == signal.SIGTERM:
             return SystemExit(128 + signal.SIGTERM)
-        return Interrupted("stopped at once (Ctrl-C twice); the last checkpoint is kept",
-                           at_once=True)
+        return Interrupted(self._now_message or "stopped at once (Ctrl-C twice); the last "
+                           "checkpoint is kept", at_once=True)
 
     @contextmanager
     def deferred(self) -> Iterator[None]:
@@ -71,7 +77,7 @@ class StopFlag:
             raise exc
 
     def _on_signal(self, signum, frame) -> None:
-        if signum == signal.SIGINT and not self.requested:
+        if signum == signal.SIGINT and not self.requested and self._now_message is None:
             self.requested = True
             os.write(2, STOPPING)  # no buffered stream: the handler may run inside a print
             return

@@ -242,7 +242,7 @@ def fit(cfg: TrainConfig, run: Path, resume: bool = False, quiet: bool = False,
                 session.checkpoint(state)
                 break
             session.end_epoch(state)
-        return session.finish(state, stopped, steps_done, evaluate_test)
+        return session.finish(state, stopped, steps_done, evaluate_test, stop)
 
 
 def _open_run_folder(rd: RunDir, plan: Plan, resume: bool) -> None:
@@ -341,8 +341,11 @@ class Session:
         self.checkpoint(state)
 
     def finish(self, state: RunState, stopped: str | None, steps_done: int,
-               evaluate_test: bool) -> dict:
-        """summary.json, the final test accuracy (with TTA if asked) and the closing lines."""
+               evaluate_test: bool, stop) -> dict:
+        """summary.json, the final test accuracy (with TTA if asked) and the closing lines.
+
+        A Ctrl-C that came during the last epoch's validation skips the test pass; one during
+        the test pass ends it at once: training is finished and checkpointed either way."""
         cfg, rd, spe = self.plan.cfg, self.rd, self.plan.steps_per_epoch
         train_time = time.perf_counter() - self.t_start
         summary = {"run": str(rd.path), "epochs_done": state.epoch, "steps": state.t,
@@ -354,7 +357,12 @@ class Session:
         if stopped == "interrupted":
             raise Interrupted(f"interrupted at {where}; checkpoint saved — continue with: "
                               f"partrain fit --resume {rd.path}")
+        skip_test = (f"checkpoint.h5 holds the trained parameters; partrain evaluate {rd.path} "
+                     f"measures the test accuracy")
+        if stopped is None and stop.requested:
+            raise Interrupted(f"interrupted after the last epoch, before the test pass; {skip_test}")
         if stopped is None and evaluate_test:
+            stop.stop_now_from_here(f"interrupted during the final test pass; {skip_test}")
             summary.update(self.test())
         rd.write_summary(summary)
         if stopped is not None:
