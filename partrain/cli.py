@@ -124,6 +124,14 @@ def _fit_options(fn):
                      help="Print the settings and the model's parameters and exit."),
         click.option("--max-steps", type=int, default=None, hidden=True,
                      help="Stop (with a checkpoint) after this many steps; for tests."),
+        click.option("--backend", type=click.Choice(["local", "mpi"]), default="local",
+                     show_default=True,
+                     help="mpi: one rank per machine, under mpiexec/mpirun/srun (README, Many "
+                          "machines); each rank trains with its own --workers."),
+        click.option("--step-timeout", type=click.FloatRange(min=0, min_open=True),
+                     default=None, metavar="SECONDS",
+                     help="With --backend mpi: abort the job when a rank finishes no step for "
+                          "this long [default: max(120 s, 20 median steps)]."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -134,14 +142,15 @@ def _fit_options(fn):
 @_fit_options
 @click.pass_context
 @user_errors
-def fit(ctx, runs_dir, name, resume, quiet, dry_run, max_steps, **options):
+def fit(ctx, runs_dir, name, resume, quiet, dry_run, max_steps, backend, step_timeout,
+        **options):
     """Train a model on DATA_DIR/cifar10.h5 with N worker processes.
 
     \b
     partrain fit --recipe airbench            airbench94's recipe (see README, Recipes)
     partrain fit --recipe airbench --dry-run  what it sets
+    mpiexec -n 2 partrain fit --backend mpi --workers 8   two machines, 8 workers each
     """
-
     settings = _settings(options)
     explicit = {k for k in settings
                 if ctx.get_parameter_source(k) == ParameterSource.COMMANDLINE}
@@ -153,22 +162,57 @@ def fit(ctx, runs_dir, name, resume, quiet, dry_run, max_steps, **options):
         _print_settings(cfg)
         _print_model(cfg.model, cfg.model_options)
         return
-    if resume is not None:
-        cfg = RunDir.open(resume).resume_config({k: settings[k] for k in explicit})
-        run = resume
+    if backend == "local":
+        cfg, run = _run_to_train(settings, explicit, resume, runs_dir, name)
+        summary = _fit_or_130(ctx, cfg, run, resume, quiet, max_steps)
     else:
-        cfg = TrainConfig(**settings)
-        cfg.check()
-        if not Path(cfg.data).exists():
-            raise PartrainError(f"{cfg.data} not found; run `partrain prepare` first")
-        run = RunDir.create(runs_dir, name, cfg.model).path
-    try:
-        summary = run_fit(cfg, run, resume=resume is not None, quiet=quiet, max_steps=max_steps)
-    except Interrupted as e:
-        click.echo(str(e), err=True)
-        ctx.exit(130)
-    if quiet:
+        summary = _fit_on_ranks(ctx, settings, explicit, resume, runs_dir, name, quiet, max_steps,
+                                step_timeout)
+    if quiet and summary is not None:
         click.echo(" ".join(f"{k}={v}" for k, v in summary.items()))
+
+
+def _run_to_train(settings, explicit, resume, runs_dir, name) -> tuple[TrainConfig, Path]:
+    """The settings and the run folder: a resumed one's (exactness checked), or a new one."""
+    if resume is not None:
+        return RunDir.open(resume).resume_config({k: settings[k] for k in explicit}), resume
+    cfg = TrainConfig(**settings)
+    cfg.check()
+    if not Path(cfg.data).exists():
+        raise PartrainError(f"{cfg.data} not found; run `partrain prepare` first")
+    return cfg, RunDir.create(runs_dir, name, cfg.model).path
+
+
+def _fit_or_130(ctx, cfg, run, resume, quiet, max_steps, cross=None):
+    try:
+        return run_fit(cfg, run, resume=resume is not None, quiet=quiet, max_steps=max_steps,
+                       cross=cross)
+    except Interrupted as e:
+        if cross is not None and e.at_once:
+            raise  # this rank alone stops now: the others must be aborted
+        if cross is None or cross.rank == 0:
+            click.echo(str(e), err=True)
+        ctx.exit(130)
+
+
+def _fit_on_ranks(ctx, settings, explicit, resume, runs_dir, name, quiet, max_steps,
+                  step_timeout):
+    """fit under MPI: rank 0 resolves the run folder and tells the others; any exception on any
+    rank ends the whole job (Cross.fail: one line, then MPI_Abort) instead of hanging it."""
+    from .parallel import mpi
+    cross = mpi.start(step_timeout)
+    try:
+        job = _run_to_train(settings, explicit, resume, runs_dir, name) if cross.rank == 0 else None
+        cfg_dict, run = cross.bcast(None if job is None else (job[0].to_dict(), str(job[1])))
+        summary = _fit_or_130(ctx, TrainConfig.from_dict(cfg_dict), Path(run), resume, quiet,
+                              max_steps, cross)
+    except click.exceptions.Exit:
+        cross.watchdog.close()
+        raise
+    except BaseException as e:  # noqa: BLE001 - every rank must end, whatever the cause
+        cross.fail(e, 130 if isinstance(e, Interrupted) else 1)
+    cross.watchdog.close()
+    return summary if cross.rank == 0 else None
 
 
 def _print_settings(cfg: TrainConfig) -> None:

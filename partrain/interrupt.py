@@ -6,7 +6,10 @@ a ParallelRunner used on its own, as by bench, installs it for itself):
   force)"; the loop finishes its step, saves a checkpoint and raises `Interrupted`;
 - a second Ctrl-C stops now: every abort registered with `on_force` runs (a ParallelRunner's kills
   its workers and unlinks its shared memory), then `Interrupted` (at_once) is raised;
-- SIGTERM does the same abort, then raises SystemExit(143).
+- SIGTERM does the same abort, then raises SystemExit(143);
+- SIGUSR1 (what Open MPI forwards to its ranks, and Slurm's `--signal`) is a first Ctrl-C.
+Under the MPI backend (`collective`) SIGTERM is a first Ctrl-C too, and whichever rank gets one,
+every rank stops at the same step boundary.
 
 An exception raised from a signal handler can be lost: when the handler runs inside a `__del__`,
 Python prints "Exception ignored in ..." and carries on. So clean-up that must not be cut runs in
@@ -37,8 +40,11 @@ class Interrupted(KeyboardInterrupt):
 class StopFlag:
     """What the signals asked for; the loop reads `requested` between steps."""
 
-    def __init__(self) -> None:
+    def __init__(self, collective: bool = False) -> None:
         self.requested = False            # first Ctrl-C: stop after the current step
+        # Under MPI a signal only sets `asked`; `requested` is set on every rank alike from the
+        # all-reduced `asked` of all ranks after a step (engine), so all stop at the same step.
+        self.collective, self.asked = collective, False
         self.forced: int | None = None    # the signal that asked to stop now
         self._aborts: list[Callable[[], None]] = []
         self._deferring = 0
@@ -77,10 +83,14 @@ class StopFlag:
             raise exc
 
     def _on_signal(self, signum, frame) -> None:
-        if signum == signal.SIGINT and not self.requested and self._now_message is None:
-            self.requested = True
+        graceful = (signal.SIGINT, signal.SIGUSR1) + ((signal.SIGTERM,) if self.collective else ())
+        if signum in graceful and not self.asked and self._now_message is None:
+            self.asked = True
+            self.requested = self.requested or not self.collective
             os.write(2, STOPPING)  # no buffered stream: the handler may run inside a print
             return
+        if signum == signal.SIGUSR1:
+            return  # asked again to stop at the next boundary: it is on its way
         self.forced = signum
         for abort in list(self._aborts):
             abort()
@@ -92,14 +102,16 @@ class StopFlag:
 
 
 @contextmanager
-def catch_signals() -> Iterator[StopFlag]:
+def catch_signals(collective: bool = False) -> Iterator[StopFlag]:
     """Install the handlers for the block (in the main thread only; elsewhere signals cannot be
-    caught, and the flag just stays down) and restore the previous ones after it."""
-    stop = StopFlag()
+    caught, and the flag just stays down) and restore the previous ones after it. collective:
+    the MPI backend's flag (see StopFlag)."""
+    stop = StopFlag(collective)
     if threading.current_thread() is not threading.main_thread():
         yield stop
         return
-    saved = {sig: signal.signal(sig, stop._on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    saved = {sig: signal.signal(sig, stop._on_signal) for sig in (signal.SIGINT, signal.SIGTERM,
+                                                                 signal.SIGUSR1)}
     try:
         yield stop
     finally:

@@ -244,3 +244,23 @@ def _format(v: Any) -> str:
     if isinstance(v, (int, np.integer)) or isinstance(v, str):
         return str(v)
     return f"{float(v):.7g}"
+
+
+class MutedRunDir(RunDir):
+    """The run folder as the other ranks of an MPI job see it: rank 0 alone writes it (its disk
+    may be the only one that has it), so every write here is a no-op."""
+
+    def write_meta(self, meta: dict) -> None:
+        self._meta = meta
+
+    def append_history(self, row: dict[str, Any]) -> None:
+        pass
+
+    def truncate_history(self, t: int) -> None:
+        pass
+
+    def save(self, which: str, arrays: dict[str, np.ndarray], meta: dict) -> None:
+        pass
+
+    def write_summary(self, summary: dict) -> None:
+        pass

@@ -28,7 +28,7 @@ from .interrupt import Interrupted, catch_signals
 from .nn.models import build_model
 from .optim import make_schedule
 from .progress import Progress, format_duration
-from .rundir import RunDir, file_sha256
+from .rundir import MutedRunDir, RunDir, file_sha256
 from .runner import make_runner
 
 
@@ -179,37 +179,41 @@ class Plan:
     def steps_per_epoch(self) -> int:
         return len(self.bounds)
 
-    def make_runner(self, stop):
+    def make_runner(self, stop, cross=None):
         return make_runner(self.cfg, self.data, (self.cfg.model, dict(self.cfg.model_options)),
-                           self.opt_spec, self.train_idx, stop)
+                           self.opt_spec, self.train_idx, stop, cross)
 
-    def describe(self, run: Path) -> str:
+    def describe(self, run: Path, cross=None) -> str:
         cfg, aug = self.cfg, self.cfg.augment_spec()
+        ranks = f"{cross.size} ranks x " if cross is not None and cross.size > 1 else ""
         return (f"training {cfg.model} ({self.model.layout.size:,} parameters) on "
-                f"{len(self.train_idx):,} images, {cfg.workers} worker(s), batch {cfg.batch_size}, "
+                f"{len(self.train_idx):,} images, {ranks}{cfg.workers} worker(s), "
+                f"batch {cfg.batch_size}, "
                 f"{cfg.optimizer} lr {cfg.lr:g}"
                 + (f", augmentation: {_describe_augment(aug)}" if aug else "")
                 + (f" (recipe {cfg.recipe})" if cfg.recipe else "") + f"; run folder {run}")
 
 
 def fit(cfg: TrainConfig, run: Path, resume: bool = False, quiet: bool = False,
-        evaluate_test: bool = True, max_steps: int | None = None) -> dict:
+        evaluate_test: bool = True, max_steps: int | None = None, cross=None) -> dict:
     """Train (or continue) the run in folder `run`; returns the final summary.
 
     max_steps stops after that many optimizer steps in this call (for tests and benchmarks), with
-    a checkpoint as if interrupted.
+    a checkpoint as if interrupted. cross: the ranks of an MPI job (`parallel.mpi.Cross`), each
+    calling fit alike; rank 0 alone writes the run folder and prints.
     """
     cfg.check()
-    rd, data = RunDir(run), load_store(cfg.data)
+    writer = cross is None or cross.rank == 0
+    rd, data = (RunDir if writer else MutedRunDir)(run), load_store(cfg.data)
     plan = Plan.of(cfg, data)
-    _open_run_folder(rd, plan, resume)
-    progress = Progress(quiet)
+    _open_run_folder(rd, plan, resume, cross)
+    progress = Progress(quiet or not writer)
     # Ctrl-C is caught from before the workers start (interrupt.py): the first stops at the next
     # step boundary with a checkpoint, the second at once.
-    with catch_signals() as stop, plan.make_runner(stop) as runner:
-        session = Session(rd, plan, runner, progress)
+    with catch_signals(cross is not None) as stop, plan.make_runner(stop, cross) as runner:
+        session = Session(rd, plan, runner, progress, cross)
         state = session.resume() if resume else RunState()
-        progress.line(plan.describe(rd.path))
+        progress.line(plan.describe(rd.path, cross))
         stopped, steps_done = None, 0
         for epoch in range(state.epoch, cfg.epochs):
             runner.set_order(epoch_order(plan.train_idx, cfg.seed, epoch), epoch)
@@ -221,7 +225,7 @@ def fit(cfg: TrainConfig, run: Path, resume: bool = False, quiet: bool = False,
                         break
                     lr = plan.schedule(state.t)
                     state.t += 1
-                    loss_sum, correct = runner.step(lo, hi, lr, state.t)
+                    loss_sum, correct = runner.step(lo, hi, lr, state.t)  # global, under MPI
                     session.after_step(state.t, hi - lo)
                     state.position += 1
                     steps_done += 1
@@ -245,9 +249,15 @@ def fit(cfg: TrainConfig, run: Path, resume: bool = False, quiet: bool = False,
         return session.finish(state, stopped, steps_done, evaluate_test, stop)
 
 
-def _open_run_folder(rd: RunDir, plan: Plan, resume: bool) -> None:
-    """A new run writes config.json; a resumed one must have been trained on this data file."""
+def _open_run_folder(rd: RunDir, plan: Plan, resume: bool, cross=None) -> None:
+    """A new run writes config.json; a resumed one must have been trained on this data file.
+    Under MPI every rank must have the same settings and the same data file."""
     cfg, data, sha = plan.cfg, plan.data, file_sha256(plan.cfg.data)
+    if cross is not None:
+        cross.agree({"settings": {k: v for k, v in cfg.to_dict().items() if k != "data"},
+                     "data file sha256": sha})
+        if cross.rank:
+            return
     if not resume:
         rd.write_meta({
             "config": cfg.to_dict(), "partrain_version": __version__, "data_sha256": sha,
@@ -265,8 +275,10 @@ class Session:
     """One call of `fit` with its runner: the arrays a checkpoint holds, history rows, the end
     of an epoch and of the run. The loop itself stays in `fit`."""
 
-    def __init__(self, rd: RunDir, plan: Plan, runner, progress: Progress):
+    def __init__(self, rd: RunDir, plan: Plan, runner, progress: Progress, cross=None):
         self.rd, self.plan, self.runner, self.progress = rd, plan, runner, progress
+        self.cross = cross
+        self.watchdog = cross.watchdog if cross is not None else None
         cfg = plan.cfg
         self.lookahead = (AirbenchLookahead(runner.params, runner.state,
                                             cfg.epochs * plan.steps_per_epoch)
@@ -289,15 +301,23 @@ class Session:
 
     def resume(self) -> RunState:
         """Restore the last checkpoint into the runner; drop history rows logged after it."""
-        cfg, rd = self.plan.cfg, self.rd
-        state = RunState.from_meta(rd.restore(self.arrays()))
+        cfg, rd, cross = self.plan.cfg, self.rd, self.cross
+        if cross is None:
+            state = RunState.from_meta(rd.restore(self.arrays()))
+        else:  # rank 0 reads the checkpoint; every rank starts from its bytes
+            meta = cross.bcast(rd.restore(self.arrays()) if cross.rank == 0 else None)
+            for arr in self.arrays().values():
+                cross.bcast_array(arr)
+            cross.same_bits(self.arrays(), "after the resume")
+            state = RunState.from_meta(meta)
         if state.epoch >= cfg.epochs:
             raise PartrainError(f"{rd.path} has already finished its {state.epoch} epochs"
                                 + (" (--epochs N trains it further)"
                                    if cfg.schedule == "constant" else ""))
-        rd.truncate_history(state.t)
-        if cfg.to_dict() != rd.meta["config"]:  # e.g. more epochs: config.json says so
-            rd.write_meta({**rd.meta, "config": cfg.to_dict()})
+        if cross is None or cross.rank == 0:  # the writer of the run folder
+            rd.truncate_history(state.t)
+            if cfg.to_dict() != rd.meta["config"]:  # e.g. more epochs: config.json says so
+                rd.write_meta({**rd.meta, "config": cfg.to_dict()})
         self.progress.line(f"resuming {rd.path} at epoch {state.epoch + 1}, step "
                            f"{state.position}/{self.plan.steps_per_epoch}")
         return state
@@ -307,6 +327,8 @@ class Session:
         self.images_done += n
         if self.lookahead is not None:
             self.lookahead.after_step(t)
+        if self.watchdog is not None:
+            self.watchdog.pet()
 
     def checkpoint(self, state: RunState, which: str = "last") -> None:
         self.rd.save(which, self.arrays(),
@@ -323,6 +345,10 @@ class Session:
     def end_epoch(self, state: RunState) -> None:
         """Validate, log the epoch, move on, checkpoint (best.h5 too when validation improved)."""
         plan, m = self.plan, state.epoch_meter
+        if self.watchdog is not None:  # no step until the next epoch starts
+            self.watchdog.pause()
+        if self.cross is not None:
+            self.cross.same_bits(self.arrays(), f"after epoch {state.epoch + 1}")
         val_acc = (accuracy(self.eval_model, plan.data.train_images, plan.data.train_labels,
                             self.scale, self.shift, plan.val_idx)[0]
                    if len(plan.val_idx) else float("nan"))
@@ -347,6 +373,8 @@ class Session:
         A Ctrl-C that came during the last epoch's validation skips the test pass; one during
         the test pass ends it at once: training is finished and checkpointed either way."""
         cfg, rd, spe = self.plan.cfg, self.rd, self.plan.steps_per_epoch
+        if self.watchdog is not None:
+            self.watchdog.pause()
         train_time = time.perf_counter() - self.t_start
         summary = {"run": str(rd.path), "epochs_done": state.epoch, "steps": state.t,
                    "train_time_s": round(train_time, 2),

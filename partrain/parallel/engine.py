@@ -34,7 +34,7 @@ import numpy as np
 
 from ..errors import PartrainError
 from ..interrupt import Interrupted, StopFlag, catch_signals
-from ..step import active_augment, init_model, merge_stats
+from ..step import active_augment, init_model, merge_stats, split_shards
 from . import worker as W
 from .pool import WorkerPool
 from .reduce import get_reduction, reduce_and_step
@@ -98,13 +98,14 @@ class ParallelRunner:
                  n_workers: int | None = None, reduction: str = "sharded", log_dir=None,
                  start_method: str = "forkserver", stop: StopFlag | None = None,
                  step_timeout: float | None = None, startup_timeout: float = 120.0,
-                 augment=None, init_idx=None):
+                 augment=None, init_idx=None, cross=None):
         self._closed, self._failed, self._aborted = True, False, False
         self._shm: SharedArrays | None = None
         self.n_workers = usable_cores() if n_workers is None else int(n_workers)
         if self.n_workers < 1:
             raise PartrainError(f"--workers must be at least 1, got {self.n_workers}")
         self.reduction = get_reduction(reduction)
+        self._cross = cross if cross is not None and cross.size > 1 else None
         self._pool = WorkerPool([], step_timeout)
         self._signals = catch_signals() if stop is None else None
         self._stop = stop if stop is not None else self._signals.__enter__()
@@ -115,11 +116,13 @@ class ParallelRunner:
             rep = init_model(model_spec, optimizer_spec, mean, std,
                              arrays=lambda m, opt: self._share(m, opt, images, labels))
             self.model, self.optimizer = rep.model, rep.optimizer
+            self._slices = self.reduction.ranges(self.params.size, self.n_workers)
             rep.initialise(seed, self.images, init_idx, mean, std)  # as LocalRunner: N=1 equals it
             name, options = model_spec
             cfg = dict(descriptor=self._shm.descriptor(), n_workers=self.n_workers,
                        model_spec=(name, dict(options or {})), optimizer_spec=optimizer_spec,
                        mean=mean, std=std, reduction=self.reduction.name,
+                       across_machines=cross is not None and cross.size > 1,
                        augment=active_augment(augment))
             self._start(start_method, cfg, log_dir, startup_timeout)
         except BaseException:
@@ -168,6 +171,10 @@ class ParallelRunner:
         with self._stop.deferred():  # nor may it cut a process start in half
             self._pool.start(start_method, cfg)
         self._wait(self._pool.collect, b"k", timeout, "start")
+        if self._cross is not None:
+            # Every worker has attached: the names can go now. An MPI launcher SIGKILLs the
+            # surviving ranks when one dies, and no clean-up code runs then; the mappings stay.
+            self._shm.unlink()
         self.startup_s = time.perf_counter() - t0
 
     # ------------------------------------------------------------------------- the contract
@@ -196,10 +203,13 @@ class ParallelRunner:
         if not 0 <= lo < hi <= self._n_order:
             raise ValueError(f"step range [{lo}, {hi}) is outside the order of {self._n_order}")
         t0 = time.perf_counter()
+        batch, cross = hi - lo, self._cross
+        if cross is not None:  # this machine's group-aligned part of the global minibatch
+            lo, hi = split_shards(lo, hi, cross.size, self.model.group_size)[cross.rank]
         sharded = self.reduction.in_workers
-        then_reduce = sharded and self.n_workers == 1  # nobody to wait for: one round trip
-        self._wait(self._pool.send_all, b"S" + W.STEP.pack(lo, hi, float(lr), t, self._epoch,
-                                                           then_reduce))
+        then_reduce = sharded and self.n_workers == 1 and cross is None  # one round trip
+        self._wait(self._pool.send_all, b"S" + W.STEP.pack(lo, hi, batch, float(lr), t,
+                                                           self._epoch, then_reduce))
         self._wait(self._pool.collect, b"r" if then_reduce else b"c")
         ctl = self._ctl
         loss, correct = 0.0, 0
@@ -209,19 +219,44 @@ class ParallelRunner:
         compute = ctl[:, W.T_COMPUTE].copy()
         if sharded and not then_reduce:
             self._wait(self._pool.send_all, b"R")  # lr and t came with b"S"
-            merge_stats(self.model, self._stats, hi - lo)  # overlaps with the workers' reduction
-            self._wait(self._pool.collect, b"r")
+        if cross is not None:  # while the workers sum their slices
+            loss, correct = self._agree_across_machines(loss, correct, batch)
         else:
-            merge_stats(self.model, self._stats, hi - lo)
+            merge_stats(self.model, self._stats, batch)
+        if sharded and not then_reduce:
+            if cross is not None:
+                for w, (a, b) in enumerate(self._slices):  # the same order on every rank
+                    self._wait(self._pool.collect_one, w, b"A")
+                    cross.allreduce(self._reduced[a:b])
+                    self._wait(self._pool.send_one, w, b"a")
+            self._wait(self._pool.collect, b"r")
         if sharded:
             red, opt = ctl[:, W.T_REDUCE].copy(), ctl[:, W.T_OPTIM].copy()
         else:
             t_sum, t_opt = reduce_and_step(self._grads, self._reduced, self.params,
                                            self.opt_state, self.optimizer, 0, self.params.size,
-                                           t, lr)
+                                           t, lr, cross.allreduce if cross else None)
             red, opt = np.array([t_sum]), np.array([t_opt])
         self.last_times = StepTimes(time.perf_counter() - t0, compute, red, opt)
         return loss, correct
+
+    def _agree_across_machines(self, loss: float, correct: int, batch: int) -> tuple[float, int]:
+        """One small all-reduce: the global loss and correct count, and whether any rank was
+        asked to stop, so every rank takes the same branch after this step; then the batch-norm
+        statistics of the whole global batch (in their own dtype, so 2 ranks x N workers sum
+        exactly as 1 rank x 2N workers)."""
+        cross = self._cross
+        ctrl = np.array([loss, correct, float(self._stop.asked)], np.float64)
+        cross.allreduce(ctrl)
+        if ctrl[2] > 0:
+            self._stop.requested = True
+        if self.model.stats_size:
+            total = self._stats[0].copy()
+            for row in self._stats[1:]:
+                total += row
+            cross.allreduce(total)
+            merge_stats(self.model, total[None, :], batch)
+        return float(ctrl[0]), int(round(ctrl[1]))
 
     def close(self, graceful: bool = True) -> None:
         """Stop the workers, copy params/state/opt_state out, unlink all shared memory.

@@ -11,6 +11,7 @@ partrain already imported: no fork-after-threads hazard, no re-import per worker
 """
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import signal
 import time
@@ -38,17 +39,13 @@ class WorkerPool:
     def start(self, start_method: str, cfg: dict) -> None:
         """Start one worker per log path with `cfg` (see worker.main); returns at once.
 
-        SIGINT is blocked meanwhile, and the forkserver and the workers inherit that mask: a
-        Ctrl-C at the terminal goes to the whole process group, and one that reached the
-        forkserver while it imports (before it ignores SIGINT) killed it, failing every start.
-        The parent decides what Ctrl-C means; its pending SIGINT is delivered on unblocking.
-        Only started processes are recorded, so `stop` never meets one that never ran.
+        SIGINT is blocked meanwhile (see `start_forkserver`). Only started processes are
+        recorded, so `stop` never meets one that never ran.
         """
         ctx = mp.get_context(start_method)
         if start_method == "forkserver":
-            ctx.set_forkserver_preload([W.__name__])
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-        try:
+            start_forkserver()
+        with _sigint_blocked():
             for w, log_path in enumerate(self.log_paths):
                 parent_end, child_end = ctx.Pipe(duplex=True)
                 p = ctx.Process(target=W.main, name=f"partrain-worker-{w}", daemon=True,
@@ -62,8 +59,13 @@ class WorkerPool:
                     child_end.close()  # the worker holds the only other end: death means EOF
                 self.conns.append(parent_end)
                 self.procs.append(p)
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+    def send_one(self, w: int, msg: bytes) -> None:
+        try:
+            self.conns[w].send_bytes(msg)
+        except OSError:
+            self._check_alive()
+            self._fail_dead(w)
 
     def send_all(self, msg: bytes) -> None:
         for w, conn in enumerate(self.conns):
@@ -78,17 +80,23 @@ class WorkerPool:
         failing worker (checked every POLL_S) or on timeout."""
         timeout = self.step_timeout if timeout is None else timeout
         deadline = None if timeout is None else time.monotonic() + timeout
-        for w, conn in enumerate(self.conns):
-            while not conn.poll(POLL_S):
-                self._check_alive()
-                if deadline is not None and time.monotonic() > deadline:
-                    raise PartrainError(f"worker {w} did not answer within {timeout:g} s ({what})")
-            try:
-                msg = conn.recv_bytes()
-            except (EOFError, OSError):
-                self._fail_dead(w)
-            if msg[:1] != expect:
-                self._unexpected(w, msg)
+        for w in range(len(self.conns)):
+            self.collect_one(w, expect, deadline, timeout, what)
+
+    def collect_one(self, w: int, expect: bytes, deadline: float | None = None,
+                    timeout: float | None = None, what: str = "step") -> None:
+        """Wait for worker w's `expect` (until `deadline`, a time.monotonic value)."""
+        conn = self.conns[w]
+        while not conn.poll(POLL_S):
+            self._check_alive()
+            if deadline is not None and time.monotonic() > deadline:
+                raise PartrainError(f"worker {w} did not answer within {timeout:g} s ({what})")
+        try:
+            msg = conn.recv_bytes()
+        except (EOFError, OSError):
+            self._fail_dead(w)
+        if msg[:1] != expect:
+            self._unexpected(w, msg)
 
     def kill(self) -> None:
         """SIGKILL every worker now; safe in a signal handler."""
@@ -149,6 +157,28 @@ class WorkerPool:
         p = self.procs[w]
         p.join(1.0)
         raise PartrainError(f"worker {w} died ({W.describe_exit(p.exitcode)})")
+
+
+def start_forkserver() -> None:
+    """Start the forkserver now (idempotent), with the worker module preloaded and SIGINT
+    blocked, a mask it and every worker it forks inherit: a Ctrl-C at the terminal goes to the
+    whole process group, and one that reached the forkserver while it imports (before it
+    ignores SIGINT) killed it and failed every start. The parent decides what Ctrl-C means; a
+    SIGINT pending in the parent is delivered when the block ends. The MPI backend calls this
+    before MPI initialises, so no process that initialised MPI ever forks a worker."""
+    from multiprocessing import forkserver
+    mp.get_context("forkserver").set_forkserver_preload([W.__name__])
+    with _sigint_blocked():
+        forkserver.ensure_running()
+
+
+@contextlib.contextmanager
+def _sigint_blocked():
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _join_all(procs, seconds: float) -> None:

@@ -4,10 +4,12 @@ Protocol (bytes over the worker's own Pipe; the parent sends only indices — da
 gradients, optimizer state and results all live in shared memory):
 
   parent -> worker                       worker -> parent
-  b"S" + STEP(lo, hi, lr, t, epoch,       b"c" (gradient of my shard written; results in ctl[w])
+  b"S" + STEP(lo, hi, batch, lr, t, epoch, b"c" (gradient of my shard written; results in ctl[w])
               then_reduce)
                                            or b"r" when then_reduce (also reduced and stepped)
   b"R" (with the last STEP's lr and t)     b"r" (my slice of the sum reduced, optimizer stepped)
+                                           under MPI, between the two: b"A" (my slice summed
+                                           here), the parent's b"a" (summed over machines)
   b"Q"                                     (exits)
                                            b"k" once after start-up: attached and ready
                                            b"E" + one-line message: failed (traceback in the log)
@@ -31,7 +33,9 @@ from ..step import init_model, shard_gradient, split_shards
 from .reduce import get_reduction, reduce_and_step
 from .shm import SharedArrays
 
-STEP = struct.Struct("<qqdqq?")    # lo, hi, lr, t, epoch (keys the augmentation), then_reduce
+# lo, hi (this machine's part of the minibatch), batch (the global minibatch size: the loss is
+# scaled by 1/batch), lr, t, epoch (keys the augmentation), then_reduce
+STEP = struct.Struct("<qqqdqq?")
 # Columns of the control block ctl (float64, one row per worker), written by worker w in row w.
 LOSS, CORRECT, T_COMPUTE, T_REDUCE, T_OPTIM, PID = range(6)
 CTL_COLUMNS = 8
@@ -85,6 +89,7 @@ def _serve(w: int, conn, cfg: dict) -> int:
         ctl[PID] = os.getpid()
         augment = cfg.get("augment")  # an AugmentSpec or None
         xbuf, lr, t = None, 0.0, 0
+        allreduce = _across_machines(conn) if cfg.get("across_machines") else None
         conn.send_bytes(b"k")
         while True:
             msg = conn.recv_bytes()
@@ -92,12 +97,12 @@ def _serve(w: int, conn, cfg: dict) -> int:
             if op == b"Q":
                 return 0
             if op == b"S":
-                lo, hi, lr, t, epoch, then_reduce = STEP.unpack_from(msg, 1)
+                lo, hi, batch, lr, t, epoch, then_reduce = STEP.unpack_from(msg, 1)
                 c0 = time.perf_counter()
                 s_lo, s_hi = split_shards(lo, hi, n_workers, model.group_size)[w]
                 sync_frozen(model, optimizer, t)
                 loss, correct, xbuf = shard_gradient(
-                    model, images, labels, perm[s_lo:s_hi], rep.scale, rep.shift, 1.0 / (hi - lo),
+                    model, images, labels, perm[s_lo:s_hi], rep.scale, rep.shift, 1.0 / batch,
                     stats, xbuf, augment, epoch)
                 ctl[LOSS], ctl[CORRECT] = loss, correct
                 ctl[T_COMPUTE] = time.perf_counter() - c0
@@ -108,8 +113,22 @@ def _serve(w: int, conn, cfg: dict) -> int:
                 raise RuntimeError(f"unknown command {msg[:16]!r} from the parent")
             # b"R", or b"S" with then_reduce: sum my slice of the gradients, step it
             ctl[T_REDUCE], ctl[T_OPTIM] = reduce_and_step(
-                grads, reduced, params, opt_state, optimizer, my_lo, my_hi, t, lr)
+                grads, reduced, params, opt_state, optimizer, my_lo, my_hi, t, lr, allreduce)
             conn.send_bytes(b"r")
+
+
+def _across_machines(conn):
+    """The all-reduce hook of a worker under the MPI backend: the parent all-reduces this
+    worker's summed slice across machines (workers never call MPI). b"A" says the slice is
+    summed; the parent's b"a" that the sum over all machines is in place."""
+    def allreduce(view) -> None:
+        conn.send_bytes(b"A")
+        msg = conn.recv_bytes()
+        if msg[:1] == b"Q":
+            raise SystemExit(0)
+        if msg[:1] != b"a":
+            raise RuntimeError(f"unexpected {msg[:16]!r} from the parent while all-reducing")
+    return allreduce
 
 
 def describe_exit(exitcode: int | None) -> str:

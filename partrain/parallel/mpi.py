@@ -1,0 +1,202 @@
+"""Across machines: one MPI rank per machine, each the parent of its own shared-memory workers.
+
+The workers never call MPI. After worker w has summed slice w of its machine's gradients, the
+parent all-reduces that slice across the ranks (in the fixed order w = 0..N-1, so every rank
+issues the same collectives in the same order), then worker w steps it: a reduce-scatter inside
+the machine, an all-reduce of each shard across machines, and no all-gather (the parameters
+already live in shared memory). Optimizer state stays replicated, so checkpoints keep their
+format. Every control decision of the loop (stop, non-finite loss, end of run) is taken from
+all-reduced values, so all ranks always take the same branch.
+
+MPI's own fault behaviour is "abort the job if a process dies, hang forever otherwise", so this
+module adds what turns every hang into an abort: `Cross.fail` (any exception: one line, the
+traceback in the rank's log, `MPI_Abort`) and `Watchdog` (no step finished within the deadline:
+abort, with an `os._exit` fallback). `start()` starts the forkserver before MPI initialises:
+forking a process that has initialised MPI is unsafe with RDMA providers, and every worker is
+forked by the forkserver, which never does.
+
+mpi4py is an optional dependency (`pip install 'partrain[mpi]'`); nothing imports this module
+unless `--backend mpi` is asked for.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import threading
+import time
+import traceback
+
+import numpy as np
+
+from .. import __version__
+from ..errors import PartrainError
+
+# What launchers put in each rank's environment as the job's size (hydra/MPICH, Open MPI, Slurm,
+# PMIx); a library that does not match the launcher silently starts K one-rank jobs instead.
+LAUNCHER_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "SLURM_NTASKS")
+ABORT_GRACE_S = 2.0     # after MPI_Abort, this long before the rank exits by itself
+DEFAULT_DEADLINE_S = 120.0
+DEADLINE_STEPS = 20     # the default deadline: at least this many median steps
+
+
+def launcher_size() -> tuple[str, int] | None:
+    """(variable, size) of the launcher that started this process, or None outside one."""
+    for name in LAUNCHER_SIZE_VARS:
+        value = os.environ.get(name)
+        if value and value.isdigit():
+            return name, int(value)
+    return None
+
+
+class Cross:
+    """The ranks of one job: the world communicator and the few collectives partrain uses."""
+
+    def __init__(self, comm, MPI):
+        self.comm, self.MPI = comm, MPI
+        self.rank, self.size = comm.Get_rank(), comm.Get_size()
+        self.watchdog: Watchdog | None = None
+        self.log_path: str | None = None
+        self.seconds = 0.0      # time spent in the cross-machine all-reduces (for bench)
+
+    # -- collectives ---------------------------------------------------------------------
+    def allreduce(self, view: np.ndarray) -> None:
+        """Sum `view` (contiguous) over the ranks, in place."""
+        if view.size:
+            c0 = time.perf_counter()
+            self.comm.Allreduce(self.MPI.IN_PLACE, view, op=self.MPI.SUM)
+            self.seconds += time.perf_counter() - c0
+
+    def bcast(self, obj):
+        """Rank 0's (picklable, small) `obj` on every rank."""
+        return self.comm.bcast(obj, root=0)
+
+    def bcast_array(self, arr: np.ndarray) -> None:
+        """Rank 0's `arr` into every rank's `arr` (same shape and dtype), in place."""
+        if arr.size:
+            self.comm.Bcast(arr, root=0)
+
+    def agree(self, what: dict) -> None:
+        """Every rank must have the same `what` ({name: value}); PartrainError naming the first
+        name that differs, and on which rank, otherwise (on every rank alike)."""
+        everyone = self.comm.allgather(what)
+        for rank, theirs in enumerate(everyone):
+            for key, value in everyone[0].items():
+                if theirs.get(key) != value:
+                    raise PartrainError(f"rank {rank} differs from rank 0 in {key}: "
+                                        f"{theirs.get(key)!r} != {value!r}")
+
+    def same_bits(self, arrays: dict[str, np.ndarray], when: str) -> None:
+        """Check that every rank holds the same parameters (MPI implementations have broken
+        the bitwise identity of all-reduce results before)."""
+        h = hashlib.sha256()
+        for name in sorted(arrays):
+            h.update(np.ascontiguousarray(arrays[name]).tobytes())
+        digests = self.comm.allgather(h.hexdigest())
+        bad = [r for r, d in enumerate(digests) if d != digests[0]]
+        if bad:
+            raise PartrainError(f"ranks {bad} hold other parameters than rank 0 {when}: the "
+                                f"all-reduce did not give every rank the same bits")
+
+    # -- failure -------------------------------------------------------------------------
+    def fail(self, exc: BaseException, code: int = 1) -> None:
+        """End the whole job because of `exc` on this rank: its one line on stderr (rank-named),
+        the traceback in this rank's log, then MPI_Abort (never returns)."""
+        line = str(exc) if isinstance(exc, PartrainError) else f"{type(exc).__name__}: {exc}"
+        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        where = self._write_log(text)
+        print(f"Error: rank {self.rank}: {line.splitlines()[0] if line else type(exc).__name__}"
+              + (f" (traceback in {where})" if where and not isinstance(exc, PartrainError)
+                 else ""), file=sys.stderr, flush=True)
+        self.abort(code)
+
+    def abort(self, code: int) -> None:
+        threading.Timer(ABORT_GRACE_S, os._exit, (code,)).start()  # if Abort itself hangs
+        self.comm.Abort(code)
+        os._exit(code)
+
+    def _write_log(self, text: str) -> str | None:
+        if not self.log_path:
+            return None
+        try:
+            with open(self.log_path, "a") as f:
+                f.write(text)
+            return self.log_path
+        except OSError:
+            return None
+
+
+class Watchdog:
+    """Aborts the job when this rank finishes no step within the deadline: a rank that is
+    stopped, deadlocked or cut off would otherwise leave every rank waiting forever.
+
+    `deadline` None: max(DEFAULT_DEADLINE_S, DEADLINE_STEPS x the median step so far). `pause()`
+    around work that is not a step (validation, checkpoints, the test pass); `pet()` after each
+    step resumes it.
+    """
+
+    def __init__(self, cross: Cross, deadline: float | None):
+        self.cross, self.fixed = cross, deadline
+        self.steps: list[float] = []
+        self._last = time.monotonic()
+        self._paused = True
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="partrain-watchdog", daemon=True)
+        self._thread.start()
+
+    def deadline(self) -> float:
+        if self.fixed is not None:
+            return self.fixed
+        median = float(np.median(self.steps[-100:])) if self.steps else 0.0
+        return max(DEFAULT_DEADLINE_S, DEADLINE_STEPS * median)
+
+    def pet(self) -> None:
+        now = time.monotonic()
+        if not self._paused:
+            self.steps.append(now - self._last)
+        self._last, self._paused = now, False
+
+    def pause(self) -> None:
+        self._paused = True
+
+    def close(self) -> None:
+        self._done.set()
+
+    def _run(self) -> None:
+        while not self._done.wait(0.2):
+            waited = time.monotonic() - self._last
+            if not self._paused and waited > self.deadline():
+                msg = (f"Error: rank {self.cross.rank}: no step finished within "
+                       f"{self.deadline():.0f} s (--step-timeout): a rank is stopped, hung or "
+                       f"unreachable; aborting the job")
+                print(msg, file=sys.stderr, flush=True)
+                self.cross._write_log(msg + "\n")
+                self.cross.abort(70)
+
+
+def start(step_timeout: float | None = None) -> Cross:
+    """Start the forkserver, then MPI; check that the launcher and the library agree."""
+    from . import pool
+    pool.start_forkserver()
+    try:
+        import mpi4py
+    except ImportError:
+        raise PartrainError("--backend mpi needs mpi4py and an MPI library: "
+                            "pip install 'partrain[mpi]' (mpi4py and the mpich wheel)") from None
+    mpi4py.rc.initialize = False
+    mpi4py.rc.finalize = True
+    from mpi4py import MPI
+    if not MPI.Is_initialized():
+        MPI.Init_thread(MPI.THREAD_MULTIPLE)
+    cross = Cross(MPI.COMM_WORLD, MPI)
+    expected = launcher_size()
+    if expected is not None and expected[1] != cross.size:
+        raise PartrainError(f"the launcher started {expected[1]} ranks ({expected[0]}) but MPI "
+                            f"sees {cross.size}: mpiexec and mpi4py use different MPI libraries "
+                            f"(use the mpiexec beside this Python: {sys.prefix}/bin/mpiexec)")
+    if expected is None and cross.rank == 0:
+        print("note: --backend mpi outside an MPI launcher: running as one rank",
+              file=sys.stderr, flush=True)
+    cross.agree({"partrain version": __version__})
+    cross.watchdog = Watchdog(cross, step_timeout)
+    return cross
