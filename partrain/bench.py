@@ -168,14 +168,18 @@ def run_scaling(cfg: BenchConfig, echo: Callable[[str], None] = print) -> tuple[
 
 
 def _measure(runner: ParallelRunner, batch: int, n_images: int, cfg: BenchConfig,
-             t: int, clock: Callable[[], float] = time.perf_counter) -> tuple[dict, int]:
-    """Time cfg.steps steps after cfg.warmup; the row's *_ms parts add up to its step_ms."""
+             t: int, clock: Callable[[], float] = time.perf_counter,
+             on_start: Callable[[], None] | None = None) -> tuple[dict, int]:
+    """Time cfg.steps steps after cfg.warmup; the row's *_ms parts add up to its step_ms.
+    on_start is called between the warm-up and the timed steps."""
     starts = list(range(0, n_images - batch + 1, batch))
     k = 0
     for _ in range(cfg.warmup):
         t += 1
         runner.step(starts[k % len(starts)], starts[k % len(starts)] + batch, cfg.lr, t)
         k += 1
+    if on_start is not None:
+        on_start()
     parts = dict.fromkeys(PARTS, 0.0)
     inside = 0.0
     t0 = clock()
