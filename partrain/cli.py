@@ -342,9 +342,14 @@ def _int_list(text: str | None, what: str) -> list[int] | None:
               help="Instead: time one training step in this process on one BLAS thread "
                    "(forward, backward, optimizer) against the machine's GEMM rate.")
 @click.option("--layers", is_flag=True, help="With --kernels: also time every layer.")
+@click.option("--backend", type=click.Choice(["local", "mpi"]), default="local", show_default=True,
+              help="mpi: under mpiexec, the cross-machine time per step of every rank (with "
+                   "the first --workers count each) and an estimate for more machines.")
+@click.option("--bandwidth", default="1.25,0.125", show_default=True, metavar="GB/s,...",
+              help="With --backend mpi: network bandwidths for the estimate (10 and 1 GbE).")
 @user_errors
 def bench(workers, batch_sizes, reduction, model, model_options, optimizer, steps, warmup,
-          data_dir, synthetic, out_dir, kernels, layers):
+          data_dir, synthetic, out_dir, kernels, layers, backend, bandwidth):
     """Scaling benchmark: images/s, speed-up and efficiency against the number of workers."""
 
     if kernels:
@@ -364,10 +369,36 @@ def bench(workers, batch_sizes, reduction, model, model_options, optimizer, step
                       steps=steps, warmup=warmup,
                       data=None if synthetic or not store.exists() else str(store),
                       synthetic=synthetic or 10000)
+    if backend == "mpi":
+        _bench_on_ranks(cfg, bandwidth, out_dir)
+        return
     rows, meta = run_scaling(cfg, echo=click.echo)
     click.echo(format_table(rows))
     for path in write_results(rows, meta, out_dir):
         click.echo(f"wrote {path}")
+
+
+def _bench_on_ranks(cfg: BenchConfig, bandwidth: str, out_dir: Path) -> None:
+    from . import bench_mpi
+    from .parallel import mpi
+    try:
+        bandwidths = [float(x) for x in bandwidth.split(",") if x]
+    except ValueError:
+        raise PartrainError(f"--bandwidth wants comma-separated GB/s, got {bandwidth!r}") from None
+    cross = mpi.start()
+    try:
+        rows, meta = bench_mpi.run_across(cfg, cross, echo=click.echo)
+        if cross.rank == 0:
+            est = bench_mpi.estimates(rows, bandwidths)
+            click.echo(bench_mpi.format_rows(rows, est))
+            out_dir.mkdir(parents=True, exist_ok=True)
+            path = out_dir / "mpi.json"
+            path.write_text(json.dumps({"meta": meta, "rows": rows, "estimates": est},
+                                       indent=1) + "\n")
+            click.echo(f"wrote {path}")
+    except BaseException as e:  # noqa: BLE001 - every rank must end, whatever the cause
+        cross.fail(e)
+    cross.watchdog.close()
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -215,6 +215,8 @@ def fit(cfg: TrainConfig, run: Path, resume: bool = False, quiet: bool = False,
         state = session.resume() if resume else RunState()
         progress.line(plan.describe(rd.path, cross))
         stopped, steps_done = None, 0
+        if session.watchdog is not None:  # from the first step on, not only after it
+            session.watchdog.resume()
         for epoch in range(state.epoch, cfg.epochs):
             runner.set_order(epoch_order(plan.train_idx, cfg.seed, epoch), epoch)
             progress.start_epoch(epoch, cfg.epochs, plan.steps_per_epoch, state.position)
@@ -345,10 +347,10 @@ class Session:
     def end_epoch(self, state: RunState) -> None:
         """Validate, log the epoch, move on, checkpoint (best.h5 too when validation improved)."""
         plan, m = self.plan, state.epoch_meter
-        if self.watchdog is not None:  # no step until the next epoch starts
-            self.watchdog.pause()
-        if self.cross is not None:
+        if self.cross is not None:  # a collective: still watched
             self.cross.same_bits(self.arrays(), f"after epoch {state.epoch + 1}")
+        if self.watchdog is not None:  # validation and checkpoints are no step: not timed
+            self.watchdog.pause()
         val_acc = (accuracy(self.eval_model, plan.data.train_images, plan.data.train_labels,
                             self.scale, self.shift, plan.val_idx)[0]
                    if len(plan.val_idx) else float("nan"))
@@ -365,6 +367,8 @@ class Session:
             state.best_val = val_acc
             self.checkpoint(state, "best")
         self.checkpoint(state)
+        if self.watchdog is not None:  # the next step's collectives are watched again
+            self.watchdog.resume()
 
     def finish(self, state: RunState, stopped: str | None, steps_done: int,
                evaluate_test: bool, stop) -> dict:

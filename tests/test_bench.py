@@ -1,8 +1,12 @@
 """The scaling benchmark: its arithmetic, and one tiny real run through the CLI."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -125,3 +129,41 @@ def test_bench_kernels_prints_rates_and_writes_json(tmp_path):
     for r in data["rows"]:
         assert r["step_ms"] > 0 and 0 < r["fraction_of_gemm"] < 2
         assert r["layers"] and r["images_per_s"] == pytest.approx(r["batch"] / (r["step_ms"] / 1e3))
+
+
+def test_mpi_estimate_is_a_ring_allreduce_on_top_of_the_local_step():
+    from partrain.bench_mpi import estimates, ring_seconds
+    assert ring_seconds(1e9, 1, 1e9) == 0.0
+    assert ring_seconds(1e9, 2, 1e9) == pytest.approx(1.0)     # 2(K-1)/K = 1
+    assert ring_seconds(1e9, 4, 1e9) == pytest.approx(1.5)
+    rows = [{"rank": 0, "ranks": 2, "batch": 100, "step_ms": 30.0, "cross_ms": 10.0,
+             "grad_mib": 1000 / 2**20 * 1e6 / 1e3},              # 1e6 bytes of gradient
+            {"rank": 1, "ranks": 2, "batch": 100, "step_ms": 31.0, "cross_ms": 9.0,
+             "grad_mib": 1.0}]
+    est = {(e["machines"], e["bandwidth_gb_s"]): e for e in estimates(rows, [1.0])}
+    # local part 20 ms (rank 0's step minus its cross-machine time); 1 MB at 1 GB/s, K = 4: 1.5 ms
+    assert est[(4, 1.0)]["step_ms"] == pytest.approx(21.5, abs=0.01)
+    assert est[(4, 1.0)]["batch_per_machine"] == 50
+    assert est[(2, 1.0)]["cross_share"] == pytest.approx(1.0 / 21.0, abs=1e-4)
+
+
+MPIEXEC = Path(sys.executable).parent / "mpiexec"
+
+
+@pytest.mark.slow
+@pytest.mark.mpi
+@pytest.mark.skipif(importlib.util.find_spec("mpi4py") is None, reason="mpi4py not installed")
+def test_bench_across_two_ranks_reports_every_rank(tmp_path):
+    out = tmp_path / "bench"
+    p = subprocess.run([str(MPIEXEC), "-n", "2", sys.executable, "-m", "partrain.cli", "bench",
+                        "--backend", "mpi", "--model", "linear", "--workers", "1",
+                        "--batch-size", "16", "--steps", "3", "--warmup", "1", "--synthetic",
+                        "200", "--out-dir", str(out)], capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    data = json.loads((out / "mpi.json").read_text())
+    assert sorted(r["rank"] for r in data["rows"]) == [0, 1]
+    for r in data["rows"]:
+        assert r["ranks"] == 2 and 0 < r["cross_ms"] < r["step_ms"] and r["bandwidth_gb_s"] > 0
+    assert {e["machines"] for e in data["estimates"]} == {2, 4, 8, 16, 32}
+    assert "cross share" in p.stdout

@@ -125,8 +125,12 @@ class ParallelRunner:
                        across_machines=cross is not None and cross.size > 1,
                        augment=active_augment(augment))
             self._start(start_method, cfg, log_dir, startup_timeout)
-        except BaseException:
+        except BaseException as e:
             self.close(graceful=False)
+            if (isinstance(e, PartrainError) and self._stop.asked
+                    and self._stop.forced is None):  # the Ctrl-C reached a starting process
+                raise Interrupted("interrupted while the workers were starting: no step was "
+                                  "done") from None
             raise
 
     def _share(self, m, optimizer, images, labels):

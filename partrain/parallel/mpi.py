@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -111,6 +113,10 @@ class Cross:
         self.abort(code)
 
     def abort(self, code: int) -> None:
+        # A moment for the line just printed to reach the launcher: hydra can tear the job
+        # down before it forwards a rank's last output (seen in 2 of 30 runs without it).
+        sys.stderr.flush()
+        time.sleep(0.3)
         threading.Timer(ABORT_GRACE_S, os._exit, (code,)).start()  # if Abort itself hangs
         self.comm.Abort(code)
         os._exit(code)
@@ -138,13 +144,18 @@ class Watchdog:
     def __init__(self, cross: Cross, deadline: float | None):
         self.cross, self.fixed = cross, deadline
         self.steps: list[float] = []
+        # Watching from the start (a rank lost during the start-up checks or the resume
+        # broadcast would hang the others too), with at least DEFAULT_DEADLINE_S until the
+        # first step is done: start-up can take far longer than a step.
         self._last = time.monotonic()
-        self._paused = True
+        self._paused, self._first = False, True
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, name="partrain-watchdog", daemon=True)
         self._thread.start()
 
     def deadline(self) -> float:
+        if not self.steps and self._first:  # start-up: data, workers, checks, the first step
+            return max(DEFAULT_DEADLINE_S, self.fixed or 0.0)
         if self.fixed is not None:
             return self.fixed
         median = float(np.median(self.steps[-100:])) if self.steps else 0.0
@@ -152,12 +163,18 @@ class Watchdog:
 
     def pet(self) -> None:
         now = time.monotonic()
-        if not self._paused:
+        if not self._paused and not self._first:
             self.steps.append(now - self._last)
-        self._last, self._paused = now, False
+        self._last, self._paused, self._first = now, False, False
 
     def pause(self) -> None:
         self._paused = True
+
+    def resume(self) -> None:
+        """Watch again from now, without counting the paused stretch as a step: after a pause
+        the next collective (the digest check, the next step) must not wait unwatched, or a
+        rank stopped meanwhile leaves the others waiting forever."""
+        self._last, self._paused = time.monotonic(), False
 
     def close(self) -> None:
         self._done.set()
@@ -177,7 +194,20 @@ class Watchdog:
 def start(step_timeout: float | None = None) -> Cross:
     """Start the forkserver, then MPI; check that the launcher and the library agree."""
     from . import pool
-    pool.start_forkserver()
+    # Hydra forwards a SIGUSR1 sent to mpiexec to each rank's whole process group, where the
+    # forkserver, its workers and the resource tracker live too; by default it kills them (the
+    # rank then saw "worker 0 died" instead of stopping). Ignored there, inherited through
+    # fork and exec; the rank itself catches it (interrupt.StopFlag).
+    # The same for SIGTERM, which hydra forwards the same way (an ignored signal stays ignored
+    # across fork and exec; a blocked one does not: the exec resets the mask): the pool still
+    # stops its workers with b"Q", or SIGKILL when they do not answer.
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGUSR1,
+                                                                    signal.SIGTERM)}
+    try:
+        pool.start_forkserver()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     try:
         import mpi4py
     except ImportError:
@@ -189,6 +219,9 @@ def start(step_timeout: float | None = None) -> Cross:
     if not MPI.Is_initialized():
         MPI.Init_thread(MPI.THREAD_MULTIPLE)
     cross = Cross(MPI.COMM_WORLD, MPI)
+    # Each rank's own log (on its own machine): the traceback of whatever ended the job there.
+    cross.log_path = os.path.join(tempfile.gettempdir(),
+                                  f"partrain-rank{cross.rank}-{os.getpid()}.log")
     expected = launcher_size()
     if expected is not None and expected[1] != cross.size:
         raise PartrainError(f"the launcher started {expected[1]} ranks ({expected[0]}) but MPI "

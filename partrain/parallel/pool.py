@@ -17,6 +17,7 @@ import signal
 import time
 
 from ..errors import PartrainError
+from . import calm
 from . import worker as W
 
 POLL_S = 0.1        # how often a waiting parent checks that every worker is alive
@@ -39,8 +40,9 @@ class WorkerPool:
     def start(self, start_method: str, cfg: dict) -> None:
         """Start one worker per log path with `cfg` (see worker.main); returns at once.
 
-        SIGINT is blocked meanwhile (see `start_forkserver`). Only started processes are
-        recorded, so `stop` never meets one that never ran.
+        SIGINT is blocked in the parent meanwhile, so a Ctrl-C cannot cut a process start in
+        half (it is delivered after); the forkserver ignores it (see `start_forkserver`). Only
+        started processes are recorded, so `stop` never meets one that never ran.
         """
         ctx = mp.get_context(start_method)
         if start_method == "forkserver":
@@ -52,6 +54,10 @@ class WorkerPool:
                                 args=(w, child_end, dict(cfg, log_path=log_path)))
                 try:
                     p.start()
+                except (OSError, EOFError) as e:  # the forkserver is gone (killed meanwhile)
+                    parent_end.close()
+                    raise PartrainError(f"worker {w} could not be started: the forkserver did "
+                                        f"not answer ({type(e).__name__}: {e})") from None
                 except BaseException:
                     parent_end.close()
                     raise
@@ -160,14 +166,12 @@ class WorkerPool:
 
 
 def start_forkserver() -> None:
-    """Start the forkserver now (idempotent), with the worker module preloaded and SIGINT
-    blocked, a mask it and every worker it forks inherit: a Ctrl-C at the terminal goes to the
-    whole process group, and one that reached the forkserver while it imports (before it
-    ignores SIGINT) killed it and failed every start. The parent decides what Ctrl-C means; a
-    SIGINT pending in the parent is delivered when the block ends. The MPI backend calls this
-    before MPI initialises, so no process that initialised MPI ever forks a worker."""
+    """Start the forkserver now (idempotent), with `calm` (SIGINT ignored from its first import
+    on) and the worker module preloaded. SIGINT is blocked in the parent meanwhile, so a Ctrl-C
+    then is delivered after, not lost. The MPI backend calls this before MPI initialises, so no
+    process that initialised MPI ever forks a worker."""
     from multiprocessing import forkserver
-    mp.get_context("forkserver").set_forkserver_preload([W.__name__])
+    mp.get_context("forkserver").set_forkserver_preload([calm.__name__, W.__name__])
     with _sigint_blocked():
         forkserver.ensure_running()
 

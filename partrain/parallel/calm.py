@@ -1,0 +1,7 @@
+"""Imported first by the forkserver (its preload list): from here on it, and every worker it
+forks, ignores SIGINT. A Ctrl-C at the terminal goes to the whole process group; the forkserver
+ignores SIGINT by itself only after its preload imports, and one that reached it during them
+killed it and failed every worker start. The parent decides what Ctrl-C means."""
+import signal
+
+signal.signal(signal.SIGINT, signal.SIG_IGN)
