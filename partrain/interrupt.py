@@ -40,11 +40,12 @@ class Interrupted(KeyboardInterrupt):
 class StopFlag:
     """What the signals asked for; the loop reads `requested` between steps."""
 
-    def __init__(self, collective: bool = False) -> None:
+    def __init__(self, collective: bool = False, announce: bool = True) -> None:
         self.requested = False            # first Ctrl-C: stop after the current step
         # Under MPI a signal only sets `asked`; `requested` is set on every rank alike from the
         # all-reduced `asked` of all ranks after a step (engine), so all stop at the same step.
         self.collective, self.asked = collective, False
+        self.announce = announce          # print "stopping after this step" (MPI: rank 0 only)
         self.forced: int | None = None    # the signal that asked to stop now
         self._aborts: list[Callable[[], None]] = []
         self._deferring = 0
@@ -87,7 +88,8 @@ class StopFlag:
         if signum in graceful and not self.asked and self._now_message is None:
             self.asked = True
             self.requested = self.requested or not self.collective
-            os.write(2, STOPPING)  # no buffered stream: the handler may run inside a print
+            if self.announce:
+                os.write(2, STOPPING)  # no buffered stream: the handler may run inside a print
             return
         if signum == signal.SIGUSR1:
             return  # asked again to stop at the next boundary: it is on its way
@@ -102,11 +104,11 @@ class StopFlag:
 
 
 @contextmanager
-def catch_signals(collective: bool = False) -> Iterator[StopFlag]:
+def catch_signals(collective: bool = False, announce: bool = True) -> Iterator[StopFlag]:
     """Install the handlers for the block (in the main thread only; elsewhere signals cannot be
     caught, and the flag just stays down) and restore the previous ones after it. collective:
     the MPI backend's flag (see StopFlag)."""
-    stop = StopFlag(collective)
+    stop = StopFlag(collective, announce)
     if threading.current_thread() is not threading.main_thread():
         yield stop
         return

@@ -144,7 +144,7 @@ class RunState:
         return state
 
     def start_epoch(self) -> None:
-        """Fresh meters at an epoch's start; a resumed half-epoch keeps its sums, restarts clocks."""
+        """Fresh meters at an epoch's start; a resumed half-epoch keeps its sums (new clocks)."""
         if self.position == 0:
             self.epoch_meter, self.window = Meter(), Meter()
         else:
@@ -210,7 +210,7 @@ def fit(cfg: TrainConfig, run: Path, resume: bool = False, quiet: bool = False,
     progress = Progress(quiet or not writer)
     # Ctrl-C is caught from before the workers start (interrupt.py): the first stops at the next
     # step boundary with a checkpoint, the second at once.
-    with catch_signals(cross is not None) as stop, plan.make_runner(stop, cross) as runner:
+    with catch_signals(cross is not None, writer) as stop, plan.make_runner(stop, cross) as runner:
         session = Session(rd, plan, runner, progress, cross)
         state = session.resume() if resume else RunState()
         progress.line(plan.describe(rd.path, cross))
@@ -392,7 +392,8 @@ class Session:
         skip_test = (f"checkpoint.h5 holds the trained parameters; partrain evaluate {rd.path} "
                      f"measures the test accuracy")
         if stopped is None and stop.requested:
-            raise Interrupted(f"interrupted after the last epoch, before the test pass; {skip_test}")
+            raise Interrupted(f"interrupted after the last epoch, before the test pass; "
+                              f"{skip_test}")
         if stopped is None and evaluate_test:
             stop.stop_now_from_here(f"interrupted during the final test pass; {skip_test}")
             summary.update(self.test())

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import pytest
 
-from procs import alive
 
 pytestmark = pytest.mark.slow
 
@@ -34,23 +33,8 @@ SCRIPT = textwrap.dedent('''
     from partrain.errors import PartrainError
     from partrain.interrupt import Interrupted, catch_signals
     from partrain.parallel.engine import ParallelRunner
-
-    def descendants(root):
-        kids = {}
-        for d in os.listdir("/proc"):
-            if d.isdigit():
-                try:
-                    with open(f"/proc/{d}/stat") as f:
-                        ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-                except (OSError, ValueError, IndexError):
-                    continue
-                kids.setdefault(ppid, []).append(int(d))
-        out, todo = [], [root]
-        while todo:
-            for k in kids.get(todo.pop(), []):
-                out.append(k)
-                todo.append(k)
-        return out
+    sys.path.insert(0, os.environ['PARTRAIN_TESTS'])
+    from procs import descendants
 
     if __name__ == "__main__":
         store, info, model, batch, workers, log_dir = sys.argv[1:7]
@@ -118,8 +102,8 @@ def _group(pgid: int) -> list[int]:
 class Proc:
     """A subprocess in its own session whose stderr is read as it comes (`wait_for`)."""
 
-    def __init__(self, argv, cwd=None):
-        self.proc = subprocess.Popen(argv, cwd=cwd, stdout=subprocess.DEVNULL,
+    def __init__(self, argv, cwd=None, env=None):
+        self.proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, text=True, start_new_session=True)
         self.pid = self.proc.pid
         self._err: list[str] = []
@@ -175,7 +159,8 @@ class Run(Proc):
         self.info_path = tmp_path / "info.json"
         self.log_dir = tmp_path / "logs"
         super().__init__([sys.executable, str(script), str(store), str(self.info_path), model,
-                          str(batch), str(workers), str(self.log_dir), fault])
+                          str(batch), str(workers), str(self.log_dir), fault],
+                         env={**os.environ, "PARTRAIN_TESTS": str(Path(__file__).parent)})
         deadline = time.monotonic() + 120
         while not self.info_path.exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:

@@ -39,7 +39,7 @@ import pytest
 pytest.importorskip("mpi4py", reason="the MPI tests need mpi4py (pip install '.[test]')")
 
 from partrain.checkpoint import load_checkpoint  # noqa: E402
-from procs import alive  # noqa: E402
+from procs import alive, children  # noqa: E402
 from synthetic import make_tiny_store  # noqa: E402
 
 pytestmark = [pytest.mark.mpi, pytest.mark.slow]
@@ -84,21 +84,10 @@ def _fit_args(store: Path, runs: Path, name: str, *args) -> list[str]:
             "--data-dir", str(store.parent), "--runs-dir", str(runs), "--name", name, "--quiet"]
 
 
-def _children() -> dict[int, list[int]]:
-    kids: dict[int, list[int]] = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            kids.setdefault(ppid, []).append(int(d))
-    return kids
 
 
 def descendants(root: int) -> set[int]:
-    kids, out, todo = _children(), set(), [root]
+    kids, out, todo = children(), set(), [root]
     while todo:
         for k in kids.get(todo.pop(), []):
             out.add(k)

@@ -27,7 +27,7 @@ from partrain.datasets import cifar10, store
 from partrain.errors import PartrainError
 from readonly import run_read_only
 from synthetic import (BIN_TOP, CLASS_NAMES, PY_TOP, binary_members, expected_arrays,
-                       make_binary_archive, make_python_archive, make_splits, py2_pickle,
+                       make_binary_archive, make_splits, py2_pickle,
                        python_members, write_folder, write_tar)
 
 REPO = Path(__file__).resolve().parents[1]
