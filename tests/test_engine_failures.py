@@ -23,7 +23,6 @@ from pathlib import Path
 
 import pytest
 
-
 pytestmark = pytest.mark.slow
 
 SCRIPT = textwrap.dedent('''
