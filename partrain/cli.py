@@ -21,6 +21,7 @@ from .bench_kernels import run_kernel_bench
 from .config import (RECIPES, TrainConfig, apply_recipe, flag_spelling,
                      parse_model_options)
 from .datasets import cifar10
+from .datasets.store import inspect_store
 from .errors import PartrainError
 from .evaluate import evaluate_run, format_report
 from .interrupt import Interrupted
@@ -97,7 +98,8 @@ def _settings(options: dict) -> dict:
     for name, value in options.items():
         parse = _SETTINGS[name].metadata.get("parse")
         out[name] = parse(value) if parse else value
-    out["workers"] = out["workers"] or usable_cores()  # a default that depends on the machine
+    if out["workers"] is None:  # a default that depends on the machine (0 is an error)
+        out["workers"] = usable_cores()
     return out
 
 
@@ -177,9 +179,10 @@ def _run_to_train(settings, explicit, resume, runs_dir, name) -> tuple[TrainConf
     if resume is not None:
         return RunDir.open(resume).resume_config({k: settings[k] for k in explicit}), resume
     cfg = TrainConfig(**settings)
-    cfg.check()
+    cfg.check()  # settings and model options: before anything is created
     if not Path(cfg.data).exists():
         raise PartrainError(f"{cfg.data} not found; run `partrain prepare` first")
+    inspect_store(cfg.data)  # a store fit can read: no run folder for one it cannot
     return cfg, RunDir.create(runs_dir, name, cfg.model).path
 
 

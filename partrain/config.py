@@ -11,12 +11,13 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .augment import AugmentSpec
 from .errors import PartrainError
-from .nn.models import MODELS
+from .nn.models import MODELS, build_model
 from .optim import OPTIMIZERS, SCHEDULES
 from .parallel.reduce import REDUCTIONS
 from .tta import MODES
@@ -55,7 +56,7 @@ def parse_freeze_after(pairs) -> dict:
 def setting(default, help: str | None = None, **meta):
     """A TrainConfig field with the metadata its CLI option and its check are made from.
 
-    meta: choices (the valid values), minimum; flag ("--name", or "--x/--no-x" for a boolean
+    meta: choices (the valid values), minimum, above (a strict lower bound); flag ("--name", or "--x/--no-x" for a boolean
     pair; default --field-name), metavar, type (when the default does not tell it); multiple (a
     repeatable option); cli_default and parse, when the option's value is not the field's (the
     field data is the file DIR/cifar10.h5 of --data-dir DIR); cli=False: cli.fit writes it by hand.
@@ -82,8 +83,8 @@ class TrainConfig:
                                   flag="--model-option", metavar="KEY=VALUE",
                                   multiple=True, parse=parse_model_options)
     optimizer: str = setting("adam", choices=OPTIMIZERS)
-    lr: float = setting(1e-3, "Learning rate.")
-    momentum: float = setting(0.9, "SGD momentum.")
+    lr: float = setting(1e-3, "Learning rate.", above=0)
+    momentum: float = setting(0.9, "SGD momentum.", minimum=0)
     nesterov: bool = setting(False, "Nesterov momentum (SGD).")
     weight_decay: float | None = setting(
         None, "L2 regularisation strength [default: the model's own; 1e-3 for three-layer].",
@@ -93,7 +94,7 @@ class TrainConfig:
     batch_size: int = setting(50, "Global minibatch size (the same whatever --workers is).",
                               minimum=1)
     epochs: int = setting(3, minimum=1)
-    seed: int = setting(0)
+    seed: int = setting(0, minimum=0)
     val_size: int = setting(1000, "Training images held out for validation.", minimum=0)
     workers: int = setting(1, "Worker processes [default: usable cores]; 1 trains in this "
                               "process.", cli_default=None, minimum=1)
@@ -135,6 +136,17 @@ class TrainConfig:
         for k, v in self.freeze_after.items():
             if not isinstance(v, (int, float)) or v < 0:
                 raise PartrainError(f"--freeze-after {k}={v!r}: want a number of epochs >= 0")
+        self.build_model()
+
+    def build_model(self):
+        """The run's model, or PartrainError naming the bad --model-option (an unknown name, a
+        value of the wrong type or range): before any run folder or worker exists."""
+        try:
+            return build_model(self.model, **self.model_options)
+        except (TypeError, ValueError) as e:
+            options = " ".join(f"{k}={v!r}" for k, v in self.model_options.items())
+            raise PartrainError(f"--model-option: cannot build {self.model}"
+                                + (f" with {options}" if options else "") + f": {e}") from None
 
     def augment_spec(self) -> AugmentSpec | None:
         """The AugmentSpec the runners apply, or None when augmentation is off."""
@@ -187,8 +199,12 @@ def _check_value(f: dataclasses.Field, value) -> None:
         raise PartrainError(f"{flag} must be one of {', '.join(choices)}, got {value!r}")
     if meta.get("type", type(f.default)) is int and int(value) != value:
         raise PartrainError(f"{flag} must be a whole number, got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise PartrainError(f"{flag} must be a finite number, got {value!r}")
     if "minimum" in meta and value < meta["minimum"]:
         raise PartrainError(f"{flag} must be at least {meta['minimum']}, got {value!r}")
+    if "above" in meta and value <= meta["above"]:
+        raise PartrainError(f"{flag} must be more than {meta['above']}, got {value!r}")
 
 
 def optimizer_spec(cfg: TrainConfig, model, steps_per_epoch: int = 1) -> tuple[str, dict]:

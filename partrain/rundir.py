@@ -70,11 +70,18 @@ class RunDir:
         """A new, empty folder ROOT/NAME (default name: MODEL-DATE-TIME); refuses a used one."""
         if name is None:
             name = f"{model}-{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+        if not name or name in (".", "..") or "/" in name or "\0" in name:
+            raise PartrainError(f"--name {name!r} must be a plain folder name (no '/', not "
+                                f"'..'): runs go into --runs-dir {root}")
         run = Path(root) / name
         if run.exists() and any(run.iterdir()):
             raise PartrainError(f"run folder {run} already exists; pick another --name or use "
                                 f"--resume {run}")
-        run.mkdir(parents=True, exist_ok=True)
+        try:
+            run.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise PartrainError(f"cannot create run folder {run}: "
+                                f"{(e.strerror or str(e)).lower()}") from None
         return cls(run)
 
     @classmethod

@@ -3,6 +3,8 @@ build the same model and bind it to the shared flat vectors.
 """
 from __future__ import annotations
 
+import inspect
+
 from typing import Callable
 
 import numpy as np
@@ -27,6 +29,10 @@ def three_layer(dtype=np.float32, num_filters=32, filter_size=7, hidden_dim=512,
     both commute with a max, so the result and the gradient are identical, and bias and ReLU then
     touch a quarter of the data (one fused pass).
     """
+    _positive_ints(num_filters=num_filters, filter_size=filter_size, hidden_dim=hidden_dim)
+    if filter_size % 2 == 0:  # "same" padding needs an odd size
+        raise ValueError(f"filter_size must be odd (the conv keeps the image size), got "
+                         f"{filter_size}")
     pad = (filter_size - 1) // 2
     half = input_size // 2
     layers = [
@@ -49,6 +55,7 @@ def vgg(dtype=np.float32, widths=(64, 128, 256), ghost_batch=32, weight_decay=5e
         label_smoothing=0.0, **_):
     """A VGG-style stack with batch norm: [conv3x3-BN-ReLU ×2, max-pool] per width, global
     average pool, linear head. Batch statistics per ghost batch of `ghost_batch` samples."""
+    _positive_ints(ghost_batch=ghost_batch, **{f"widths[{i}]": w for i, w in enumerate(widths)})
     layers: list[Layer] = [ToChannelsFirst()]
     c_in = 3
     for i, w in enumerate(widths):
@@ -70,9 +77,29 @@ MODELS: dict[str, Callable[..., Model]] = {
 }
 
 
+def _positive_ints(**values) -> None:
+    for key, v in values.items():
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"{key} must be a whole number >= 1, got {v!r}")
+
+
 def build_model(name: str, **options) -> Model:
+    """The model `name` with `options`; ValueError for an option it does not have (the
+    factories' own **_ would swallow a misspelt one silently) or a value it cannot take."""
     try:
         factory = MODELS[name]
     except KeyError:
         raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}") from None
+    known = [p.name for p in inspect.signature(factory).parameters.values()
+             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "dtype"]
+    unknown = sorted(set(options) - set(known) - {"dtype"})
+    if unknown:
+        raise ValueError(f"model {name} has no option {', '.join(unknown)} "
+                         f"(its options: {', '.join(known)})")
+    for key, value in options.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float, list, tuple, str)):
+            continue
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if key != "dtype" and any(isinstance(v, (int, float)) and v < 0 for v in values):
+            raise ValueError(f"{key} must not be negative, got {value!r}")
     return factory(**options)
