@@ -201,20 +201,13 @@ def _fit_or_130(ctx, cfg, run, resume, quiet, max_steps, cross=None):
 def _fit_on_ranks(ctx, settings, explicit, resume, runs_dir, name, quiet, max_steps,
                   step_timeout):
     """fit under MPI: rank 0 resolves the run folder and tells the others; any exception on any
-    rank ends the whole job (Cross.fail: one line, then MPI_Abort) instead of hanging it."""
+    rank ends the whole job (`mpi.job`) instead of hanging it."""
     from .parallel import mpi
-    cross = mpi.start(step_timeout)
-    try:
+    with mpi.job(step_timeout, clean_exits=(click.exceptions.Exit,)) as cross:
         job = _run_to_train(settings, explicit, resume, runs_dir, name) if cross.rank == 0 else None
         cfg_dict, run = cross.bcast(None if job is None else (job[0].to_dict(), str(job[1])))
         summary = _fit_or_130(ctx, TrainConfig.from_dict(cfg_dict), Path(run), resume, quiet,
                               max_steps, cross)
-    except click.exceptions.Exit:
-        cross.watchdog.close()
-        raise
-    except BaseException as e:  # noqa: BLE001 - every rank must end, whatever the cause
-        cross.fail(e, 130 if isinstance(e, Interrupted) else 1)
-    cross.watchdog.close()
     return summary if cross.rank == 0 else None
 
 
@@ -388,8 +381,7 @@ def _bench_on_ranks(cfg: BenchConfig, bandwidth: str, out_dir: Path) -> None:
         bandwidths = [float(x) for x in bandwidth.split(",") if x]
     except ValueError:
         raise PartrainError(f"--bandwidth wants comma-separated GB/s, got {bandwidth!r}") from None
-    cross = mpi.start()
-    try:
+    with mpi.job() as cross:
         rows, meta = bench_mpi.run_across(cfg, cross, echo=click.echo)
         if cross.rank == 0:
             est = bench_mpi.estimates(rows, bandwidths)
@@ -399,9 +391,6 @@ def _bench_on_ranks(cfg: BenchConfig, bandwidth: str, out_dir: Path) -> None:
             path.write_text(json.dumps({"meta": meta, "rows": rows, "estimates": est},
                                        indent=1) + "\n")
             click.echo(f"wrote {path}")
-    except BaseException as e:  # noqa: BLE001 - every rank must end, whatever the cause
-        cross.fail(e)
-    cross.watchdog.close()
 
 
 if __name__ == "__main__":  # pragma: no cover

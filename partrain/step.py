@@ -110,12 +110,17 @@ def shard_gradient(model, images, labels, idx, scale, shift, loss_scale, stats_o
     return loss_sum, correct, (xbuf if xbuf is not None and xbuf.shape[0] >= len(idx) else x)
 
 
-def merge_stats(model, stats: Sequence[np.ndarray], batch: int) -> None:
-    """Fold the shards' batch-norm statistics (one row per shard, summed in order w = 0..N-1, so
-    bit-reproducible) of a step of `batch` samples into the model's running statistics."""
-    if not model.stats_size:
-        return
+def sum_stats(stats: Sequence[np.ndarray]) -> np.ndarray:
+    """The shards' batch-norm statistics (one row per shard) summed in order w = 0..N-1, so
+    bit-reproducibly, into a new array."""
     total = np.array(stats[0])
     for row in stats[1:]:
         total += row
-    model.merge_stats(total, n_groups(batch, model.group_size))
+    return total
+
+
+def merge_stats(model, stats: Sequence[np.ndarray], batch: int) -> None:
+    """Fold the shards' batch-norm statistics of a step of `batch` samples into the model's
+    running statistics."""
+    if model.stats_size:
+        model.merge_stats(sum_stats(stats), n_groups(batch, model.group_size))

@@ -34,7 +34,7 @@ import numpy as np
 
 from ..errors import PartrainError
 from ..interrupt import Interrupted, StopFlag, catch_signals
-from ..step import active_augment, init_model, merge_stats, split_shards
+from ..step import active_augment, init_model, merge_stats, split_shards, sum_stats
 from . import worker as W
 from .pool import WorkerPool
 from .reduce import get_reduction, reduce_and_step
@@ -255,9 +255,7 @@ class ParallelRunner:
         if ctrl[2] > 0:
             self._stop.requested = True
         if self.model.stats_size:
-            total = self._stats[0].copy()
-            for row in self._stats[1:]:
-                total += row
+            total = sum_stats(self._stats)
             cross.allreduce(total)
             merge_stats(self.model, total[None, :], batch)
         return float(ctrl[0]), int(round(ctrl[1]))

@@ -20,6 +20,7 @@ unless `--backend mpi` is asked for.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import signal
@@ -28,11 +29,13 @@ import tempfile
 import threading
 import time
 import traceback
+from typing import Iterator
 
 import numpy as np
 
 from .. import __version__
 from ..errors import PartrainError
+from ..interrupt import Interrupted
 
 # What launchers put in each rank's environment as the job's size (hydra/MPICH, Open MPI, Slurm,
 # PMIx); a library that does not match the launcher silently starts K one-rank jobs instead.
@@ -189,6 +192,23 @@ class Watchdog:
                 print(msg, file=sys.stderr, flush=True)
                 self.cross._write_log(msg + "\n")
                 self.cross.abort(70)
+
+
+@contextlib.contextmanager
+def job(step_timeout: float | None = None, clean_exits: tuple = ()) -> Iterator[Cross]:
+    """`start()`, then the block; any exception on this rank ends the whole job (`Cross.fail`:
+    one line, the traceback in the rank's log, MPI_Abort; 130 for a Ctrl-C) instead of leaving
+    the other ranks waiting. `clean_exits`: exception types that are an ordinary exit (the CLI's
+    exit codes), raised as they are."""
+    cross = start(step_timeout)
+    try:
+        yield cross
+    except clean_exits:
+        raise
+    except BaseException as e:  # noqa: BLE001 - every rank must end, whatever the cause
+        cross.fail(e, 130 if isinstance(e, Interrupted) else 1)
+    finally:
+        cross.watchdog.close()
 
 
 def start(step_timeout: float | None = None) -> Cross:
