@@ -20,6 +20,9 @@ def prepare(data_dir="data", source=None, force: bool = False, *, url: str = cif
     except OSError as e:  # anything the modules below did not already put into words
         where = f"{e.filename}: " if e.filename else ""
         raise PartrainError(f"{where}{e.strerror or e}") from None
+    except MemoryError:  # reading, the statistics or the write: one line, never a traceback
+        raise PartrainError("not enough memory to prepare CIFAR-10 (it needs about 400 MB "
+                            "free)") from None
 
 
 def _prepare(data_dir, source, force, url, md5, progress, echo) -> Path:

@@ -162,3 +162,74 @@ def make_tiny_store(path, n_train: int = 500, n_test: int = 100, seed: int = 0) 
     write_store(path, train_images, train_labels, test_images, test_labels, CLASS_NAMES,
                 source_name=f"synthetic(seed={seed})", source_sha256="0" * 64)
     return path
+
+
+class _Py2StrPickler(_Py2Pickler):
+    """Python 2's cPickle for every string: numpy's 'u1' and '|' as well (read back as bytes)."""
+
+    dispatch = _Py2Pickler.dispatch.copy()
+
+    def save_str(self, obj):
+        self.save_bytes(obj.encode("latin-1"))
+
+    dispatch[str] = save_str
+
+
+def py2_str_pickle(obj) -> bytes:
+    """A protocol-2 pickle in which every str is a byte string, as in the official files."""
+    f = io.BytesIO()
+    _Py2StrPickler(f, protocol=2).dump(obj)
+    return f.getvalue().replace(b"numpy._core.multiarray\n", b"numpy.core.multiarray\n")
+
+
+class CallNdarray:
+    """Pickles as a direct call numpy.ndarray(shape, dtype, buffer, offset, strides)."""
+
+    def __init__(self, shape, dtype, buffer, strides):
+        self.args = (shape, np.dtype(dtype), buffer, 0, strides)
+
+    def __reduce__(self):
+        return np.ndarray, self.args
+
+
+def stride_bomb_batch(n: int) -> bytes:
+    """A pickled batch of n images and labels that holds one image: strides (0, 1) repeat it.
+
+    Asked to be contiguous, numpy materialises n * 3072 bytes from a pickle of about 3 KB.
+    """
+    return py2_pickle({b"data": CallNdarray((n, 3072), "u1", bytes(3072), (0, 1)),
+                       b"labels": CallNdarray((n,), "i8", bytes(8), (0,))})
+
+
+def nested_labels_batch(depth: int, n: int = 20) -> bytes:
+    """A valid batch of n images whose b'labels' are n references to one list nested `depth`
+    deep ([x, x] at every level): np.asarray of it holds n * 2**depth integers."""
+    x = [0, 0]
+    for _ in range(depth):
+        x = [x, x]
+    return py2_pickle({b"data": np.zeros((n, 3072), np.uint8), b"labels": [x] * n})
+
+
+class BadArrayState:
+    """Pickles as numpy does (_reconstruct, then __setstate__), with any state: numpy 2.4's own
+    setstate crashes (SIGSEGV) on an object dtype whose list is shorter than the shape."""
+
+    def __init__(self, state):
+        self.state = state
+
+    def __reduce__(self):
+        return (_numpy_reconstruct(), (np.ndarray, (0,), b"b"), self.state)
+
+
+def _numpy_reconstruct():
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy 1.x
+        from numpy.core.multiarray import _reconstruct
+    return _reconstruct
+
+
+def object_state_batch() -> bytes:
+    """A batch whose b'data' is an object array of 1000 x 3072 filled from a one-item list."""
+    state = (1, (1000, 3072), np.dtype("O"), False, [1])
+    return py2_pickle({b"data": BadArrayState(state), b"labels": [0] * 1000})

@@ -11,6 +11,7 @@ import io
 import os
 import pickle
 import re
+import resource
 import socket
 import subprocess
 import sys
@@ -27,8 +28,9 @@ from partrain.datasets import cifar10, store
 from partrain.errors import PartrainError
 from readonly import run_read_only
 from synthetic import (BIN_TOP, CLASS_NAMES, PY_TOP, binary_members, expected_arrays,
-                       make_binary_archive, make_splits, py2_pickle,
-                       python_members, write_folder, write_tar)
+                       make_binary_archive, make_splits, nested_labels_batch,
+                       object_state_batch, py2_pickle, py2_str_pickle, python_members,
+                       stride_bomb_batch, write_folder, write_tar)
 
 REPO = Path(__file__).resolve().parents[1]
 # The real archive sits in shared/ beside the checkout; .ci/run, which tests a copy elsewhere,
@@ -96,6 +98,15 @@ def test_python_archive(tmp_path, numpy_module):
     r = run("--data-dir", tmp_path / "data", "--source", src)
     assert r.exit_code == 0, r.output
     assert "python layout" in r.stdout
+    assert_store_matches(tmp_path / "data" / "cifar10.h5", batches, src.name, sha256(src))
+
+
+def test_python_archive_with_every_string_as_bytes(tmp_path):
+    """Python 2 wrote numpy's dtype name and byte order as byte strings too."""
+    batches = make_splits(seed=3)
+    src = write_tar(tmp_path / "cifar-10-python.tar.gz", python_members(batches, dumps=py2_str_pickle))
+    r = run("--data-dir", tmp_path / "data", "--source", src)
+    assert r.exit_code == 0, r.output
     assert_store_matches(tmp_path / "data" / "cifar10.h5", batches, src.name, sha256(src))
 
 
@@ -248,6 +259,12 @@ BAD_SOURCES = {
     "python not a pickle": (tar_of(lambda t: with_member(PY(t), f"{PY_TOP}/data_batch_1",
                                                          b"garbage")), "not a CIFAR-10 pickle"),
     "malicious pickle": (tar_of(evil_members), "unsafe.*refused to load (posix|os|nt).system"),
+    "python stride-0 bomb": (tar_of(lambda t: with_member(PY(t), f"{PY_TOP}/data_batch_4",
+                                                          stride_bomb_batch(5000))),
+                             "data_batch_4: unsafe pickle, refused to call numpy.ndarray"),
+    "python nested labels": (tar_of(lambda t: with_member(PY(t), f"{PY_TOP}/test_batch",
+                                                          nested_labels_batch(10))),
+                             "test_batch: b'labels' must be a flat list of 20 integers"),
     "mixed layouts": (tar_of(lambda t: {**BIN(t), **PY(t)}), "mixes the binary and python"),
     "empty folder": (lambda tmp_path: (tmp_path / "empty").mkdir() or tmp_path / "empty",
                      "holds no CIFAR-10"),
@@ -289,6 +306,25 @@ def test_safe_unpickler_refuses_code_and_runs_nothing(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("array", [
+    np.arange(6, dtype=">i4").reshape(2, 3), np.asfortranarray(np.ones((3, 2), "<f8")),
+    np.zeros((0, 3072), np.uint8), np.array([True, False]), np.arange(5, dtype=np.uint64)])
+@pytest.mark.parametrize("dumps", [lambda a: pickle.dumps(a, protocol=4), py2_pickle,
+                                   py2_str_pickle])
+def test_unpickler_rebuilds_plain_number_arrays(array, dumps):
+    got = cifar10._unpickle(dumps({b"a": array}), "x")[b"a"]
+    assert isinstance(got, np.ndarray) and got.dtype == array.dtype.newbyteorder("=")  # as numpy
+    assert got.shape == array.shape and np.array_equal(got, array)
+
+
+@pytest.mark.parametrize("array", [
+    np.array([1, None], dtype=object), np.zeros(2, [("a", "u1"), ("b", "f4")]),
+    np.array(["abc"]), np.zeros(2, "M8[s]"), np.zeros(3, "c16")])
+def test_unpickler_refuses_other_arrays(array):
+    with pytest.raises(PartrainError, match="unsafe pickle, refused"):
+        cifar10._unpickle(pickle.dumps({b"a": array}, protocol=4), "x")
+
+
 def test_malicious_pickle_in_real_process(tmp_path):
     src = write_tar(tmp_path / "evil.tar.gz", evil_members(tmp_path))
     r = subprocess.run([sys.executable, "-m", "partrain.cli", "prepare", "--source", str(src),
@@ -298,6 +334,40 @@ def test_malicious_pickle_in_real_process(tmp_path):
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert r.stderr.startswith("Error: ") and "refused to load" in r.stderr
     assert not (tmp_path / "PWNED").exists() and not (tmp_path / "data" / "cifar10.h5").exists()
+
+
+def address_space_limit(limit_bytes):
+    """A preexec_fn that caps the child's address space, so a memory bomb fails fast (and
+    shows as a MemoryError) instead of filling this machine."""
+    def cap():
+        resource.setrlimit(resource.RLIMIT_AS, (limit_bytes, limit_bytes))
+    return cap
+
+
+HOSTILE_BATCHES = {  # -> (pickled data_batch_2, what the one error line must say)
+    # (1e6, 3072) uint8 from 3 KB: 3 GB once contiguous (a MemoryError under the 1 GiB cap)
+    "stride-0 bomb": (lambda: stride_bomb_batch(1_000_000), "refused to call numpy.ndarray"),
+    # np.asarray of 20 references to one [x, x] list nested 26 deep: 20 * 2**26 ints
+    "nested labels": (lambda: nested_labels_batch(26), "flat list of 20 integers"),
+    # numpy's own __setstate__ crashes (SIGSEGV) on this object array
+    "object array state": (object_state_batch, "refused an array state"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_BATCHES))
+def test_hostile_pickle_in_real_process_is_one_line(tmp_path, case):
+    """D8: memory bombs (and a crash) that passed the allow-list: refused at once, in a process
+    whose address space is capped at 1 GiB, with one line and no output file."""
+    batch, message = HOSTILE_BATCHES[case]
+    src = write_tar(tmp_path / "cifar-10-python.tar.gz",
+                    with_member(PY(tmp_path), f"{PY_TOP}/data_batch_2", batch()))
+    r = subprocess.run([sys.executable, "-m", "partrain.cli", "prepare", "--source", str(src),
+                        "--data-dir", str(tmp_path / "data")], capture_output=True, text=True,
+                       cwd=tmp_path, timeout=120, preexec_fn=address_space_limit(1 << 30))
+    assert r.returncode == 1, (r.returncode, r.stderr[-2000:])
+    assert re.fullmatch(r"Error: [^\n]*data_batch_2: [^\n]*\n", r.stderr), r.stderr[-2000:]
+    assert message in r.stderr
+    assert not (tmp_path / "data").exists() or list((tmp_path / "data").iterdir()) == []
 
 
 def test_truncated_archive_in_real_process(tmp_path):

@@ -18,6 +18,7 @@ import gzip
 import hashlib
 import http.client
 import io
+import math
 import os
 import pickle
 import tarfile
@@ -28,6 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+try:
+    from numpy._core import multiarray  # numpy >= 2
+except ImportError:  # pragma: no cover - numpy 1.x
+    from numpy.core import multiarray
 
 from ..errors import PartrainError
 
@@ -86,33 +92,83 @@ def decode_binary_meta(buf: bytes, where: str) -> list[str]:
 
 
 class RefusedGlobal(pickle.UnpicklingError):
-    """A pickle named a global that `SafeUnpickler` does not allow."""
+    """A pickle named a global that `SafeUnpickler` does not allow, or misused an allowed one."""
+
+
+def _ndarray(*args):
+    """`numpy.ndarray` for a pickle: the class `_reconstruct` builds, never called. Called, it takes
+    any shape, buffer and strides: strides=(0, 1) makes one 3 KB image into as many as the shape
+    asks for. (Functions stand in for numpy's names: a BUILD opcode changes nothing they do.)"""
+    raise RefusedGlobal("refused to call numpy.ndarray directly (a stride trick?)")
+
+
+def _reconstruct(subtype, shape, dtype):
+    """numpy's pickles start an array as `_reconstruct(ndarray, (0,), b'b')` and fill it in
+    `__setstate__`: here always empty, and always a `_CheckedArray`."""
+    if subtype is not _ndarray:
+        raise RefusedGlobal("refused _reconstruct of anything but numpy.ndarray")
+    return multiarray._reconstruct(_CheckedArray, (0,), b"b")
+
+
+class _DtypeSpec:
+    """What a pickle says `numpy.dtype(...)` is: a name and a byte order. numpy's own dtype
+    setstate never sees the pickle; only the number types of `_DTYPES` become real dtypes."""
+
+    __slots__ = ("name", "order")
+    _DTYPES = {f"{k}{n}" for k in "iu" for n in (1, 2, 4, 8)} | {"f4", "f8", "b1"}
+
+    def __init__(self, name, *_):
+        self.name = name.decode("ascii", "replace") if isinstance(name, bytes) else name
+        self.order = "|"
+
+    def __setstate__(self, state):
+        order = state[1] if isinstance(state, tuple) and len(state) >= 5 else None
+        self.order = order.decode("ascii", "replace") if isinstance(order, bytes) else order
+        if self.order not in ("<", ">", "|", "=") or any(s is not None for s in state[2:5]):
+            raise RefusedGlobal("refused a numpy dtype that is not a plain number type")
+
+    def dtype(self) -> np.dtype:
+        if not isinstance(self.name, str) or self.name not in self._DTYPES:
+            raise RefusedGlobal(f"refused numpy dtype {str(self.name)[:20]!r}")
+        dt = np.dtype(self.name)
+        return dt.newbyteorder(self.order) if self.order in "<>" else dt
+
+
+class _CheckedArray(np.ndarray):
+    """An array filled only through a checked `__setstate__`: a `_DtypeSpec` number type and
+    exactly the bytes its shape needs, from the pickle (numpy's own setstate crashes on some)."""
+
+    def __setstate__(self, state):
+        ok = isinstance(state, tuple) and len(state) in (4, 5)
+        shape, spec, fortran, raw = state[-4:] if ok else (None,) * 4
+        if (not ok or not isinstance(shape, tuple) or len(shape) > 8
+                or not all(type(s) is int and s >= 0 for s in shape) or type(raw) is not bytes
+                or not isinstance(spec, _DtypeSpec) or not isinstance(fortran, int)):
+            raise RefusedGlobal("refused an array state that numpy never writes")
+        dtype = spec.dtype()
+        if math.prod(shape) * dtype.itemsize != len(raw):
+            raise RefusedGlobal(f"array of shape {str(shape)[:60]} does not match its "
+                                f"{len(raw)} bytes")
+        super().__setstate__((1, shape, dtype, bool(fortran), raw))
 
 
 class SafeUnpickler(pickle.Unpickler):
-    """Unpickler that can rebuild numpy arrays and plain containers, and nothing else.
+    """Unpickler that can rebuild numpy arrays of numbers and plain containers, nothing else.
 
     Plain data (dict, list, bytes, str, int) needs no lookup at all; any other global a pickle
-    names -- os.system, builtins.eval, subprocess.Popen -- is refused before it can run.
+    names -- os.system, builtins.eval, subprocess.Popen -- is refused before it can run. The
+    three numpy names are stand-ins (above) that let through only what numpy itself writes:
+    every array holds its own bytes from the pickle, so never more memory than the pickle's size.
     """
 
-    @staticmethod
-    def _allowed():
-        try:
-            from numpy._core import multiarray  # numpy >= 2
-        except ImportError:  # pragma: no cover - numpy 1.x
-            from numpy.core import multiarray
-        return {
-            ("numpy.core.multiarray", "_reconstruct"): multiarray._reconstruct,
-            ("numpy._core.multiarray", "_reconstruct"): multiarray._reconstruct,
-            ("numpy", "ndarray"): np.ndarray,
-            ("numpy", "dtype"): np.dtype,
-        }
+    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+                ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+                ("numpy", "ndarray"): _ndarray, ("numpy", "dtype"): lambda *a: _DtypeSpec(*a)}
 
     def find_class(self, module, name):
-        obj = self._allowed().get((module, name))
+        obj = self._ALLOWED.get((module, name))
         if obj is None:
-            raise RefusedGlobal(f"refused to load {module}.{name}")
+            raise RefusedGlobal(f"refused to load {str(module)[:60]}.{str(name)[:60]}")
         return obj
 
 
@@ -123,7 +179,8 @@ def _unpickle(buf: bytes, where: str):
         raise PartrainError(f"{where}: unsafe pickle, {e}; only the numpy arrays of "
                             "CIFAR-10 are accepted") from None
     except Exception as e:  # noqa: BLE001 - any failure to parse untrusted bytes is bad input
-        raise PartrainError(f"{where}: not a CIFAR-10 pickle ({type(e).__name__}: {e})") from None
+        raise PartrainError(f"{where}: not a CIFAR-10 pickle ({type(e).__name__}: "
+                            f"{str(e)[:100]})") from None
 
 
 def decode_python_batch(buf: bytes, where: str) -> tuple[np.ndarray, np.ndarray]:
@@ -137,16 +194,18 @@ def decode_python_batch(buf: bytes, where: str) -> tuple[np.ndarray, np.ndarray]
         shape = getattr(data, "shape", None)
         raise PartrainError(f"{where}: b'data' must be an (N, 3072) uint8 array, got "
                             f"{type(data).__name__} {shape} {getattr(data, 'dtype', '')}")
-    if not isinstance(labels, (list, np.ndarray)) or len(labels) != data.shape[0]:
-        raise PartrainError(f"{where}: b'labels' must list {data.shape[0]} labels")
+    # a flat list of ints, checked before numpy sees it: np.asarray of a list of 20 shared
+    # lists nested 26 deep builds 20 * 2**26 elements (GBs) from a pickle of a few hundred bytes
+    flat = (labels.ndim == 1 and labels.dtype.kind in "iub" if isinstance(labels, np.ndarray)
+            else isinstance(labels, list) and all(type(v) is int for v in labels))
+    if not flat or len(labels) != data.shape[0]:
+        raise PartrainError(f"{where}: b'labels' must be a flat list of {data.shape[0]} integers")
     try:
         labels = np.asarray(labels, np.int64)
-    except (TypeError, ValueError, OverflowError):
-        raise PartrainError(f"{where}: b'labels' must be integers") from None
-    if labels.ndim != 1:
-        raise PartrainError(f"{where}: b'labels' must be a flat list of integers")
+    except OverflowError:
+        raise PartrainError(f"{where}: b'labels' must be integers in 0..9") from None
     _check_labels(labels, where)
-    return np.ascontiguousarray(data).reshape(-1, 3, 32, 32), labels.astype(np.uint8)
+    return np.array(data, np.uint8, order="C").reshape(-1, 3, 32, 32), labels.astype(np.uint8)
 
 
 def decode_python_meta(buf: bytes, where: str) -> list[str]:
@@ -180,10 +239,7 @@ def read_source(path) -> RawCifar:
     path = Path(path)
     if not path.exists():
         raise PartrainError(f"source {path} does not exist")
-    if path.is_dir():
-        layout, files, digest = _read_folder(path)
-    else:
-        layout, files, digest = _read_archive(path)
+    layout, files, digest = (_read_folder if path.is_dir() else _read_archive)(path)
     return _assemble(layout, files, path.resolve().name, digest, str(path))
 
 
@@ -195,9 +251,7 @@ def _assemble(layout: str, files: dict[str, bytes], source_name: str, digest: st
     loc = {role: f"{where}: {top}/{name}" for role, name in names.items()}
     class_names = decode_meta(files.pop("meta"), loc["meta"])
     test_images, test_labels = decode_batch(files.pop("test_batch"), loc["test_batch"])
-    parts = []
-    for b in TRAIN_BATCHES:  # free each raw batch as soon as it is decoded
-        parts.append(decode_batch(files.pop(b), loc[b]))
+    parts = [decode_batch(files.pop(b), loc[b]) for b in TRAIN_BATCHES]  # raw bytes freed as we go
     train_images = np.concatenate([p[0] for p in parts])
     train_labels = np.concatenate([p[1] for p in parts])
     del parts
