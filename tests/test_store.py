@@ -2,6 +2,8 @@
 import errno
 import hashlib
 import os
+import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -230,3 +232,149 @@ def test_replace_succeeds_over_old_file(good_file):
     path, before = good_file
     write(path, seed=2)
     assert digest(path) != before and leftovers(path.parent) == []
+
+
+# ------------------------------------------------------------------ digests (D9) and sizes (D2)
+
+def digest_names():
+    return [f"{s}_{k}" for s in store.SPLITS for k in ("images", "labels")]
+
+
+def overwrite_middle(path, dataset, n=4096):
+    """Zero n bytes (at most half the data) in the middle of a dataset's raw data, behind
+    HDF5's back (a bad disk)."""
+    with h5py.File(path, "r") as f:
+        ds = f[dataset]
+        n = min(n, ds.nbytes // 2)
+        offset = ds.id.get_offset() + ds.nbytes // 2 - n // 2
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(bytes(n))
+
+
+def test_digests_are_recorded_at_write(tmp_path):
+    path = tmp_path / "cifar10.h5"
+    _, args = write(path)
+    with h5py.File(path, "r") as f:
+        for name in digest_names():
+            assert f.attrs[f"{name}_sha256"] == hashlib.sha256(args[name].tobytes()).hexdigest()
+    assert store.load_store(path).digests == {
+        n: hashlib.sha256(args[n].tobytes()).hexdigest() for n in digest_names()}
+
+
+@pytest.mark.parametrize("dataset", ["train/images", "test/images", "train/labels"])
+def test_silent_corruption_is_detected(tmp_path, dataset):
+    path = tmp_path / "cifar10.h5"
+    write(path, n_train=300, n_test=200, seed=5)
+    overwrite_middle(path, dataset)
+    split, kind = dataset.split("/")
+    with pytest.raises(PartrainError, match=f"{dataset} do not match the sha256 .*re-run "
+                                            "`partrain prepare"):
+        store.load_store(path, splits=(split,))
+    other = "test" if split == "train" else "train"
+    store.load_store(path, splits=(other,))  # the other split is fine
+    if kind == "images":
+        store.inspect_store(path)  # reads only the labels, which are intact
+
+
+def test_store_without_digests_still_loads(tmp_path):
+    """Stores written before the digests existed: loaded as before, unverified, silently."""
+    path = tmp_path / "cifar10.h5"
+    _, args = write(path)
+    with h5py.File(path, "r+") as f:
+        for name in digest_names():
+            del f.attrs[f"{name}_sha256"]
+    d = store.load_store(path)
+    assert d.digests is None and np.array_equal(d.train_images, args["train_images"])
+    with h5py.File(path, "r+") as f:
+        f.attrs["test_labels_sha256"] = "0" * 64  # one digest without the others: tampered
+    with pytest.raises(PartrainError, match="lacks a valid attribute.*train_images_sha256"):
+        store.load_store(path)
+
+
+def declare_huge(path, n=10**8, **kw):
+    """Replace train/ by datasets that declare n images and labels but store none of them."""
+    with h5py.File(path, "r+") as f:
+        del f["train"]
+        f.create_dataset("train/images", shape=(n, 3, 32, 32), dtype=np.uint8, **kw)
+        f.create_dataset("train/labels", shape=(n,), dtype=np.uint8, **kw)
+
+
+def test_declared_size_beyond_what_the_file_holds(tmp_path):
+    """D2: a 1 MB HDF5 that declares 10^8 images (286 GiB): refused before any allocation."""
+    path = tmp_path / "cifar10.h5"
+    write(path)
+    declare_huge(path)
+    assert path.stat().st_size < 1 << 20
+    for load in (store.load_store, store.inspect_store):
+        with pytest.raises(PartrainError, match=r"train/\S+ declares 100,000,000 entries "
+                                                r"\(.*\) but the file holds 0.0 MiB"):
+            load(path)
+    store.load_store(path, splits=("test",))
+
+
+def test_compressed_declared_size_beyond_free_memory(tmp_path):
+    """A compressed dataset may store less than it declares, but not more than memory holds."""
+    path = tmp_path / "cifar10.h5"
+    write(path)
+    declare_huge(path, chunks=True, compression="gzip")
+    with pytest.raises(PartrainError, match=r"needs 286.2 GiB of memory to read, and only "):
+        store.load_store(path)
+
+
+def test_external_or_virtual_data_is_refused(tmp_path):
+    path = tmp_path / "cifar10.h5"
+    _, args = write(path)
+    raw = tmp_path / "elsewhere.bin"
+    raw.write_bytes(args["test_images"].tobytes())
+    with h5py.File(path, "r+") as f:
+        del f["test/images"]
+        f.create_dataset("test/images", shape=args["test_images"].shape, dtype=np.uint8,
+                         external=[(str(raw), 0, raw.stat().st_size)])
+    with pytest.raises(PartrainError, match="test/images declares 20 entries"):
+        store.load_store(path)
+    with h5py.File(path, "r+") as f:
+        del f["test/images"]
+        f["test/images"] = h5py.ExternalLink(str(raw), "/x")
+    with pytest.raises(PartrainError, match="no test/images"):
+        store.load_store(path)
+
+
+def test_huge_list_of_class_names_is_a_short_message(tmp_path):
+    """D13: 200 000 class names made a 3.2 MB error line."""
+    path = tmp_path / "cifar10.h5"
+    write(path)
+    names = np.array([f"class{i}" for i in range(200_000)], dtype=h5py.string_dtype())
+    latest = tmp_path / "latest.h5"  # an attribute over 64 KiB needs the newer file format
+    with h5py.File(path, "r") as old, h5py.File(latest, "w", libver="latest") as new:
+        for key in old:
+            old.copy(key, new)
+        new.attrs.update({**old.attrs, "class_names": names})
+    os.replace(latest, path)
+    with pytest.raises(PartrainError, match="expected 10 class names, got 200000: ") as e:
+        store.load_store(path)
+    assert len(str(e.value)) < 250 and "\n" not in str(e.value)
+
+
+FIT = ["fit", "--model", "three-layer", "--model-option", "num_filters=4", "--model-option",
+       "hidden_dim=16", "--batch-size", "50", "--epochs", "1", "--val-size", "100",
+       "--workers", "1", "--quiet"]
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda p: overwrite_middle(p, "train/images"), r"train/images do not match the sha256 "
+                                                    r".*re-run `partrain prepare --force`"),
+    (declare_huge, r"train/images declares 100,000,000 entries"),
+])
+def test_damaged_store_is_one_line_for_real_fit(tmp_path, damage, message):
+    """D9 and D2 as a user meets them: `partrain fit` trained on zeroed pixels (exit 0), or
+    died in a 286 GiB _ArrayMemoryError traceback; now one line, exit 1, no run folder."""
+    data = make_tiny_store(tmp_path / "data" / "cifar10.h5", n_train=500, n_test=100)
+    damage(data)
+    r = subprocess.run([sys.executable, "-m", "partrain.cli", *FIT, "--data-dir", str(data.parent),
+                        "--runs-dir", str(tmp_path / "runs"), "--name", "r"],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert r.returncode == 1, (r.stdout, r.stderr[-3000:])
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), r.stderr[-3000:]
+    assert re.search(message, lines[0]), lines[0]
