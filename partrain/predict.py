@@ -7,17 +7,22 @@ the test set (`test_index=True`) need only the store.
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
 from .batches import normaliser
-from .datasets.store import inspect_store, load_store
+from .datasets.store import excerpt, inspect_store, load_store
 from .errors import PartrainError
 from .evaluate import batched_logits, data_path, load_run
 
 SIZE = 32
+# A 32 x 32 classifier needs nothing near Pillow's own limit (89 Mpixel, then a warning with a
+# source line up to 179 Mpixel: 530 MB for a 10 000 x 10 000 PNG). JPEGs are decoded at 1/2 to
+# 1/8 scale first (draft), so this bounds what is decoded, not what a camera makes.
+MAX_PIXELS = 1 << 24  # 4096 x 4096
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -30,7 +35,8 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 def load_image(path: str | Path) -> np.ndarray:
     """An image file as a (3, 32, 32) uint8 RGB array: centre-cropped to square, then resized.
 
-    Transparent pixels are put on white (a photo's background is rarely black).
+    Transparent pixels are put on white (a photo's background is rarely black). Images of more
+    than MAX_PIXELS (after a JPEG's draft scaling) are refused from their header, before decoding.
     """
     path = Path(path)
     try:
@@ -41,7 +47,25 @@ def load_image(path: str | Path) -> np.ndarray:
     if not path.is_file():
         raise PartrainError(f"{path} does not exist" if not path.exists() else f"{path} is not a file")
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(path)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise PartrainError(f"{path} is too large to be read safely (over "
+                            f"{Image.MAX_IMAGE_PIXELS / 1e6:.0f} Mpixel; predict reads up to "
+                            f"{MAX_PIXELS // 2**20} Mpixel)") from None
+    except UnidentifiedImageError:
+        raise PartrainError(f"{path} is not an image (Pillow cannot read it; use PNG or "
+                            "JPEG)") from None
+    except (OSError, ValueError, SyntaxError) as e:  # a damaged header
+        raise PartrainError(f"{path} is a damaged image: {excerpt(str(e))}") from None
+    try:
+        with img:
+            img.draft("RGB", (4 * SIZE, 4 * SIZE))  # JPEG only: decode at a reduced scale
+            if img.width * img.height > MAX_PIXELS:
+                raise PartrainError(f"{path} is {img.width} x {img.height} pixels, more than "
+                                    f"predict reads ({MAX_PIXELS // 2**20} Mpixel; the model sees "
+                                    f"{SIZE} x {SIZE}): shrink it first")
             img.load()
             if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
                 img = img.convert("RGBA")
@@ -49,12 +73,10 @@ def load_image(path: str | Path) -> np.ndarray:
                 img = Image.alpha_composite(background, img)
             img = ImageOps.fit(img.convert("RGB"), (SIZE, SIZE), method=Image.Resampling.LANCZOS)
             array = np.asarray(img, dtype=np.uint8)
-    except Image.DecompressionBombError as e:
-        raise PartrainError(f"{path} is too large to be read safely: {e}") from None
-    except UnidentifiedImageError:
-        raise PartrainError(f"{path} is not an image (Pillow cannot read it; use PNG or JPEG)") from None
+    except Image.DecompressionBombError:  # a frame larger than the header said
+        raise PartrainError(f"{path} is too large to be read safely") from None
     except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt image data
-        raise PartrainError(f"{path} is a damaged image: {e}") from None
+        raise PartrainError(f"{path} is a damaged image: {excerpt(str(e))}") from None
     return np.ascontiguousarray(array.transpose(2, 0, 1))
 
 
@@ -64,7 +86,7 @@ def parse_indices(inputs: Sequence[str], n_test: int | None = None) -> list[int]
         try:
             i = int(s)
         except ValueError:
-            raise PartrainError(f"--test-index wants integers, got {s!r}") from None
+            raise PartrainError(f"--test-index wants integers, got {excerpt(repr(s))}") from None
         if i < 0 or (n_test is not None and i >= n_test):
             raise PartrainError(f"test index {i} is out of range (the test set has "
                                 f"{n_test:,} images: 0..{n_test - 1})" if n_test else

@@ -4,6 +4,7 @@ test image by index)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -16,7 +17,7 @@ from partrain.evaluate import confusion_matrix, evaluate_run
 from partrain.predict import format_predictions, load_image, predict_run, softmax
 from partrain.config import TrainConfig
 from partrain.train import fit
-from synthetic import CLASS_NAMES, make_tiny_store
+from synthetic import CLASS_NAMES, make_tiny_store, write_gray_png
 
 
 def cli(*args, cwd):
@@ -167,3 +168,40 @@ def test_softmax_is_stable():
     p = softmax(np.array([[1000.0, 0.0, -1000.0], [1.0, 1.0, 1.0]], np.float32))
     np.testing.assert_allclose(p.sum(axis=1), 1.0)
     assert p[0, 0] == 1.0 and np.allclose(p[1], 1 / 3)
+
+
+def test_image_over_the_pixel_limit_is_refused_from_its_header(tmp_path):
+    """D13: 25 Mpixel is more than a 32 x 32 classifier needs; refused before decoding."""
+    png = write_gray_png(tmp_path / "wide.png", 5000, 5000)
+    with pytest.raises(PartrainError, match=r"5000 x 5000 pixels, more than predict reads "
+                                            r"\(16 Mpixel"):
+        load_image(png)
+    ok = write_gray_png(tmp_path / "ok.png", 4096, 64, 90)
+    assert load_image(ok)[:, 5, 5].tolist() == [90] * 3
+
+
+def test_jpeg_over_the_pixel_limit_is_read_at_reduced_scale(tmp_path):
+    """19 Mpixel is over the limit, but a JPEG is decoded at 1/8 scale (draft): 600 x 500."""
+    from PIL import Image
+
+    jpg = tmp_path / "photo.jpg"
+    Image.new("RGB", (4800, 4000), (200, 30, 60)).save(jpg, quality=90)  # 19 Mpixel, 1/8 decoded
+    x = load_image(jpg)
+    assert x.shape == (3, 32, 32) and np.abs(x[:, 16, 16].astype(int) - [200, 30, 60]).max() <= 3
+
+
+def test_huge_png_in_real_process_is_one_line_and_small(trained, tmp_path):
+    """D13: a 10 000 x 10 000 PNG printed Pillow's DecompressionBombWarning (with a source line)
+    and took about 530 MB; now one line, and the process stays small."""
+    _, a, _, _ = trained
+    png = write_gray_png(tmp_path / "huge.png", 10_000, 10_000)
+    with open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as err:
+        p = subprocess.Popen([sys.executable, "-m", "partrain.cli", "predict", str(a), str(png)],
+                             stdout=out, stderr=err, cwd=tmp_path)
+        _, status, usage = os.wait4(p.pid, 0)  # the child's own peak memory
+        p.returncode = os.waitstatus_to_exitcode(status)
+    stderr = (tmp_path / "err").read_text()
+    assert p.returncode == 1 and "Warning" not in stderr, stderr
+    assert len(stderr.splitlines()) == 1 and stderr.startswith("Error: "), stderr
+    assert "huge.png is too large to be read safely" in stderr
+    assert usage.ru_maxrss < 300 * 1024, usage.ru_maxrss  # KiB on Linux
