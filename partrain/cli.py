@@ -1,7 +1,8 @@
 """Command line: `partrain prepare | fit | evaluate | predict | plot | bench`.
 
-Every command turns a PartrainError (or an OSError from the user's files) into one line on stderr
-and a non-zero exit; tracebacks are for bugs only.
+Every command turns a PartrainError, an OSError (the user's files, a full disk, a read-only
+folder) or a MemoryError into one line on stderr and exit 1, and a Ctrl-C or SIGTERM into one line
+and 130 / 143 (`user_errors`, the one error boundary); tracebacks are for bugs only.
 """
 from __future__ import annotations
 
@@ -33,17 +34,36 @@ from .rundir import RunDir
 from .train import fit as run_fit
 
 
+MAX_MESSAGE = 600  # characters of one error line; the rest of an echoed input is cut
+
+
 def user_errors(fn):
-    """Run a command body, reporting PartrainError as one clean line (exit 1)."""
+    """Run a command body: every expected exception becomes one line (see the module doc)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except PartrainError as e:
-            raise click.ClickException(str(e)) from None
+            raise click.ClickException(one_line(str(e))) from None
+        except OSError as e:
+            where = f": {e.filename}" if e.filename else ""
+            raise click.ClickException(one_line(f"{e.strerror or e}{where}")) from None
+        except MemoryError:
+            raise click.ClickException("out of memory; use a smaller --batch-size, fewer "
+                                       "--workers, or a machine with more memory") from None
+        except KeyboardInterrupt as e:  # click would say "Aborted!" and exit 1
+            click.echo(one_line(str(e)) if isinstance(e, Interrupted) else "interrupted",
+                       err=True)
+            sys.exit(e.exit_code if isinstance(e, Interrupted) else 130)
 
     return wrapper
+
+
+def one_line(text: str) -> str:
+    """The message on one line of at most MAX_MESSAGE characters."""
+    text = " ".join(text.split())
+    return text if len(text) <= MAX_MESSAGE else text[:MAX_MESSAGE - 25] + " ... (message cut)"
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -132,8 +152,9 @@ def _fit_options(fn):
                           "machines); each rank trains with its own --workers."),
         click.option("--step-timeout", type=click.FloatRange(min=0, min_open=True),
                      default=None, metavar="SECONDS",
-                     help="With --backend mpi: abort the job when a rank finishes no step for "
-                          "this long [default: max(120 s, 20 median steps)]."),
+                     help="End the run when a worker (or, with --backend mpi, a rank) "
+                          "finishes no step for this long [default: local, max(300 s, 10 "
+                          "slowest steps); mpi, max(120 s, 20 median steps)]."),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -166,7 +187,8 @@ def fit(ctx, runs_dir, name, resume, quiet, dry_run, max_steps, backend, step_ti
         return
     if backend == "local":
         cfg, run = _run_to_train(settings, explicit, resume, runs_dir, name)
-        summary = _fit_or_130(ctx, cfg, run, resume, quiet, max_steps)
+        summary = _fit_until_stopped(ctx, cfg, run, resume, quiet, max_steps,
+                                     step_timeout=step_timeout)
     else:
         summary = _fit_on_ranks(ctx, settings, explicit, resume, runs_dir, name, quiet, max_steps,
                                 step_timeout)
@@ -186,16 +208,17 @@ def _run_to_train(settings, explicit, resume, runs_dir, name) -> tuple[TrainConf
     return cfg, RunDir.create(runs_dir, name, cfg.model).path
 
 
-def _fit_or_130(ctx, cfg, run, resume, quiet, max_steps, cross=None):
+def _fit_until_stopped(ctx, cfg, run, resume, quiet, max_steps, cross=None, step_timeout=None):
+    """fit; a stop asked by a signal is its one line and exit code 130 / 143."""
     try:
         return run_fit(cfg, run, resume=resume is not None, quiet=quiet, max_steps=max_steps,
-                       cross=cross)
+                       cross=cross, step_timeout=step_timeout)
     except Interrupted as e:
         if cross is not None and e.at_once:
             raise  # this rank alone stops now: the others must be aborted
         if cross is None or cross.rank == 0:
             click.echo(str(e), err=True)
-        ctx.exit(130)
+        ctx.exit(e.exit_code)
 
 
 def _fit_on_ranks(ctx, settings, explicit, resume, runs_dir, name, quiet, max_steps,
@@ -206,8 +229,8 @@ def _fit_on_ranks(ctx, settings, explicit, resume, runs_dir, name, quiet, max_st
     with mpi.job(step_timeout, clean_exits=(click.exceptions.Exit,)) as cross:
         job = _run_to_train(settings, explicit, resume, runs_dir, name) if cross.rank == 0 else None
         cfg_dict, run = cross.bcast(None if job is None else (job[0].to_dict(), str(job[1])))
-        summary = _fit_or_130(ctx, TrainConfig.from_dict(cfg_dict), Path(run), resume, quiet,
-                              max_steps, cross)
+        summary = _fit_until_stopped(ctx, TrainConfig.from_dict(cfg_dict), Path(run), resume,
+                                     quiet, max_steps, cross, step_timeout)
     return summary if cross.rank == 0 else None
 
 

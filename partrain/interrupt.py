@@ -2,14 +2,17 @@
 
 Whoever drives the loop installs `catch_signals()` around it, worker start-up included (train.fit;
 a ParallelRunner used on its own, as by bench, installs it for itself):
-- the first Ctrl-C sets `stop.requested` and prints "stopping after this step (Ctrl-C again to
-  force)"; the loop finishes its step, saves a checkpoint and raises `Interrupted`;
-- a second Ctrl-C stops now: every abort registered with `on_force` runs (a ParallelRunner's kills
-  its workers and unlinks its shared memory), then `Interrupted` (at_once) is raised;
-- SIGTERM does the same abort, then raises SystemExit(143);
+- the first Ctrl-C or SIGTERM (what `timeout`, `docker stop`, systemd and Slurm send before
+  their SIGKILL) sets `stop.requested` and prints "stopping after this step (Ctrl-C again to
+  force)"; the loop finishes its step, saves a checkpoint and raises `Interrupted`, whose
+  `exit_code` is 128 + the signal (130 or 143);
+- a second one (either kind) stops now: every abort registered with `on_force` runs (a
+  ParallelRunner's kills its workers and unlinks its shared memory), then `Interrupted` (at_once)
+  is raised;
 - SIGUSR1 (what Open MPI forwards to its ranks, and Slurm's `--signal`) is a first Ctrl-C.
-Under the MPI backend (`collective`) SIGTERM is a first Ctrl-C too, and whichever rank gets one,
-every rank stops at the same step boundary.
+Under the MPI backend (`collective`) whichever rank gets one, every rank stops at the same step
+boundary. Outside these blocks the CLI's entry point (partrain/entry.py) turns either signal into
+one line and the same exit code.
 
 An exception raised from a signal handler can be lost: when the handler runs inside a `__del__`,
 Python prints "Exception ignored in ..." and carries on. So clean-up that must not be cut runs in
@@ -32,9 +35,15 @@ class Interrupted(KeyboardInterrupt):
     """Ctrl-C stopped the run: at a step boundary, or at once (`at_once`) after a second one.
     A KeyboardInterrupt, so code that does not know it treats it as Ctrl-C."""
 
-    def __init__(self, message: str, at_once: bool = False):
+    def __init__(self, message: str, at_once: bool = False, signum: int = signal.SIGINT):
         super().__init__(message)
         self.at_once = at_once
+        self.signum = int(signum)
+
+    @property
+    def exit_code(self) -> int:
+        """The shell's convention for a process ended by this signal: 130 (SIGINT), 143 (TERM)."""
+        return 128 + self.signum
 
 
 class StopFlag:
@@ -47,6 +56,7 @@ class StopFlag:
         self.collective, self.asked = collective, False
         self.announce = announce          # print "stopping after this step" (MPI: rank 0 only)
         self.forced: int | None = None    # the signal that asked to stop now
+        self.signum = int(signal.SIGINT)  # the signal that asked first (the exit code's)
         self._aborts: list[Callable[[], None]] = []
         self._deferring = 0
         self._pending: BaseException | None = None
@@ -66,10 +76,12 @@ class StopFlag:
             self._aborts.remove(abort)
 
     def forced_exception(self) -> BaseException:
-        if self.forced == signal.SIGTERM:
-            return SystemExit(128 + signal.SIGTERM)
-        return Interrupted(self._now_message or "stopped at once (Ctrl-C twice); the last "
-                           "checkpoint is kept", at_once=True)
+        return Interrupted(self._now_message or "stopped at once (asked a second time); the last "
+                           "checkpoint is kept", at_once=True, signum=self.signum)
+
+    def interrupted(self, message: str) -> Interrupted:
+        """The graceful stop's exception, with the exit code of the signal that asked for it."""
+        return Interrupted(message, signum=self.signum)
 
     @contextmanager
     def deferred(self) -> Iterator[None]:
@@ -84,9 +96,10 @@ class StopFlag:
             raise exc
 
     def _on_signal(self, signum, frame) -> None:
-        graceful = (signal.SIGINT, signal.SIGUSR1) + ((signal.SIGTERM,) if self.collective else ())
-        if signum in graceful and not self.asked and self._now_message is None:
+        if not self.asked and self._now_message is None:
             self.asked = True
+            if signum != signal.SIGUSR1:
+                self.signum = signum
             self.requested = self.requested or not self.collective
             if self.announce:
                 os.write(2, STOPPING)  # no buffered stream: the handler may run inside a print
@@ -94,6 +107,8 @@ class StopFlag:
         if signum == signal.SIGUSR1:
             return  # asked again to stop at the next boundary: it is on its way
         self.forced = signum
+        if not self.asked:  # a stop-now phase (stop_now_from_here): this signal's exit code
+            self.signum = signum
         for abort in list(self._aborts):
             abort()
         exc = self.forced_exception()

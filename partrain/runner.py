@@ -60,14 +60,17 @@ class LocalRunner:
         self.close()
 
 
-def make_runner(cfg, data, model_spec, opt_spec, train_idx=None, stop=None, cross=None):
+def make_runner(cfg, data, model_spec, opt_spec, train_idx=None, stop=None, cross=None,
+                log_dir=None, step_timeout=None):
     """LocalRunner for one worker, the engine for more; both initialise the model identically
     (init_from_data sees only `train_idx`) and augment as cfg says. stop: the driver's
-    `interrupt.StopFlag`, so that the engine installs no signal handler of its own."""
+    `interrupt.StopFlag`, so that the engine installs no signal handler of its own. log_dir,
+    step_timeout: the engine's (where failing workers write; how long a silent one may take)."""
     common = dict(seed=cfg.seed, augment=cfg.augment_spec(), init_idx=train_idx)
     if cfg.workers == 1 and cross is None:  # under MPI a rank is always a parent of workers
         return LocalRunner(model_spec, opt_spec, data.train_images, data.train_labels,
                            data.mean, data.std, **common)
     return ParallelRunner(model_spec, opt_spec, data.train_images, data.train_labels,
                           data.mean, data.std, n_workers=cfg.workers, reduction=cfg.reduction,
-                          stop=stop, cross=cross, **common)
+                          stop=stop, cross=cross, log_dir=log_dir, step_timeout=step_timeout,
+                          **common)

@@ -18,18 +18,16 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from . import __version__
-from .batches import normaliser
 from .config import TrainConfig, optimizer_spec
 from .datasets.store import load_store
-from .ema import AirbenchLookahead
 from .errors import PartrainError
-from .evaluate import accuracy, tta_accuracy
-from .interrupt import Interrupted, catch_signals
+from .interrupt import catch_signals
 from .nn.models import build_model
 from .optim import make_schedule
-from .progress import Progress, format_duration
+from .progress import Progress
 from .rundir import MutedRunDir, RunDir, file_sha256
 from .runner import make_runner
+from .session import Session
 
 
 # ------------------------------------------------------------------------- data choices
@@ -179,9 +177,9 @@ class Plan:
     def steps_per_epoch(self) -> int:
         return len(self.bounds)
 
-    def make_runner(self, stop, cross=None):
+    def make_runner(self, stop, cross=None, log_dir=None, step_timeout=None):
         return make_runner(self.cfg, self.data, (self.cfg.model, dict(self.cfg.model_options)),
-                           self.opt_spec, self.train_idx, stop, cross)
+                           self.opt_spec, self.train_idx, stop, cross, log_dir, step_timeout)
 
     def describe(self, run: Path, cross=None) -> str:
         cfg, aug = self.cfg, self.cfg.augment_spec()
@@ -195,22 +193,55 @@ class Plan:
 
 
 def fit(cfg: TrainConfig, run: Path, resume: bool = False, quiet: bool = False,
-        evaluate_test: bool = True, max_steps: int | None = None, cross=None) -> dict:
+        evaluate_test: bool = True, max_steps: int | None = None, cross=None,
+        step_timeout: float | None = None) -> dict:
     """Train (or continue) the run in folder `run`; returns the final summary.
 
     max_steps stops after that many optimizer steps in this call (for tests and benchmarks), with
     a checkpoint as if interrupted. cross: the ranks of an MPI job (`parallel.mpi.Cross`), each
-    calling fit alike; rank 0 alone writes the run folder and prints.
+    calling fit alike; rank 0 alone writes the run folder and prints. step_timeout: how long the
+    engine waits for a silent worker (None: its default). A new run that ends before its first
+    checkpoint, for whatever reason, leaves no folder behind (see `_discard_unsaved`).
     """
     cfg.check()
     writer = cross is None or cross.rank == 0
     rd, data = (RunDir if writer else MutedRunDir)(run), load_store(cfg.data)
     plan = Plan.of(cfg, data)
     _open_run_folder(rd, plan, resume, cross)
+    try:  # a loss that overflows to NaN is one line (below), not numpy warnings before it
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            return _train(rd, plan, resume, quiet, evaluate_test, max_steps, cross,
+                          step_timeout)
+    except BaseException:
+        if not resume and writer:
+            _discard_unsaved(rd)
+        raise
+
+
+def _discard_unsaved(rd: RunDir) -> None:
+    """Remove a new run folder that holds no checkpoint and no worker log (only config.json and
+    history rows): a run that never saved one cannot be resumed, and its folder would only block
+    the name. A folder with logs/ stays: the error message points there."""
+    path = Path(rd.path)
+    if rd.has_checkpoint("last") or rd.has_checkpoint("best") or (path / "logs").exists():
+        return
+    for name in ("config.json", "history.csv", "summary.json"):
+        (path / name).unlink(missing_ok=True)
+    try:
+        path.rmdir()
+    except OSError:  # something else is in there: not ours to remove
+        pass
+
+
+def _train(rd, plan, resume, quiet, evaluate_test, max_steps, cross, step_timeout) -> dict:
+    """fit's loop over epochs and steps, in the run folder `rd` opened for `plan`."""
+    cfg, writer = plan.cfg, cross is None or cross.rank == 0
     progress = Progress(quiet or not writer)
+    log_dir = Path(rd.path) / "logs" if writer else None  # written only by a failing worker
     # Ctrl-C is caught from before the workers start (interrupt.py): the first stops at the next
     # step boundary with a checkpoint, the second at once.
-    with catch_signals(cross is not None, writer) as stop, plan.make_runner(stop, cross) as runner:
+    with catch_signals(cross is not None, writer) as stop, \
+            plan.make_runner(stop, cross, log_dir, step_timeout) as runner:
         session = Session(rd, plan, runner, progress, cross)
         state = session.resume() if resume else RunState()
         progress.line(plan.describe(rd.path, cross))
@@ -271,161 +302,6 @@ def _open_run_folder(rd: RunDir, plan: Plan, resume: bool, cross=None) -> None:
         raise PartrainError(f"data file {cfg.data} differs from the one this run was trained on")
     if not rd.has_checkpoint("last"):
         raise PartrainError(f"{rd.path} has no checkpoint to resume from")
-
-
-class Session:
-    """One call of `fit` with its runner: the arrays a checkpoint holds, history rows, the end
-    of an epoch and of the run. The loop itself stays in `fit`."""
-
-    def __init__(self, rd: RunDir, plan: Plan, runner, progress: Progress, cross=None):
-        self.rd, self.plan, self.runner, self.progress = rd, plan, runner, progress
-        self.cross = cross
-        self.watchdog = cross.watchdog if cross is not None else None
-        cfg = plan.cfg
-        self.lookahead = (AirbenchLookahead(runner.params, runner.state,
-                                            cfg.epochs * plan.steps_per_epoch)
-                          if cfg.lookahead else None)
-        # The engine copied the images into shared memory: read validation batches from there
-        # and let the parent's own copy go (150 MB for CIFAR-10).
-        plan.data.train_images = runner.images
-        self.eval_model = build_model(cfg.model, **cfg.model_options)
-        self.eval_model.bind(runner.params, None, runner.state)
-        self.scale, self.shift = normaliser(plan.data.mean, plan.data.std)
-        self.t_start, self.images_done = time.perf_counter(), 0
-
-    def arrays(self) -> dict[str, np.ndarray]:
-        """What a checkpoint holds: the runner's flat vectors and the Lookahead's slow copies."""
-        arrays = {"params": self.runner.params, "state": self.runner.state}
-        arrays.update({f"opt.{k}": v for k, v in self.runner.opt_state.items()})
-        if self.lookahead is not None:
-            arrays.update(self.lookahead.arrays())
-        return arrays
-
-    def resume(self) -> RunState:
-        """Restore the last checkpoint into the runner; drop history rows logged after it."""
-        cfg, rd, cross = self.plan.cfg, self.rd, self.cross
-        if cross is None:
-            state = RunState.from_meta(rd.restore(self.arrays()))
-        else:  # rank 0 reads the checkpoint; every rank starts from its bytes
-            meta = cross.bcast(rd.restore(self.arrays()) if cross.rank == 0 else None)
-            for arr in self.arrays().values():
-                cross.bcast_array(arr)
-            cross.same_bits(self.arrays(), "after the resume")
-            state = RunState.from_meta(meta)
-        if state.epoch >= cfg.epochs:
-            raise PartrainError(f"{rd.path} has already finished its {state.epoch} epochs"
-                                + (" (--epochs N trains it further)"
-                                   if cfg.schedule == "constant" else ""))
-        if cross is None or cross.rank == 0:  # the writer of the run folder
-            rd.truncate_history(state.t)
-            if cfg.to_dict() != rd.meta["config"]:  # e.g. more epochs: config.json says so
-                rd.write_meta({**rd.meta, "config": cfg.to_dict()})
-        self.progress.line(f"resuming {rd.path} at epoch {state.epoch + 1}, step "
-                           f"{state.position}/{self.plan.steps_per_epoch}")
-        return state
-
-    def after_step(self, t: int, n: int) -> None:
-        """Step t (1-based) of n images is done: Lookahead's turn, the images/s count."""
-        self.images_done += n
-        if self.lookahead is not None:
-            self.lookahead.after_step(t)
-        if self.watchdog is not None:
-            self.watchdog.pet()
-
-    def checkpoint(self, state: RunState, which: str = "last") -> None:
-        self.rd.save(which, self.arrays(),
-                     state.meta(self.plan.cfg, time.perf_counter() - self.t_start))
-
-    def log_window(self, state: RunState, lr: float) -> None:
-        w, ips = state.window, state.window.rate()
-        self.rd.append_history({"kind": "step", "epoch": state.epoch + 1, "step": state.t,
-                                "loss": w.loss_sum / w.seen, "lr": lr,
-                                "images_per_s": round(ips, 1)})
-        self.progress.update(state.position, w.loss_sum / w.seen, state.epoch_meter.acc, ips)
-        state.window = Meter()
-
-    def end_epoch(self, state: RunState) -> None:
-        """Validate, log the epoch, move on, checkpoint (best.h5 too when validation improved)."""
-        plan, m = self.plan, state.epoch_meter
-        if self.cross is not None:  # a collective: still watched
-            self.cross.same_bits(self.arrays(), f"after epoch {state.epoch + 1}")
-        if self.watchdog is not None:  # validation and checkpoints are no step: not timed
-            self.watchdog.pause()
-        val_acc = (accuracy(self.eval_model, plan.data.train_images, plan.data.train_labels,
-                            self.scale, self.shift, plan.val_idx)[0]
-                   if len(plan.val_idx) else float("nan"))
-        seconds = m.seconds()
-        self.rd.append_history({"kind": "epoch", "epoch": state.epoch + 1, "step": state.t,
-                                "loss": m.loss, "train_acc": m.acc, "val_acc": val_acc,
-                                "time_s": round(seconds, 2),
-                                "images_per_s": round(m.seen / seconds, 1)})
-        self.progress.line(f"epoch {state.epoch + 1}/{plan.cfg.epochs}: loss {m.loss:.4f}"
-                           f"  train acc {m.acc:.1%}  val acc {val_acc:.1%}  "
-                           f"{seconds:.1f} s  {m.seen / seconds:.0f} img/s")
-        state.epoch, state.position = state.epoch + 1, 0
-        if val_acc > state.best_val:
-            state.best_val = val_acc
-            self.checkpoint(state, "best")
-        self.checkpoint(state)
-        if self.watchdog is not None:  # the next step's collectives are watched again
-            self.watchdog.resume()
-
-    def finish(self, state: RunState, stopped: str | None, steps_done: int,
-               evaluate_test: bool, stop) -> dict:
-        """summary.json, the final test accuracy (with TTA if asked) and the closing lines.
-
-        A Ctrl-C that came during the last epoch's validation skips the test pass; one during
-        the test pass ends it at once: training is finished and checkpointed either way."""
-        cfg, rd, spe = self.plan.cfg, self.rd, self.plan.steps_per_epoch
-        if self.watchdog is not None:
-            self.watchdog.pause()
-        train_time = time.perf_counter() - self.t_start
-        summary = {"run": str(rd.path), "epochs_done": state.epoch, "steps": state.t,
-                   "train_time_s": round(train_time, 2),
-                   "total_train_time_s": round(state.elapsed_s + train_time, 2),
-                   "images_per_s": round(self.images_done / max(train_time, 1e-9), 1),
-                   "best_val_acc": state.best_val, "stopped": stopped}
-        where = f"epoch {state.epoch + 1}, step {state.position}/{spe}"
-        if stopped == "interrupted":
-            raise Interrupted(f"interrupted at {where}; checkpoint saved — continue with: "
-                              f"partrain fit --resume {rd.path}")
-        skip_test = (f"checkpoint.h5 holds the trained parameters; partrain evaluate {rd.path} "
-                     f"measures the test accuracy")
-        if stopped is None and stop.requested:
-            raise Interrupted(f"interrupted after the last epoch, before the test pass; "
-                              f"{skip_test}")
-        if stopped is None and evaluate_test:
-            stop.stop_now_from_here(f"interrupted during the final test pass; {skip_test}")
-            summary.update(self.test())
-        rd.write_summary(summary)
-        if stopped is not None:
-            self.progress.line(f"stopped after {steps_done} steps (--max-steps) at {where}; "
-                               f"continue with: partrain fit --resume {rd.path}")
-            return summary
-        tested = ""
-        if "test_acc" in summary:
-            tested = f", test acc {summary['test_acc']:.2%}"
-            if "test_acc_tta" in summary:
-                tested += f", with TTA ({cfg.tta}) {summary['test_acc_tta']:.2%}"
-            tested += f" (test {format_duration(summary['test_time_s'])})"
-        self.progress.line(
-            f"done: {state.epoch} epochs in {format_duration(state.elapsed_s + train_time)} "
-            f"({summary['images_per_s']:,.0f} img/s), best val acc {state.best_val:.1%}" + tested
-            + f"\nnext: partrain plot {rd.path}; partrain evaluate {rd.path}")
-        return summary
-
-    def test(self) -> dict:
-        """The final test accuracy of the trained parameters, with TTA too if cfg.tta says so."""
-        cfg, data, e0 = self.plan.cfg, self.plan.data, time.perf_counter()
-        if cfg.tta != "none":
-            plain, with_tta = tta_accuracy(self.eval_model, data.test_images, data.test_labels,
-                                           self.scale, self.shift, cfg.tta)
-            out = {"test_acc": plain, "test_acc_tta": with_tta, "tta": cfg.tta}
-        else:
-            out = {"test_acc": accuracy(self.eval_model, data.test_images, data.test_labels,
-                                        self.scale, self.shift)[0]}
-        out["test_time_s"] = round(time.perf_counter() - e0, 2)
-        return out
 
 
 def _describe_augment(aug) -> str:

@@ -48,7 +48,7 @@ def main() -> None:
     p.add_argument("--stop-in-validation", action="store_true")
     hooks = p.parse_args(argv[:cut])
 
-    from partrain import cli, rundir, train
+    from partrain import cli, rundir, session
     from partrain.parallel import engine
 
     step = engine.ParallelRunner.step
@@ -66,13 +66,13 @@ def main() -> None:
     engine.ParallelRunner.step = hooked_step
 
     if hooks.stop_in_validation:
-        accuracy = train.accuracy
+        accuracy = session.accuracy
 
         def stopping_accuracy(*args, **kwargs):
             os.kill(os.getpid(), signal.SIGSTOP)
             return accuracy(*args, **kwargs)
 
-        train.accuracy = stopping_accuracy
+        session.accuracy = stopping_accuracy
 
     if hooks.dump:
         def save(self, which, arrays, meta):

@@ -274,7 +274,7 @@ def test_worker_exception_is_reported(data, tmp_path):
             r.step(0, 20, 1e-3, 1)
     msg = str(e.value)
     assert msg.startswith("worker 1 failed: IndexError: ") and "traceback in" in msg
-    log = tmp_path / f"{r.tag}-worker1.log"
+    log = tmp_path / "worker1.log"
     assert str(log) in msg and "Traceback" in log.read_text()
     assert not set(names) & set(leftovers(os.getpid()))
     assert all(not alive(p) for p in pids)

@@ -58,7 +58,7 @@ SCRIPT = textwrap.dedent('''
                         t += 1
                         r.step(lo, lo + batch, 1e-3, t)
                         if stop.requested:
-                            raise Interrupted(f"after step {t}")
+                            raise stop.interrupted(f"after step {t}")
                         if t == 2:
                             with open(info + ".tmp", "w") as f:
                                 json.dump({"workers": r.worker_pids, "shm": r.shm_names,
@@ -70,7 +70,7 @@ SCRIPT = textwrap.dedent('''
             else:
                 ok = np.isfinite(r.params).all()
                 print(f"interrupted after step {t}, params finite: {ok}", file=sys.stderr)
-            sys.exit(130)
+            sys.exit(e.exit_code)
         except PartrainError as e:
             print(f"Error: {e}", file=sys.stderr)
             sys.exit(1)
@@ -220,11 +220,28 @@ def test_second_ctrl_c_forces_exit_and_still_unlinks(tmp_path, tiny_store):
     run.assert_clean()
 
 
-def test_sigterm_to_parent_cleans_up(tmp_path, tiny_store):
+def test_sigterm_to_parent_stops_at_a_step_boundary(tmp_path, tiny_store):
+    """What `timeout`, `docker stop`, systemd and Slurm send: the same as a first Ctrl-C (so fit
+    saves a checkpoint), but exit 143."""
     run = Run(tmp_path, tiny_store)
     os.kill(run.proc.pid, signal.SIGTERM)
     rc, err = run.finish()
     assert rc == 128 + signal.SIGTERM, err
+    assert "stopping after this step" in err
+    assert "interrupted after step" in err and "params finite: True" in err
+    assert_quiet(err)
+    run.assert_clean()
+
+
+def test_second_sigterm_stops_at_once(tmp_path, tiny_store):
+    run = Run(tmp_path, tiny_store, model="cnn", batch=250)
+    os.kill(run.info["workers"][1], signal.SIGSTOP)  # the step cannot end: only a forced stop can
+    os.kill(run.proc.pid, signal.SIGTERM)
+    run.wait_for("stopping after this step")
+    os.kill(run.proc.pid, signal.SIGTERM)
+    rc, err = run.finish()
+    assert rc == 128 + signal.SIGTERM, err
+    assert "forced stop during step" in err
     assert_quiet(err)
     run.assert_clean()
 

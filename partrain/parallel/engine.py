@@ -26,19 +26,22 @@ ignore SIGINT.
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..errors import PartrainError
-from ..interrupt import Interrupted, StopFlag, catch_signals
+from ..interrupt import StopFlag, catch_signals
 from ..step import active_augment, init_model, merge_stats, split_shards, sum_stats
+from . import scratch
 from . import worker as W
 from .pool import WorkerPool
 from .reduce import get_reduction, reduce_and_step
 from .shm import SharedArrays
+
+
+STEP_TIMEOUT_FLOOR_S = 300.0  # the least a step may take before a silent worker ends the run
 
 
 def usable_cores() -> int:
@@ -87,9 +90,11 @@ class ParallelRunner:
     model_spec: (name, options) for `build_model` (name may also be a factory callable, for tests).
     images: uint8 (n, 3, 32, 32) array, or an h5py dataset read straight into shared memory.
     reduction: "sharded" (default) or "parent" (see `reduce`).
-    log_dir: where each worker writes its traceback if it fails (default: the temp folder).
+    log_dir: where worker w writes `worker{w}.log`, its traceback, if it fails (fit: the run
+        folder's logs/; default: this process's private temp folder, see scratch.py).
     stop: the driver's `interrupt.StopFlag` (train.fit's); None: install `catch_signals` while open.
-    step_timeout: seconds a live worker may take to answer (None: wait while it is alive).
+    step_timeout: seconds a live worker may take over one step (None: 10x the slowest step so
+        far, at least STEP_TIMEOUT_FLOOR_S); then the run ends with a PartrainError naming it.
     augment: an `augment.AugmentSpec` (or None), applied by the workers to every sample.
     init_idx: the training indices `init_from_data` may look at (None: all images).
     """
@@ -107,6 +112,7 @@ class ParallelRunner:
         self.reduction = get_reduction(reduction)
         self._cross = cross if cross is not None and cross.size > 1 else None
         self._pool = WorkerPool([], step_timeout)
+        self._step_timeout, self._slowest_step = step_timeout, 0.0
         self._signals = catch_signals() if stop is None else None
         self._stop = stop if stop is not None else self._signals.__enter__()
         self._stop.on_force(self.abort)
@@ -129,8 +135,8 @@ class ParallelRunner:
             self.close(graceful=False)
             if (isinstance(e, PartrainError) and self._stop.asked
                     and self._stop.forced is None):  # the Ctrl-C reached a starting process
-                raise Interrupted("interrupted while the workers were starting: no step was "
-                                  "done") from None
+                raise self._stop.interrupted("interrupted while the workers were starting: "
+                                             "no step was done") from None
             raise
 
     def _share(self, m, optimizer, images, labels):
@@ -166,14 +172,14 @@ class ParallelRunner:
         return self.params, self._reduced, self.state
 
     def _start(self, start_method: str, cfg: dict, log_dir, timeout: float) -> None:
-        log_dir = tempfile.gettempdir() if log_dir is None else os.fspath(log_dir)
-        os.makedirs(log_dir, exist_ok=True)
-        self.log_paths = [os.path.join(log_dir, f"{self.tag}-worker{w}.log")
-                          for w in range(self.n_workers)]
+        # A worker writes its log only when it fails (its traceback), so a run that goes well
+        # leaves none; without a run folder, logs go to this process's private folder.
+        log_dir = scratch.private_dir() if log_dir is None else os.fspath(log_dir)
+        self.log_paths = [os.path.join(log_dir, f"worker{w}.log") for w in range(self.n_workers)]
         self._pool.log_paths = self.log_paths
         t0 = time.perf_counter()
         with self._stop.deferred():  # nor may it cut a process start in half
-            self._pool.start(start_method, cfg)
+            self._pool.start(start_method, cfg, timeout)
         self._wait(self._pool.collect, b"k", timeout, "start")
         if self._cross is not None:
             # Every worker has attached: the names can go now. An MPI launcher SIGKILLs the
@@ -201,12 +207,14 @@ class ParallelRunner:
         """One optimizer step on samples order[lo:hi]; returns (sum of their losses, n correct)."""
         if self._signals is not None and self._stop.requested and not self._closed:
             self.close()  # on our own: the first step boundary after a Ctrl-C ends the run
-            raise Interrupted("interrupted by Ctrl-C")
+            raise self._stop.interrupted("interrupted by Ctrl-C or SIGTERM")
         self._check_open()
         lo, hi, t = int(lo), int(hi), int(t)
         if not 0 <= lo < hi <= self._n_order:
             raise ValueError(f"step range [{lo}, {hi}) is outside the order of {self._n_order}")
         t0 = time.perf_counter()
+        self._pool.step_timeout = self._step_timeout or max(STEP_TIMEOUT_FLOOR_S,
+                                                            10 * self._slowest_step)
         batch, cross = hi - lo, self._cross
         if cross is not None:  # this machine's group-aligned part of the global minibatch
             lo, hi = split_shards(lo, hi, cross.size, self.model.group_size)[cross.rank]
@@ -242,6 +250,7 @@ class ParallelRunner:
                                            t, lr, cross.allreduce if cross else None)
             red, opt = np.array([t_sum]), np.array([t_opt])
         self.last_times = StepTimes(time.perf_counter() - t0, compute, red, opt)
+        self._slowest_step = max(self._slowest_step, self.last_times.wall)
         return loss, correct
 
     def _agree_across_machines(self, loss: float, correct: int, batch: int) -> tuple[float, int]:

@@ -25,7 +25,6 @@ import hashlib
 import os
 import signal
 import sys
-import tempfile
 import threading
 import time
 import traceback
@@ -36,6 +35,8 @@ import numpy as np
 from .. import __version__
 from ..errors import PartrainError
 from ..interrupt import Interrupted
+from . import scratch
+from .worker import append_private
 
 # What launchers put in each rank's environment as the job's size (hydra/MPICH, Open MPI, Slurm,
 # PMIx); a library that does not match the launcher silently starts K one-rank jobs instead.
@@ -128,8 +129,7 @@ class Cross:
         if not self.log_path:
             return None
         try:
-            with open(self.log_path, "a") as f:
-                f.write(text)
+            append_private(self.log_path, text)
             return self.log_path
         except OSError:
             return None
@@ -206,7 +206,7 @@ def job(step_timeout: float | None = None, clean_exits: tuple = ()) -> Iterator[
     except clean_exits:
         raise
     except BaseException as e:  # noqa: BLE001 - every rank must end, whatever the cause
-        cross.fail(e, 130 if isinstance(e, Interrupted) else 1)
+        cross.fail(e, e.exit_code if isinstance(e, Interrupted) else 1)
     finally:
         cross.watchdog.close()
 
@@ -240,8 +240,8 @@ def start(step_timeout: float | None = None) -> Cross:
         MPI.Init_thread(MPI.THREAD_MULTIPLE)
     cross = Cross(MPI.COMM_WORLD, MPI)
     # Each rank's own log (on its own machine): the traceback of whatever ended the job there.
-    cross.log_path = os.path.join(tempfile.gettempdir(),
-                                  f"partrain-rank{cross.rank}-{os.getpid()}.log")
+    # Private (scratch.py): not a predictable /tmp name a planted symlink could redirect.
+    cross.log_path = os.path.join(scratch.private_dir(), f"rank{cross.rank}.log")
     expected = launcher_size()
     if expected is not None and expected[1] != cross.size:
         raise PartrainError(f"the launcher started {expected[1]} ranks ({expected[0]}) but MPI "

@@ -3,8 +3,11 @@ stop them.
 
 Every wait polls the pipes with a short timeout and checks that the workers are alive, so a dead
 worker (EOF or exit status) or a failing one (b"E" message; traceback in its log file) ends the
-wait within POLL_S with a PartrainError naming it. The pool knows nothing of shared memory: its
-owner closes that (see engine.ParallelRunner.close).
+wait within POLL_S with a PartrainError naming it. A stopped one (SIGSTOP, state T) ends it
+after STOPPED_S; one that is alive but silent, after the step timeout (the engine's). Starting a
+process waits on the forkserver, which can be stopped or stuck too: a guard thread kills it
+after STOPPED_S stopped or the start-up timeout, so `start` fails instead of blocking forever.
+The pool knows nothing of shared memory: its owner closes that (see engine.ParallelRunner.close).
 
 Workers start with `forkserver` (a clean, single-threaded server forks each worker with numpy and
 partrain already imported: no fork-after-threads hazard, no re-import per worker).
@@ -13,15 +16,18 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing as mp
+import os
 import signal
+import threading
 import time
 
 from ..errors import PartrainError
-from . import calm
+from . import calm, scratch
 from . import worker as W
 
 POLL_S = 0.1        # how often a waiting parent checks that every worker is alive
 QUIT_GRACE_S = 2.0  # how long workers get to exit after b"Q" before they are terminated
+STOPPED_S = 2.0     # how long a process may stay stopped (state T) before the run gives up on it
 
 
 class WorkerPool:
@@ -32,12 +38,13 @@ class WorkerPool:
         self.step_timeout = step_timeout
         self.procs: list = []
         self.conns: list = []
+        self._stopped_since: dict[int, float] = {}
 
     @property
     def pids(self) -> list[int]:
         return [p.pid for p in self.procs]
 
-    def start(self, start_method: str, cfg: dict) -> None:
+    def start(self, start_method: str, cfg: dict, timeout: float = 120.0) -> None:
         """Start one worker per log path with `cfg` (see worker.main); returns at once.
 
         SIGINT is blocked in the parent meanwhile, so a Ctrl-C cannot cut a process start in
@@ -47,7 +54,7 @@ class WorkerPool:
         ctx = mp.get_context(start_method)
         if start_method == "forkserver":
             start_forkserver()
-        with _sigint_blocked():
+        with _sigint_blocked(), ForkserverGuard(timeout) as guard:
             for w, log_path in enumerate(self.log_paths):
                 parent_end, child_end = ctx.Pipe(duplex=True)
                 p = ctx.Process(target=W.main, name=f"partrain-worker-{w}", daemon=True,
@@ -56,8 +63,9 @@ class WorkerPool:
                     p.start()
                 except (OSError, EOFError) as e:  # the forkserver is gone (killed meanwhile)
                     parent_end.close()
-                    raise PartrainError(f"worker {w} could not be started: the forkserver did "
-                                        f"not answer ({type(e).__name__}: {e})") from None
+                    why = guard.reason or f"did not answer ({type(e).__name__}: {e})"
+                    raise PartrainError(f"worker {w} could not be started: the forkserver "
+                                        f"{why}") from None
                 except BaseException:
                     parent_end.close()
                     raise
@@ -96,7 +104,9 @@ class WorkerPool:
         while not conn.poll(POLL_S):
             self._check_alive()
             if deadline is not None and time.monotonic() > deadline:
-                raise PartrainError(f"worker {w} did not answer within {timeout:g} s ({what})")
+                hint = "; --step-timeout SECONDS sets the limit" if what == "step" else ""
+                raise PartrainError(f"worker {w} did not answer within {timeout:g} s "
+                                    f"({what}{hint})")
         try:
             msg = conn.recv_bytes()
         except (EOFError, OSError):
@@ -141,7 +151,16 @@ class WorkerPool:
         self.procs, self.conns = [], []
 
     def _check_alive(self) -> None:
+        now = time.monotonic()
         for w, p in enumerate(self.procs):
+            if process_state(p.pid) == "T":
+                since = self._stopped_since.setdefault(w, now)
+                if now - since > STOPPED_S:
+                    raise PartrainError(f"worker {w} (pid {p.pid}) has been stopped (SIGSTOP or "
+                                        f"Ctrl-Z) for {now - since:.0f} s; the run cannot go on "
+                                        f"without it")
+            else:
+                self._stopped_since.pop(w, None)
             if p.exitcode is not None:
                 conn = self.conns[w]
                 try:  # a worker that raised has left its message in the pipe
@@ -165,12 +184,65 @@ class WorkerPool:
         raise PartrainError(f"worker {w} died ({W.describe_exit(p.exitcode)})")
 
 
+def process_state(pid: int | None) -> str | None:
+    """The state letter of /proc/PID/stat (R, S, D, T, Z, ...), or None where there is none."""
+    if pid is None:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0].decode()
+    except (OSError, IndexError):
+        return None
+
+
+class ForkserverGuard:
+    """While open, a thread watches the forkserver: stopped for STOPPED_S, or the block open
+    longer than `timeout`, and it is killed, so a `Process.start()` blocked on its socket fails
+    with EOFError at once instead of waiting forever; `reason` then says why."""
+
+    def __init__(self, timeout: float):
+        self.timeout, self.reason = timeout, None
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="partrain-forkserver-guard",
+                                        daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._done.set()
+        self._thread.join()
+
+    def _watch(self) -> None:
+        from multiprocessing import forkserver
+        t0, stopped_since = time.monotonic(), None
+        while not self._done.wait(POLL_S):
+            pid = getattr(forkserver._forkserver, "_forkserver_pid", None)
+            now = time.monotonic()
+            if process_state(pid) == "T":
+                stopped_since = stopped_since or now
+            else:
+                stopped_since = None
+            if stopped_since is not None and now - stopped_since > STOPPED_S:
+                self.reason = f"(pid {pid}) was stopped (SIGSTOP or Ctrl-Z)"
+            elif now - t0 > self.timeout:
+                self.reason = f"(pid {pid}) did not start the workers within {self.timeout:g} s"
+            if self.reason is not None and pid:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+                return
+
+
 def start_forkserver() -> None:
     """Start the forkserver now (idempotent), with `calm` (SIGINT ignored from its first import
     on) and the worker module preloaded. SIGINT is blocked in the parent meanwhile, so a Ctrl-C
     then is delivered after, not lost. The MPI backend calls this before MPI initialises, so no
     process that initialised MPI ever forks a worker."""
     from multiprocessing import forkserver
+    scratch.private_dir()  # its socket goes there, not into a /tmp/pymp-* a SIGKILL leaves
     mp.get_context("forkserver").set_forkserver_preload([calm.__name__, W.__name__])
     with _sigint_blocked():
         forkserver.ensure_running()

@@ -11,6 +11,9 @@ Lifetime, on every exit path:
 - If the parent is killed outright (SIGKILL), the multiprocessing resource tracker unlinks the
   blocks once the parent and its workers are gone (the parent registers each block there on
   creation), with a "leaked shared_memory objects" warning.
+- If the tracker is killed too (SIGKILL of the whole process group), the next `create` on the
+  machine removes the blocks: the owner holds a lock on the set's lock file while it lives
+  (scratch.py).
 
 Workers attach *without* registering with the resource tracker. With `spawn`/`forkserver` the
 children share the parent's tracker process, which keeps one set of names: a worker's register is a
@@ -31,6 +34,7 @@ from multiprocessing.shared_memory import SharedMemory
 import numpy as np
 
 from ..errors import PartrainError
+from . import scratch
 
 PREFIX = "partrain-"
 SHM_DIR = "/dev/shm"
@@ -85,21 +89,24 @@ class SharedArrays:
     """
 
     def __init__(self, arrays: dict[str, np.ndarray], blocks: dict[str, SharedMemory],
-                 owner: bool, descriptor: dict):
+                 owner: bool, descriptor: dict, lock: str | None = None):
         self.arrays = arrays
         self._blocks = blocks
         self._descriptor = descriptor
         self.owner = owner
         self._unlinked = not owner
         self.nbytes = sum(b.size for b in blocks.values())
+        self._lock = lock
         self._finalizer = (weakref.finalize(self, _unlink_blocks, list(blocks.values()),
-                                            os.getpid()) if owner else None)
+                                            os.getpid(), lock) if owner else None)
 
     # ----------------------------------------------------------------------------- parent
     @classmethod
     def create(cls, specs: dict[str, tuple[tuple[int, ...], np.dtype]],
                tag: str | None = None) -> "SharedArrays":
-        """Allocate every array (zero-filled), or raise PartrainError and leave nothing behind."""
+        """Allocate every array (zero-filled), or raise PartrainError and leave nothing behind.
+        Blocks that killed runs left are removed first (scratch.sweep)."""
+        scratch.sweep()
         need = sum(-(-_nbytes(s, d) // _ALIGN) * _ALIGN for s, d in specs.values())
         free = free_bytes()
         if free is not None and need > free:
@@ -110,6 +117,7 @@ class SharedArrays:
                 f"(docker run --shm-size=...)")
         tag = tag or f"{PREFIX}{os.getpid()}-{secrets.token_hex(3)}"
         arrays, blocks, descriptor = {}, {}, {}
+        lock = _new_lock(tag)  # "in use" for scratch.sweep, until unlink()
         try:
             for name, (shape, dtype) in specs.items():
                 shape, dtype = tuple(int(n) for n in shape), np.dtype(dtype)
@@ -118,16 +126,16 @@ class SharedArrays:
                     arrays[name] = np.zeros(shape, dtype)
                     descriptor[name] = (None, shape, dtype.str)
                     continue
-                block = _Block(name=f"{tag}-{name}", create=True, size=size)
+                block = _create_block(f"{tag}-{name}", size)
                 blocks[name] = block
                 _reserve(block, size, need)
                 block.release_fd()
                 arrays[name] = np.ndarray(shape, dtype, buffer=block.buf)
                 descriptor[name] = (block.name, shape, dtype.str)
         except BaseException:
-            _unlink_blocks(list(blocks.values()), os.getpid())
+            _unlink_blocks(list(blocks.values()), os.getpid(), lock)
             raise
-        return cls(arrays, blocks, True, descriptor)
+        return cls(arrays, blocks, True, descriptor, lock)
 
     def descriptor(self) -> dict:
         """{name: (block name or None, shape, dtype str)}: what a worker needs to attach."""
@@ -142,7 +150,7 @@ class SharedArrays:
         self._unlinked = True
         if self._finalizer is not None:
             self._finalizer.detach()
-        _unlink_blocks(list(self._blocks.values()), os.getpid())
+        _unlink_blocks(list(self._blocks.values()), os.getpid(), self._lock)
 
     # ----------------------------------------------------------------------------- worker
     @classmethod
@@ -179,6 +187,20 @@ class SharedArrays:
         self._blocks = {}
 
 
+def _create_block(name: str, size: int) -> "_Block":
+    try:
+        return _Block(name=name, create=True, size=size)
+    except OSError as e:
+        raise _no_shm(e) from None
+
+
+def _no_shm(e: OSError) -> PartrainError:
+    """A read-only /dev/shm, no inodes left, no permission: one line."""
+    return PartrainError(f"could not create shared memory in {SHM_DIR} ({e.strerror or e}); the "
+                         f"parallel engine needs a writable {SHM_DIR} with room for the data set "
+                         f"and the parameters (docker run --shm-size=...)")
+
+
 def _reserve(block: SharedMemory, size: int, need: int) -> None:
     """Make tmpfs commit the pages now, so a full /dev/shm is a clear error here rather than a
     SIGBUS in some worker later (pytorch#5040)."""
@@ -197,11 +219,42 @@ def _reserve(block: SharedMemory, size: int, need: int) -> None:
             + f"; free some space or enlarge {SHM_DIR} (docker run --shm-size=...)") from None
 
 
-def _unlink_blocks(blocks: list[SharedMemory], creator_pid: int) -> None:
-    """Unlink each block once; quiet about blocks already gone. Only in the creating process (a
-    forked child inheriting the finalizer must not unlink its parent's memory)."""
+def _new_lock(tag: str) -> str:
+    """The set's lock file (scratch.py), registered with the resource tracker like a block, so a
+    SIGKILLed parent's tracker removes it with the blocks."""
+    name = f"{tag}-lock"
+    try:
+        scratch.new_lock_file(os.path.join(SHM_DIR, name))
+    except OSError as e:
+        raise _no_shm(e) from None
+    resource_tracker.register("/" + name, "shared_memory")
+    return name
+
+
+def _unlink_lock(name: str) -> None:
+    scratch.release(os.path.join(SHM_DIR, name))
+    try:
+        os.unlink(os.path.join(SHM_DIR, name))
+    except OSError:
+        pass
+    try:
+        resource_tracker.unregister("/" + name, "shared_memory")
+    except Exception:  # noqa: BLE001 - the tracker is gone: nothing to tell it
+        pass
+
+
+def _unlink_blocks(blocks: list[SharedMemory], creator_pid: int, lock: str | None) -> None:
+    """Unlink each block once, then the set's lock file; quiet about blocks already gone. Only
+    in the creating process (a forked child inheriting the finalizer must not unlink its
+    parent's memory)."""
     if os.getpid() != creator_pid:
         return
+    _unlink_each(blocks)
+    if lock is not None:
+        _unlink_lock(lock)
+
+
+def _unlink_each(blocks: list[SharedMemory]) -> None:
     for block in blocks:
         try:
             block.unlink()

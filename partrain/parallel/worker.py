@@ -26,6 +26,7 @@ import sys
 import time
 import traceback
 
+import numpy as np
 from threadpoolctl import threadpool_limits
 
 from ..optim import sync_frozen
@@ -58,8 +59,7 @@ def _report(w: int, conn, log_path: str | None, e: BaseException) -> None:
     text = traceback.format_exc()
     if log_path:
         try:
-            with open(log_path, "a") as f:
-                f.write(f"partrain worker {w} (pid {os.getpid()}) failed:\n{text}\n")
+            append_private(log_path, f"partrain worker {w} (pid {os.getpid()}) failed:\n{text}\n")
         except OSError:
             pass
     first = (str(e).strip().splitlines() or [""])[0][:300]
@@ -69,7 +69,18 @@ def _report(w: int, conn, log_path: str | None, e: BaseException) -> None:
         pass
 
 
+def append_private(path: str, text: str) -> None:
+    """Append to a log only this user can read, never through a symlink (a planted link must
+    not make partrain write into someone else's file)."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(path, flags, 0o600)
+    with os.fdopen(fd, "a") as f:
+        f.write(text)
+
+
 def _serve(w: int, conn, cfg: dict) -> int:
+    np.seterr(over="ignore", invalid="ignore", divide="ignore")  # the parent reports a NaN loss
     with threadpool_limits(limits=1):  # N workers on N cores: no BLAS oversubscription
         shm = SharedArrays.attach(cfg["descriptor"])
         n_workers = cfg["n_workers"]

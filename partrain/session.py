@@ -1,0 +1,176 @@
+"""One call of `fit` with its runner (train.py drives the loop; this is everything around it):
+the arrays a checkpoint holds, resuming, history rows, the end of an epoch, the end of the run
+and its final test pass."""
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .batches import normaliser
+from .ema import AirbenchLookahead
+from .errors import PartrainError
+from .evaluate import accuracy, tta_accuracy
+from .nn.models import build_model
+from .progress import Progress, format_duration
+from .rundir import RunDir
+
+if TYPE_CHECKING:
+    from .train import Plan, RunState
+
+
+class Session:
+    """One call of `fit` with its runner: the arrays a checkpoint holds, history rows, the end
+    of an epoch and of the run. The loop itself stays in `fit`."""
+
+    def __init__(self, rd: RunDir, plan: Plan, runner, progress: Progress, cross=None):
+        self.rd, self.plan, self.runner, self.progress = rd, plan, runner, progress
+        self.cross = cross
+        self.watchdog = cross.watchdog if cross is not None else None
+        cfg = plan.cfg
+        self.lookahead = (AirbenchLookahead(runner.params, runner.state,
+                                            cfg.epochs * plan.steps_per_epoch)
+                          if cfg.lookahead else None)
+        # The engine copied the images into shared memory: read validation batches from there
+        # and let the parent's own copy go (150 MB for CIFAR-10).
+        plan.data.train_images = runner.images
+        self.eval_model = build_model(cfg.model, **cfg.model_options)
+        self.eval_model.bind(runner.params, None, runner.state)
+        self.scale, self.shift = normaliser(plan.data.mean, plan.data.std)
+        self.t_start, self.images_done = time.perf_counter(), 0
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """What a checkpoint holds: the runner's flat vectors and the Lookahead's slow copies."""
+        arrays = {"params": self.runner.params, "state": self.runner.state}
+        arrays.update({f"opt.{k}": v for k, v in self.runner.opt_state.items()})
+        if self.lookahead is not None:
+            arrays.update(self.lookahead.arrays())
+        return arrays
+
+    def resume(self) -> RunState:
+        """Restore the last checkpoint into the runner; drop history rows logged after it."""
+        from .train import RunState  # noqa: F811 - defined beside the loop that fills it
+        cfg, rd, cross = self.plan.cfg, self.rd, self.cross
+        if cross is None:
+            state = RunState.from_meta(rd.restore(self.arrays()))
+        else:  # rank 0 reads the checkpoint; every rank starts from its bytes
+            meta = cross.bcast(rd.restore(self.arrays()) if cross.rank == 0 else None)
+            for arr in self.arrays().values():
+                cross.bcast_array(arr)
+            cross.same_bits(self.arrays(), "after the resume")
+            state = RunState.from_meta(meta)
+        if state.epoch >= cfg.epochs:
+            raise PartrainError(f"{rd.path} has already finished its {state.epoch} epochs"
+                                + (" (--epochs N trains it further)"
+                                   if cfg.schedule == "constant" else ""))
+        if cross is None or cross.rank == 0:  # the writer of the run folder
+            rd.truncate_history(state.t)
+            if cfg.to_dict() != rd.meta["config"]:  # e.g. more epochs: config.json says so
+                rd.write_meta({**rd.meta, "config": cfg.to_dict()})
+        self.progress.line(f"resuming {rd.path} at epoch {state.epoch + 1}, step "
+                           f"{state.position}/{self.plan.steps_per_epoch}")
+        return state
+
+    def after_step(self, t: int, n: int) -> None:
+        """Step t (1-based) of n images is done: Lookahead's turn, the images/s count."""
+        self.images_done += n
+        if self.lookahead is not None:
+            self.lookahead.after_step(t)
+        if self.watchdog is not None:
+            self.watchdog.pet()
+
+    def checkpoint(self, state: RunState, which: str = "last") -> None:
+        self.rd.save(which, self.arrays(),
+                     state.meta(self.plan.cfg, time.perf_counter() - self.t_start))
+
+    def log_window(self, state: RunState, lr: float) -> None:
+        w, ips = state.window, state.window.rate()
+        self.rd.append_history({"kind": "step", "epoch": state.epoch + 1, "step": state.t,
+                                "loss": w.loss_sum / w.seen, "lr": lr,
+                                "images_per_s": round(ips, 1)})
+        self.progress.update(state.position, w.loss_sum / w.seen, state.epoch_meter.acc, ips)
+        state.window = type(state.window)()
+
+    def end_epoch(self, state: RunState) -> None:
+        """Validate, log the epoch, move on, checkpoint (best.h5 too when validation improved)."""
+        plan, m = self.plan, state.epoch_meter
+        if self.cross is not None:  # a collective: still watched
+            self.cross.same_bits(self.arrays(), f"after epoch {state.epoch + 1}")
+        if self.watchdog is not None:  # validation and checkpoints are no step: not timed
+            self.watchdog.pause()
+        val_acc = (accuracy(self.eval_model, plan.data.train_images, plan.data.train_labels,
+                            self.scale, self.shift, plan.val_idx)[0]
+                   if len(plan.val_idx) else float("nan"))
+        seconds = m.seconds()
+        self.rd.append_history({"kind": "epoch", "epoch": state.epoch + 1, "step": state.t,
+                                "loss": m.loss, "train_acc": m.acc, "val_acc": val_acc,
+                                "time_s": round(seconds, 2),
+                                "images_per_s": round(m.seen / seconds, 1)})
+        self.progress.line(f"epoch {state.epoch + 1}/{plan.cfg.epochs}: loss {m.loss:.4f}"
+                           f"  train acc {m.acc:.1%}  val acc {val_acc:.1%}  "
+                           f"{seconds:.1f} s  {m.seen / seconds:.0f} img/s")
+        state.epoch, state.position = state.epoch + 1, 0
+        if val_acc > state.best_val:
+            state.best_val = val_acc
+            self.checkpoint(state, "best")
+        self.checkpoint(state)
+        if self.watchdog is not None:  # the next step's collectives are watched again
+            self.watchdog.resume()
+
+    def finish(self, state: RunState, stopped: str | None, steps_done: int,
+               evaluate_test: bool, stop) -> dict:
+        """summary.json, the final test accuracy (with TTA if asked) and the closing lines.
+
+        A Ctrl-C that came during the last epoch's validation skips the test pass; one during
+        the test pass ends it at once: training is finished and checkpointed either way."""
+        cfg, rd, spe = self.plan.cfg, self.rd, self.plan.steps_per_epoch
+        if self.watchdog is not None:
+            self.watchdog.pause()
+        train_time = time.perf_counter() - self.t_start
+        summary = {"run": str(rd.path), "epochs_done": state.epoch, "steps": state.t,
+                   "train_time_s": round(train_time, 2),
+                   "total_train_time_s": round(state.elapsed_s + train_time, 2),
+                   "images_per_s": round(self.images_done / max(train_time, 1e-9), 1),
+                   "best_val_acc": state.best_val, "stopped": stopped}
+        where = f"epoch {state.epoch + 1}, step {state.position}/{spe}"
+        if stopped == "interrupted":
+            raise stop.interrupted(f"interrupted at {where}; checkpoint saved — continue "
+                                   f"with: partrain fit --resume {rd.path}")
+        skip_test = (f"checkpoint.h5 holds the trained parameters; partrain evaluate {rd.path} "
+                     f"measures the test accuracy")
+        if stopped is None and stop.requested:
+            raise stop.interrupted(f"interrupted after the last epoch, before the test "
+                                   f"pass; {skip_test}")
+        if stopped is None and evaluate_test:
+            stop.stop_now_from_here(f"interrupted during the final test pass; {skip_test}")
+            summary.update(self.test())
+        rd.write_summary(summary)
+        if stopped is not None:
+            self.progress.line(f"stopped after {steps_done} steps (--max-steps) at {where}; "
+                               f"continue with: partrain fit --resume {rd.path}")
+            return summary
+        tested = ""
+        if "test_acc" in summary:
+            tested = f", test acc {summary['test_acc']:.2%}"
+            if "test_acc_tta" in summary:
+                tested += f", with TTA ({cfg.tta}) {summary['test_acc_tta']:.2%}"
+            tested += f" (test {format_duration(summary['test_time_s'])})"
+        self.progress.line(
+            f"done: {state.epoch} epochs in {format_duration(state.elapsed_s + train_time)} "
+            f"({summary['images_per_s']:,.0f} img/s), best val acc {state.best_val:.1%}" + tested
+            + f"\nnext: partrain plot {rd.path}; partrain evaluate {rd.path}")
+        return summary
+
+    def test(self) -> dict:
+        """The final test accuracy of the trained parameters, with TTA too if cfg.tta says so."""
+        cfg, data, e0 = self.plan.cfg, self.plan.data, time.perf_counter()
+        if cfg.tta != "none":
+            plain, with_tta = tta_accuracy(self.eval_model, data.test_images, data.test_labels,
+                                           self.scale, self.shift, cfg.tta)
+            out = {"test_acc": plain, "test_acc_tta": with_tta, "tta": cfg.tta}
+        else:
+            out = {"test_acc": accuracy(self.eval_model, data.test_images, data.test_labels,
+                                        self.scale, self.shift)[0]}
+        out["test_time_s"] = round(time.perf_counter() - e0, 2)
+        return out
