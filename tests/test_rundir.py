@@ -14,7 +14,7 @@ from partrain.checkpoint import load_checkpoint
 from partrain.errors import PartrainError
 from partrain.evaluate import evaluate_run
 from partrain.plots import plot_runs
-from partrain.rundir import HISTORY_FIELDS, RunDir
+from partrain.rundir import HISTORY_FIELDS, RunDir, file_sha256
 from partrain.config import TrainConfig
 from partrain.train import fit
 from synthetic import make_tiny_store
@@ -116,6 +116,10 @@ def old_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     store = make_tiny_store(tmp_path / "data" / "cifar10.h5")
     run = shutil.copytree(OLD_RUN, tmp_path / "runs" / "old")
+    # Since 7a71b73 the store's attributes also hold its arrays' digests: the same images and
+    # labels in other file bytes, so the sha256 that config.json recorded is the new file's.
+    meta = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**meta, "data_sha256": file_sha256(store)}))
     return run, store
 
 
