@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import math
+import numbers
+import reprlib
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -124,7 +128,12 @@ class TrainConfig:
     FREE_ON_RESUME = ("log_every", "data", "tta")
 
     def check(self) -> None:
-        """Raise PartrainError, naming the option, for the first setting that is not valid."""
+        """Raise PartrainError, naming the option, for the first setting that is not valid.
+
+        The types come first: a config.json edited by hand can hold any JSON value, and every
+        later comparison must be able to trust them."""
+        for f in dataclasses.fields(self):
+            _check_type(f, getattr(self, f.name))
         if self.model not in MODELS:
             raise PartrainError(f"unknown model {self.model!r}; choose from {', '.join(MODELS)}")
         if self.recipe is not None and self.recipe not in RECIPES:
@@ -134,8 +143,12 @@ class TrainConfig:
         if self.workers > self.batch_size:
             raise PartrainError(f"--workers {self.workers} exceeds --batch-size {self.batch_size}")
         for k, v in self.freeze_after.items():
-            if not isinstance(v, (int, float)) or v < 0:
-                raise PartrainError(f"--freeze-after {k}={v!r}: want a number of epochs >= 0")
+            if not _is_number(v) or not math.isfinite(v) or v < 0:
+                raise PartrainError(f"--freeze-after {k}={short_repr(v)}: want a number of "
+                                    f"epochs >= 0")
+        if "\0" in self.data:
+            raise PartrainError(f"--data-dir must not contain a NUL character: "
+                                f"{short_repr(self.data)}")
         self.build_model()
 
     def build_model(self):
@@ -144,9 +157,11 @@ class TrainConfig:
         try:
             return build_model(self.model, **self.model_options)
         except (TypeError, ValueError) as e:
-            options = " ".join(f"{k}={v!r}" for k, v in self.model_options.items())
+            options = " ".join(f"{k}={short_repr(v)}"
+                               for k, v in self.model_options.items())
             raise PartrainError(f"--model-option: cannot build {self.model}"
-                                + (f" with {options}" if options else "") + f": {e}") from None
+                                + (f" with {cut(options)}" if options else "")
+                                + f": {cut(str(e))}") from None
 
     def augment_spec(self) -> AugmentSpec | None:
         """The AugmentSpec the runners apply, or None when augmentation is off."""
@@ -160,6 +175,29 @@ class TrainConfig:
     def from_dict(cls, d: dict) -> "TrainConfig":
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+    @classmethod
+    def from_saved(cls, d, where) -> "TrainConfig":
+        """The settings a run folder's config.json (`where`) holds, checked as the command
+        line's are (`check`): PartrainError naming the file and the setting for any value a
+        hand edit or a damaged disk can leave. A missing setting takes its default (an older
+        partrain did not have it); an unknown one is refused, since a resume that ignored it
+        might not be the run that was started."""
+        if not isinstance(d, dict):
+            raise PartrainError(f"{where} is not a valid run config: its settings are not a "
+                                f"JSON object")
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise PartrainError(f"{where} is not a valid run config: unknown setting "
+                                f"{short_repr(unknown[0])} (written by a newer partrain?)")
+        cfg = cls.from_dict(d)
+        try:
+            for f in dataclasses.fields(cfg):  # named as in the file, not as on the command line
+                _check_type(f, getattr(cfg, f.name), f"setting {f.name!r}")
+            cfg.check()
+        except PartrainError as e:
+            raise PartrainError(f"{where} is not a valid run config: {e}") from None
+        return cfg
 
     def changes(self) -> dict:
         """The fields that differ from the defaults (what a recipe sets), as copies."""
@@ -190,13 +228,64 @@ def resumed(saved: TrainConfig, given: dict) -> TrainConfig:
                                                           if v is not None}})
 
 
+@functools.cache
+def _field_types() -> dict:
+    return typing.get_type_hints(TrainConfig)
+
+
+# What a value of each annotated type may be: ints are numbers, but a bool is neither.
+_KINDS = {float: "a number", int: "a whole number", bool: "true or false", str: "text",
+          dict: "an object of NAME: VALUE", type(None): "null"}
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, (bool, str))
+
+
+def _has_type(value, kind) -> bool:
+    if kind is float:
+        return _is_number(value)
+    if kind is int:
+        return _is_number(value) and isinstance(value, numbers.Integral)
+    if kind is dict:
+        return isinstance(value, dict) and all(isinstance(k, str) for k in value)
+    return isinstance(value, kind)
+
+
+def _check_type(f: dataclasses.Field, value, label: str | None = None) -> None:
+    """PartrainError unless value has field f's annotated type; named by `label` (default:
+    the option's flag)."""
+    kinds = typing.get_args(_field_types()[f.name]) or (_field_types()[f.name],)
+    if not any(_has_type(value, kind) for kind in kinds):
+        want = " or ".join(_KINDS[kind] for kind in kinds)
+        raise PartrainError(f"{label or flag_spelling(f).split('/')[0]} must be {want}, got "
+                            f"{short_repr(value)}")
+
+
+def short_repr(value, limit: int = 80) -> str:
+    """A value for a one-line message: a file can hold a megabyte where a number belongs (and
+    reprlib stops early, so a million-item list costs no million-item repr)."""
+    return cut(_REPR.repr(value), limit)
+
+
+def cut(text: str, limit: int = 200) -> str:
+    """`text` on one line of at most `limit` characters."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 60
+
+
 def _check_value(f: dataclasses.Field, value) -> None:
     meta, flag = f.metadata, flag_spelling(f).split("/")[0]
     if value is None:
         return
     choices = meta.get("choices")
     if choices is not None and value not in choices:
-        raise PartrainError(f"{flag} must be one of {', '.join(choices)}, got {value!r}")
+        raise PartrainError(f"{flag} must be one of {', '.join(choices)}, got "
+                            f"{short_repr(value)}")
     if meta.get("type", type(f.default)) is int and int(value) != value:
         raise PartrainError(f"{flag} must be a whole number, got {value!r}")
     if isinstance(value, float) and not math.isfinite(value):

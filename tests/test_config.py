@@ -150,3 +150,44 @@ def test_adamw_and_triangular_train(tiny_store, tmp_path):
     res = CliRunner().invoke(cli.main, ["fit", "--optimizer", "adamw", "--schedule",
                                         "triangular", "--dry-run"])
     assert res.exit_code == 0 and "'adamw'   *" in res.output and "'triangular'   *" in res.output
+
+
+SAVED = TrainConfig(model_options={"num_filters": 4}, workers=1).to_dict()
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"epochs": "three"}, "setting 'epochs' must be a whole number, got 'three'"),
+    ({"epochs": 2.5}, "setting 'epochs' must be a whole number, got 2.5"),
+    ({"epochs": True}, "setting 'epochs' must be a whole number, got True"),
+    ({"lr": [0.1]}, r"setting 'lr' must be a number, got \[0.1\]"),
+    ({"lr": None}, "setting 'lr' must be a number, got None"),
+    ({"weight_decay": "x"}, "setting 'weight_decay' must be a number or null"),
+    ({"model": ["vgg"]}, "setting 'model' must be text"),
+    ({"nesterov": 1}, "setting 'nesterov' must be true or false"),
+    ({"model_options": [4]}, "setting 'model_options' must be an object"),
+    ({"freeze_after": {"fc1": "x"}}, "--freeze-after fc1='x'"),
+    ({"freeze_after": {"fc1": float("nan")}}, "--freeze-after fc1=nan"),
+    ({"model_options": {"num_filters": -1}}, "num_filters must not be negative"),
+    ({"model_options": {"num_filters": "a" * 10_000}}, r"num_filters='aaaa.*\.\.\."),
+    ({"epochs": 0}, "--epochs must be at least 1"),
+    ({"lr": float("inf")}, "--lr must be a finite number"),
+    ({"data": "a\0b"}, "must not contain a NUL character"),
+    ({"schedule": {"a": 1}}, "setting 'schedule' must be text"),
+    ({"epoch": 3}, "unknown setting 'epoch'"),
+])
+def test_a_saved_config_is_checked_by_the_one_schema(change, message):
+    """config.json can hold any JSON value where a setting belongs; each is one line naming the
+    file and the setting (D2: "epochs": "three" was a TypeError in `fit --resume`)."""
+    with pytest.raises(PartrainError, match=message) as info:
+        TrainConfig.from_saved({**SAVED, **change}, "runs/r/config.json")
+    text = str(info.value)
+    assert text.startswith("runs/r/config.json is not a valid run config: ")
+    assert "\n" not in text and len(text) < 500
+
+
+def test_a_saved_config_may_lack_newer_settings_but_not_be_other_json():
+    older = {k: v for k, v in SAVED.items() if k not in ("lookahead", "tta")}
+    assert TrainConfig.from_saved(older, "c.json") == TrainConfig.from_dict(SAVED)
+    for bad in ([1, 2], "text", 3, None):
+        with pytest.raises(PartrainError, match="settings are not a JSON object"):
+            TrainConfig.from_saved(bad, "c.json")
