@@ -13,6 +13,7 @@ import csv
 import datetime as _dt
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -21,9 +22,8 @@ import numpy as np
 
 from . import __version__
 from .checkpoint import load_checkpoint, save_checkpoint
-from .config import TrainConfig, resumed
+from .config import TrainConfig, resumed, short_repr
 from .errors import PartrainError
-from .nn.models import build_model
 
 CONFIG, HISTORY, SUMMARY = "config.json", "history.csv", "summary.json"
 CHECKPOINTS = {"last": "checkpoint.h5", "best": "best.h5"}
@@ -106,7 +106,11 @@ class RunDir:
     def resume_config(self, given: dict) -> TrainConfig:
         """The settings to continue this run with: config.json's, with `given` (settings from
         the command line) on top where they keep the result exact (`config.resumed`)."""
-        return resumed(TrainConfig.from_dict(self.meta["config"]), given)
+        return resumed(self.config(), given)
+
+    def config(self) -> TrainConfig:
+        """config.json's settings, checked as the command line's are (`TrainConfig.from_saved`)."""
+        return TrainConfig.from_saved(self.meta["config"], self.path / CONFIG)
 
     def _read_meta(self) -> dict:
         path = self.path / CONFIG
@@ -116,9 +120,14 @@ class RunDir:
             meta = json.loads(path.read_text())
             if not isinstance(meta["config"], dict):
                 raise TypeError("config is not an object")
+            names = meta.get("class_names", [])
+            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+                raise TypeError("class_names is not a list of names")
         except FileNotFoundError:
             raise PartrainError(f"{self.path} is not a partrain run folder (no {CONFIG})") from None
-        except (ValueError, KeyError, TypeError):
+        except OSError as e:
+            raise PartrainError(f"cannot read {path}: {(e.strerror or str(e)).lower()}") from None
+        except (ValueError, KeyError, TypeError, RecursionError):  # UnicodeDecodeError too
             raise PartrainError(f"{path} is corrupt or not written by partrain") from None
         major = str(meta.get("partrain_version", "0")).split(".")[0]
         if major != __version__.split(".")[0]:
@@ -212,6 +221,12 @@ class RunDir:
             src = arrays.get(name)
             if src is None or src.shape != dst.shape or src.dtype != dst.dtype:
                 raise PartrainError(f"checkpoint {path} does not match this run ({name})")
+            if src.dtype.kind in "fc" and not np.isfinite(src).all():
+                # a diverged run stops before it saves; NaNs here would only resurface as
+                # "loss became nan" after the run folder had been changed for the resume
+                raise PartrainError(f"checkpoint {path} is damaged: {name} holds NaN or "
+                                    f"infinite values")
+        check_progress(meta, path)
         for name, dst in targets.items():
             dst[...] = arrays[name]
         return meta
@@ -221,12 +236,8 @@ class RunDir:
         falls back to the last checkpoint when no epoch has finished. meta is config.json's,
         plus "checkpoint": the file, its epoch, position and best validation accuracy."""
         meta_run = dict(self.meta)
-        config = meta_run["config"]
-        try:
-            model = build_model(config["model"], **config.get("model_options", {}))
-        except (TypeError, ValueError, KeyError) as e:
-            raise PartrainError(f"{self.path / CONFIG} describes no model this partrain can "
-                                f"build ({e})") from None
+        cfg = self.config()
+        config, model = cfg.to_dict(), cfg.build_model()
         if not self.has_checkpoint(which):
             which = "last"
         if not self.has_checkpoint(which):
@@ -243,6 +254,41 @@ class RunDir:
     # -- summary.json ----------------------------------------------------------------------
     def write_summary(self, summary: dict) -> None:
         write_json_atomic(self.path / SUMMARY, summary)
+
+
+def check_progress(meta: dict, path) -> None:
+    """PartrainError unless a checkpoint's meta says where its run is as `train.RunState` writes
+    it: whole numbers epoch, position, t with t = epoch * steps per epoch + position (so a
+    position past its epoch's end, which would skip the epoch silently, is refused); best_val
+    and elapsed_s numbers; the half-epoch's sums numbers."""
+    def damaged(why: str) -> PartrainError:
+        return PartrainError(f"checkpoint {path} is damaged: {why}")
+
+    e, p, t = (meta.get(k) for k in ("epoch", "position", "t"))
+    for key, v in (("epoch", e), ("position", p), ("t", t)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise damaged(f"{key} must be a whole number >= 0, got {short_repr(v)}")
+    if (t != p if e == 0 else t - p < e * (p + 1) or (t - p) % e):
+        raise damaged(f"epoch {e}, position {p} and t {t} do not fit together "
+                      f"(t = epoch x steps per epoch + position, position < steps per epoch)")
+    for key, low, high in (("best_val", -1.0, 1.0), ("elapsed_s", 0.0, float("inf"))):
+        v = meta.get(key, low)
+        if not _finite_number(v) or not low <= v <= high:
+            raise damaged(f"{key} must be a number in [{low:g}, {high:g}], "
+                          f"got {short_repr(v)}")
+    for key, kind in (("epoch_meter", dict), ("window_meter", dict), ("epoch_sums", list)):
+        s = meta.get(key)
+        if s is not None and not (isinstance(s, kind) and all(
+                _finite_number(v) and v >= 0 for v in (s.values() if kind is dict else s))):
+            raise damaged(f"the half-done epoch's sums must be numbers >= 0, "
+                          f"got {key} {short_repr(s)}")
+    if meta.get("epoch_sums") is not None and len(meta["epoch_sums"]) != 6:
+        raise damaged(f"epoch_sums must hold 6 numbers, "
+                      f"got {short_repr(meta['epoch_sums'])}")
+
+
+def _finite_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _format(v: Any) -> str:

@@ -126,9 +126,18 @@ class RunState:
                 "config": cfg.to_dict(), "model": cfg.model}
 
     @classmethod
-    def from_meta(cls, meta: dict) -> "RunState":
+    def from_meta(cls, meta: dict, steps_per_epoch: int | None = None) -> "RunState":
+        """The state a checkpoint's meta describes (its types checked by RunDir.restore). With
+        the run's steps_per_epoch, a position its epochs never reach is refused: RunDir can
+        only check that epoch, position and t fit some epoch length, which at epoch 0 is any."""
         state = cls(meta["epoch"], meta["position"], meta["t"], meta.get("best_val", -1.0),
                     meta.get("elapsed_s", 0.0))
+        spe = steps_per_epoch
+        if spe is not None and (state.position >= spe or state.t != state.epoch * spe
+                                + state.position):
+            raise PartrainError(f"the checkpoint is at step {state.position} of epoch "
+                                f"{state.epoch + 1} (t {state.t}), which an epoch of {spe} "
+                                f"steps never reaches: damaged, or from other settings")
         if not state.position:
             return state
         legacy = meta.get("epoch_sums")  # checkpoints before RunState: a positional list

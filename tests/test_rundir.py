@@ -16,7 +16,7 @@ from partrain.evaluate import evaluate_run
 from partrain.plots import plot_runs
 from partrain.rundir import HISTORY_FIELDS, RunDir, file_sha256
 from partrain.config import TrainConfig
-from partrain.train import fit
+from partrain.train import RunState, fit
 from synthetic import make_tiny_store
 
 # Made with the code of main at ad42516 (cwd holding data/cifar10.h5 = make_tiny_store()):
@@ -95,10 +95,10 @@ def test_history_rejects_bad_rows_and_files(tmp_path):
 def test_save_restore_is_checked_and_copies_nothing_on_mismatch(tmp_path):
     rd = RunDir(tmp_path)
     a, b = np.arange(5, dtype=np.float32), np.ones(3, np.float32)
-    rd.save("best", {"a": a, "b": b}, {"epoch": 2})
+    rd.save("best", {"a": a, "b": b}, PROGRESS)
     assert (tmp_path / "best.h5").is_file() and not rd.has_checkpoint("last")
     x, y = np.zeros(5, np.float32), np.zeros(3, np.float32)
-    assert rd.restore({"a": x, "b": y}, "best") == {"epoch": 2}
+    assert rd.restore({"a": x, "b": y}, "best") == PROGRESS
     assert x.tobytes() == a.tobytes() and y.tobytes() == b.tobytes()
     for bad in ({"a": np.zeros(5, np.float32), "b": np.zeros(4, np.float32)},   # shape
                 {"a": np.zeros(5, np.float32), "b": np.zeros(3, np.float64)},   # dtype
@@ -108,6 +108,77 @@ def test_save_restore_is_checked_and_copies_nothing_on_mismatch(tmp_path):
         assert not bad["a"].any()  # checked before anything is copied
     with pytest.raises(PartrainError, match="checkpoint must be one of"):
         rd.save("first", {}, {})
+
+
+# What train.RunState writes: epoch 1 done and 4 of its 9 steps into epoch 2.
+PROGRESS = {"epoch": 1, "position": 4, "t": 13, "best_val": 0.26, "elapsed_s": 0.4,
+            "epoch_meter": {"loss_sum": 459.4, "correct": 54, "seen": 200, "seconds": 0.1},
+            "window_meter": {"loss_sum": 114.6, "correct": 0, "seen": 50, "seconds": 0.0}}
+BAD_PROGRESS = {
+    "epoch text": ({"epoch": "x"}, "epoch must be a whole number >= 0, got 'x'"),
+    "epoch float": ({"epoch": 1.0}, "epoch must be a whole number"),
+    "epoch bool": ({"epoch": True}, "epoch must be a whole number"),
+    "negative position": ({"position": -1}, "position must be a whole number >= 0"),
+    "no t": ({"t": None}, "t must be a whole number"),
+    "position past the epoch": ({"position": 10**9}, "do not fit together"),
+    "t too small": ({"t": 7}, "do not fit together"),
+    "epoch 0, t != position": ({"epoch": 0, "t": 5}, "do not fit together"),
+    "best_val text": ({"best_val": "a"}, "best_val must be a number in"),
+    "best_val nan": ({"best_val": float("nan")}, "best_val must be a number in"),
+    "elapsed negative": ({"elapsed_s": -3}, "elapsed_s must be a number in"),
+    "meter a list": ({"epoch_meter": [1, 2]}, "sums must be numbers >= 0"),
+    "meter text": ({"window_meter": {"seen": "many"}}, "sums must be numbers >= 0"),
+    "legacy sums short": ({"epoch_sums": [1, 2]}, "epoch_sums must hold 6 numbers"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_PROGRESS)
+def test_restore_refuses_a_meta_no_run_wrote(case, tmp_path):
+    change, message = BAD_PROGRESS[case]
+    meta = {k: v for k, v in {**PROGRESS, **change}.items() if v is not None}
+    rd = RunDir(tmp_path)
+    rd.save("last", {"a": np.ones(3, np.float32)}, meta)
+    x = np.zeros(3, np.float32)
+    with pytest.raises(PartrainError, match=message) as info:
+        rd.restore({"a": x})
+    assert "checkpoint" in str(info.value) and "damaged" in str(info.value)
+    assert "\n" not in str(info.value) and not x.any()
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_restore_refuses_non_finite_arrays(bad, tmp_path):
+    """D13: NaN parameters resumed into 'loss became nan ... try a smaller --lr' (wrong advice,
+    and after config.json had been rewritten): the checkpoint is damaged, before any copy."""
+    rd = RunDir(tmp_path)
+    rd.save("last", {"params": np.array([1, bad, 3], np.float32),
+                     "steps": np.array([1, 2], np.int64)}, PROGRESS)
+    x = np.zeros(3, np.float32)
+    with pytest.raises(PartrainError, match="damaged: params holds NaN or infinite values"):
+        rd.restore({"params": x, "steps": np.zeros(2, np.int64)})
+    assert not x.any()
+
+
+def test_run_state_refuses_a_position_its_epochs_never_reach():
+    """At epoch 0 any t = position fits some epoch length; only the run's own steps per epoch
+    tells that position 10^9 would skip the epoch silently (D13)."""
+    assert RunState.from_meta(PROGRESS, 9).position == 4
+    for meta in ({**PROGRESS, "epoch": 0, "position": 10**9, "t": 10**9},
+                 {**PROGRESS, "position": 9, "t": 18}, {**PROGRESS, "t": 14}):
+        with pytest.raises(PartrainError, match="an epoch of 9 steps never reaches"):
+            RunState.from_meta(meta, 9)
+    assert RunState.from_meta(PROGRESS).t == 13  # without the epoch's length: not checked
+
+
+def test_saved_config_is_checked_when_used(tmp_path):
+    """config.json's settings are read by TrainConfig.from_saved (the command line's schema)."""
+    rd = RunDir(tmp_path)
+    rd.write_meta({"config": {"epochs": "three"}, "partrain_version": "0.1.0"})
+    with pytest.raises(PartrainError, match=r"config.json is not a valid run config: setting "
+                                            r"'epochs' must be a whole number, got 'three'"):
+        rd.resume_config({})
+    rd.write_meta({"config": {}, "partrain_version": "0.1.0", "class_names": "cat"})
+    with pytest.raises(PartrainError, match="corrupt"):
+        RunDir.open(tmp_path)
 
 
 @pytest.fixture
