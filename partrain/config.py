@@ -60,7 +60,8 @@ def parse_freeze_after(pairs) -> dict:
 def setting(default, help: str | None = None, **meta):
     """A TrainConfig field with the metadata its CLI option and its check are made from.
 
-    meta: choices (the valid values), minimum, above (a strict lower bound); flag ("--name", or "--x/--no-x" for a boolean
+    meta: choices (the valid values), minimum, above (a strict lower bound), maximum, below (a
+    strict upper bound); flag ("--name", or "--x/--no-x" for a boolean
     pair; default --field-name), metavar, type (when the default does not tell it); multiple (a
     repeatable option); cli_default and parse, when the option's value is not the field's (the
     field data is the file DIR/cifar10.h5 of --data-dir DIR); cli=False: cli.fit writes it by hand.
@@ -88,7 +89,7 @@ class TrainConfig:
                                   multiple=True, parse=parse_model_options)
     optimizer: str = setting("adam", choices=OPTIMIZERS)
     lr: float = setting(1e-3, "Learning rate.", above=0)
-    momentum: float = setting(0.9, "SGD momentum.", minimum=0)
+    momentum: float = setting(0.9, "SGD momentum.", minimum=0, below=1)
     nesterov: bool = setting(False, "Nesterov momentum (SGD).")
     weight_decay: float | None = setting(
         None, "L2 regularisation strength [default: the model's own; 1e-3 for three-layer].",
@@ -114,7 +115,7 @@ class TrainConfig:
                                         "(alternating flips).", flag="--flip/--no-flip")
     augment_translate: int = setting(0, "Augment: shift each training image by up to PX pixels "
                                         "(reflect padding).", flag="--translate", metavar="PX",
-                                     minimum=0)
+                                     minimum=0, maximum=32)  # past the 32-pixel image: no image
     freeze_after: dict = setting({}, "Stop training parameter (or layer) NAME after EPOCHS "
                                      "epochs (repeatable).", metavar="NAME=EPOCHS",
                                  multiple=True, parse=parse_freeze_after)
@@ -142,6 +143,9 @@ class TrainConfig:
             _check_value(f, getattr(self, f.name))
         if self.workers > self.batch_size:
             raise PartrainError(f"--workers {self.workers} exceeds --batch-size {self.batch_size}")
+        if self.warmup_epochs > self.epochs:  # 1e308 epochs of steps overflowed the schedule
+            raise PartrainError(f"--warmup-epochs {self.warmup_epochs:g} exceeds --epochs "
+                                f"{self.epochs}")
         for k, v in self.freeze_after.items():
             if not _is_number(v) or not math.isfinite(v) or v < 0:
                 raise PartrainError(f"--freeze-after {k}={short_repr(v)}: want a number of "
@@ -294,6 +298,10 @@ def _check_value(f: dataclasses.Field, value) -> None:
         raise PartrainError(f"{flag} must be at least {meta['minimum']}, got {value!r}")
     if "above" in meta and value <= meta["above"]:
         raise PartrainError(f"{flag} must be more than {meta['above']}, got {value!r}")
+    if "maximum" in meta and value > meta["maximum"]:
+        raise PartrainError(f"{flag} must be at most {meta['maximum']}, got {value!r}")
+    if "below" in meta and value >= meta["below"]:
+        raise PartrainError(f"{flag} must be less than {meta['below']}, got {value!r}")
 
 
 def optimizer_spec(cfg: TrainConfig, model, steps_per_epoch: int = 1) -> tuple[str, dict]:
