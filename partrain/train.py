@@ -214,10 +214,11 @@ def fit(cfg: TrainConfig, run: Path, resume: bool = False, quiet: bool = False,
     """
     cfg.check()
     writer = cross is None or cross.rank == 0
-    rd, data = (RunDir if writer else MutedRunDir)(run), load_store(cfg.data)
-    plan = Plan.of(cfg, data)
-    _open_run_folder(rd, plan, resume, cross)
-    try:  # a loss that overflows to NaN is one line (below), not numpy warnings before it
+    rd = (RunDir if writer else MutedRunDir)(run)
+    try:
+        plan = Plan.of(cfg, load_store(cfg.data))
+        _open_run_folder(rd, plan, resume, cross)
+        # a loss that overflows to NaN is one line (in the loop), not numpy warnings before it
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             return _train(rd, plan, resume, quiet, evaluate_test, max_steps, cross,
                           step_timeout)

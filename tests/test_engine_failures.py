@@ -14,14 +14,14 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 import textwrap
-import threading
 import time
 from pathlib import Path
 
 import pytest
+
+from procs import Proc, assert_quiet, shm_leftovers as _leftovers
 
 pytestmark = pytest.mark.slow
 
@@ -78,78 +78,6 @@ SCRIPT = textwrap.dedent('''
 
 
 
-def _leftovers(pid: int) -> list[str]:
-    return sorted(n for n in os.listdir("/dev/shm") if n.startswith(f"partrain-{pid}-"))
-
-
-def _group(pgid: int) -> list[int]:
-    """Live processes of process group `pgid` (the run and everything it started: the
-    forkserver forks the workers inside the same group)."""
-    out = []
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[2]) == pgid and fields[0] != "Z":
-                out.append(int(d))
-    return out
-
-
-class Proc:
-    """A subprocess in its own session whose stderr is read as it comes (`wait_for`)."""
-
-    def __init__(self, argv, cwd=None, env=None):
-        self.proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, text=True, start_new_session=True)
-        self.pid = self.proc.pid
-        self._err: list[str] = []
-        self._new = threading.Condition()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self):
-        for line in self.proc.stderr:
-            with self._new:
-                self._err.append(line)
-                self._new.notify_all()
-
-    @property
-    def err(self) -> str:
-        with self._new:
-            return "".join(self._err)
-
-    def wait_for(self, text: str, timeout: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout
-        with self._new:
-            while text not in "".join(self._err):
-                left = deadline - time.monotonic()
-                if left <= 0 or (self.proc.poll() is not None and not self._reader.is_alive()):
-                    pytest.fail(f"never saw {text!r} on stderr: rc={self.proc.poll()}\n"
-                                + "".join(self._err))
-                self._new.wait(min(left, 0.1))
-
-    def finish(self, timeout=60.0):
-        self.proc.wait(timeout=timeout)
-        self.t_exit = time.monotonic()
-        self._reader.join(10)
-        return self.proc.returncode, self.err
-
-    def assert_clean(self, wait=20.0):
-        """No shared memory and no process of this run left (allowing `wait` s to die out)."""
-        deadline = time.monotonic() + wait
-        while True:
-            shm = _leftovers(self.pid)
-            procs = _group(self.pid)
-            if not shm and not procs:
-                return
-            if time.monotonic() > deadline:
-                pytest.fail(f"left behind: shared memory {shm}, processes {procs}")
-            time.sleep(0.05)
-
-
 class Run(Proc):
     def __init__(self, tmp_path: Path, store: Path, model="linear", batch=20, workers=2,
                  fault="none"):
@@ -173,11 +101,6 @@ class Run(Proc):
         assert self.info["shm"]
         if fault == "none":  # (a faulty run may already have ended and cleaned up)
             assert set(self.info["shm"]) <= set(_leftovers(self.proc.pid))
-
-
-def assert_quiet(err: str) -> None:
-    """Nothing but the script's own lines: no traceback, no ignored exception, no leak warning."""
-    assert "Traceback" not in err and "Exception ignored" not in err and "leaked" not in err, err
 
 
 def test_worker_killed_mid_epoch(tmp_path, tiny_store):

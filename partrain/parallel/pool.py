@@ -22,11 +22,12 @@ import threading
 import time
 
 from ..errors import PartrainError
-from . import calm, scratch
+from . import scratch
 from . import worker as W
 
 POLL_S = 0.1        # how often a waiting parent checks that every worker is alive
 QUIT_GRACE_S = 2.0  # how long workers get to exit after b"Q" before they are terminated
+CALM = "partrain.parallel.calm"  # the forkserver's first preload import (never the parent's)
 STOPPED_S = 2.0     # how long a process may stay stopped (state T) before the run gives up on it
 
 
@@ -243,7 +244,8 @@ def start_forkserver() -> None:
     process that initialised MPI ever forks a worker."""
     from multiprocessing import forkserver
     scratch.private_dir()  # its socket goes there, not into a /tmp/pymp-* a SIGKILL leaves
-    mp.get_context("forkserver").set_forkserver_preload([calm.__name__, W.__name__])
+    # By name: importing `calm` here would make the parent ignore Ctrl-C too.
+    mp.get_context("forkserver").set_forkserver_preload([CALM, W.__name__])
     with _sigint_blocked():
         forkserver.ensure_running()
 

@@ -56,7 +56,7 @@ def new_lock_file(path: str) -> None:
 
 def _new_locked_folder() -> str:
     """A private folder (0700, unguessable name), locked by this process when its name appears."""
-    hidden = tempfile.mkdtemp(prefix=f".{PREFIX}{os.getpid()}-")
+    hidden = tempfile.mkdtemp(prefix=f".{PREFIX}{os.getpid()}-", dir=base_dir())
     path = os.path.join(os.path.dirname(hidden), os.path.basename(hidden)[1:])
     fd = os.open(hidden, _FLAGS)
     fcntl.flock(fd, fcntl.LOCK_SH)
@@ -141,9 +141,19 @@ def sweep_blocks(shm_dir: str = SHM_DIR) -> tuple[int, int]:
     return removed, nbytes
 
 
+def base_dir() -> str:
+    """Where private folders go: the temp folder, unless its path is so long that the
+    forkserver's socket path inside would pass the AF_UNIX limit (~107 bytes); then /tmp."""
+    tmp = tempfile.gettempdir()
+    if len(tmp) + len("/partrain-4194304-xxxxxxxx/listener-xxxxxxxx") > 100 and os.path.isdir(
+            "/tmp"):
+        return "/tmp"
+    return tmp
+
+
 def sweep_folders(tmp: str | None = None) -> int:
     """Tidy the private folders of owners that are gone (see `_tidy`); returns how many."""
-    tmp = tmp or tempfile.gettempdir()
+    tmp = tmp or base_dir()
     try:
         names = sorted(os.listdir(tmp))
     except OSError:
