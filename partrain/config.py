@@ -19,7 +19,10 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from .augment import AugmentSpec
+from .datasets.store import IMAGE_SHAPE
 from .errors import PartrainError
 from .nn.models import MODELS, build_model
 from .optim import OPTIMIZERS, SCHEDULES
@@ -159,8 +162,13 @@ class TrainConfig:
         """The run's model, or PartrainError naming the bad --model-option (an unknown name, a
         value of the wrong type or range): before any run folder or worker exists."""
         try:
-            return build_model(self.model, **self.model_options)
-        except (TypeError, ValueError) as e:
+            with np.errstate(all="raise"):  # nonsense sizes overflow in the layout's arithmetic
+                model = build_model(self.model, **self.model_options)
+            if model.input_shape != IMAGE_SHAPE:  # e.g. input_size=7: no CIFAR-10 image fits
+                raise ValueError(f"it takes {'x'.join(map(str, model.input_shape))} images, not "
+                                 f"CIFAR-10's {'x'.join(map(str, IMAGE_SHAPE))}")
+            return model
+        except (TypeError, ValueError, ArithmeticError) as e:
             options = " ".join(f"{k}={short_repr(v)}"
                                for k, v in self.model_options.items())
             raise PartrainError(f"--model-option: cannot build {self.model}"
