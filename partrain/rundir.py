@@ -106,7 +106,9 @@ class RunDir:
     def resume_config(self, given: dict) -> TrainConfig:
         """The settings to continue this run with: config.json's, with `given` (settings from
         the command line) on top where they keep the result exact (`config.resumed`)."""
-        return resumed(self.config(), given)
+        cfg = resumed(self.config(), given)
+        self._check_fits(cfg.build_model(), "last")
+        return cfg
 
     def config(self) -> TrainConfig:
         """config.json's settings, checked as the command line's are (`TrainConfig.from_saved`)."""
@@ -242,6 +244,7 @@ class RunDir:
             which = "last"
         if not self.has_checkpoint(which):
             raise PartrainError(f"{self.path} has no checkpoint yet")
+        self._check_fits(model, which)
         params = np.zeros(model.layout.size, model.dtype)
         state = np.zeros(model.state_layout.size, model.dtype)
         meta = self.restore({"params": params, "state": state}, which)
@@ -250,6 +253,17 @@ class RunDir:
                                   "epoch": meta.get("epoch"), "position": meta.get("position"),
                                   "best_val": meta.get("best_val")}
         return model, config, meta_run
+
+    def _check_fits(self, model, which: str) -> None:
+        """Refuse a config.json whose model is larger than checkpoint `which` (which stores its
+        arrays uncompressed) before anything is allocated for it: num_filters=10^9 in an
+        edited config.json asked for terabytes."""
+        path = self.checkpoint_path(which)
+        need = (model.layout.size + model.state_layout.size) * np.dtype(model.dtype).itemsize
+        if path.is_file() and need > path.stat().st_size:
+            raise PartrainError(f"{self.path / CONFIG} describes a model of "
+                                f"{model.layout.size:,} parameters, more than {path} holds: "
+                                f"the two are not from one run")
 
     # -- summary.json ----------------------------------------------------------------------
     def write_summary(self, summary: dict) -> None:

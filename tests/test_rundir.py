@@ -220,3 +220,17 @@ def test_old_run_folder_resumes_exactly(old_run, tmp_path):
     steps, epochs = RunDir(run).read_history()
     assert [r["step"] for r in epochs] == [9, 18]
     assert [r["step"] for r in steps] == [3, 6, 9, 12, 15, 18]
+
+
+def test_a_config_larger_than_its_checkpoint_allocates_nothing(old_run, monkeypatch):
+    """Found by fuzzing: num_filters=10^9 in config.json made evaluate allocate 4 TiB (a
+    MemoryError traceback); resume would have tried the same in shared memory."""
+    run, _ = old_run
+    meta = json.loads((run / "config.json").read_text())
+    meta["config"]["model_options"]["num_filters"] = 10**9
+    (run / "config.json").write_text(json.dumps(meta))
+    monkeypatch.setattr(np, "zeros", lambda *a, **k: pytest.fail("allocated"))
+    for read in (lambda: RunDir.open(run).load_for_eval("last"),
+                 lambda: RunDir.open(run).resume_config({})):
+        with pytest.raises(PartrainError, match="more than .*checkpoint.h5 holds"):
+            read()
