@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +75,7 @@ class RunDir:
             raise PartrainError(f"--name {name!r} must be a plain folder name (no '/', not "
                                 f"'..'): runs go into --runs-dir {root}")
         run = Path(root) / name
-        if run.exists() and any(run.iterdir()):
+        if run.exists() and any(run.iterdir()) and not _reuse_unsaved(run):
             raise PartrainError(f"run folder {run} already exists; pick another --name or use "
                                 f"--resume {run}")
         try:
@@ -303,6 +304,26 @@ def check_progress(meta: dict, path) -> None:
 
 def _finite_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+UNSAVED = {CONFIG, HISTORY, "logs"}  # all that a run killed before its first checkpoint leaves
+
+
+def _reuse_unsaved(run: Path) -> bool:
+    """Empty a folder that a run left before its first checkpoint (config.json, history rows and
+    worker logs only: nothing to resume, nothing else lost), so that its name works again; with
+    one line on stderr. False (and nothing touched) for any other folder."""
+    try:
+        entries = {p.name for p in run.iterdir()}
+    except OSError:
+        return False
+    if not entries <= UNSAVED or not run.is_dir():
+        return False
+    for name in (CONFIG, HISTORY):
+        (run / name).unlink(missing_ok=True)
+    print(f"note: reusing run folder {run}: the run there stopped before its first checkpoint",
+          file=sys.stderr)
+    return True
 
 
 def _format(v: Any) -> str:

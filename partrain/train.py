@@ -311,7 +311,9 @@ def _open_run_folder(rd: RunDir, plan: Plan, resume: bool, cross=None) -> None:
     if rd.meta.get("data_sha256") != sha:
         raise PartrainError(f"data file {cfg.data} differs from the one this run was trained on")
     if not rd.has_checkpoint("last"):
-        raise PartrainError(f"{rd.path} has no checkpoint to resume from")
+        raise PartrainError(f"{rd.path} has no checkpoint to resume from: the run stopped before "
+                            f"its first one; start it again with the same --name (the folder is "
+                            f"reused)")
 
 
 def _describe_augment(aug) -> str:

@@ -301,3 +301,20 @@ def test_a_diverging_loss_is_one_line_without_numpy_warnings(tmp_path, tiny_stor
     assert out.stderr.strip().splitlines() == [
         line for line in out.stderr.strip().splitlines() if line.startswith("Error: loss")]
     assert "RuntimeWarning" not in out.stderr
+
+
+def test_folder_left_by_a_parent_killed_before_its_first_checkpoint_is_reused(tmp_path, store):
+    fit = started(tmp_path, store)
+    os.kill(fit.pid, signal.SIGKILL)  # nothing of partrain runs after this: config.json stays
+    fit.finish()
+    run = tmp_path / "runs" / "r"
+    assert (run / "config.json").exists() and not (run / "checkpoint.h5").exists()
+    resumed = subprocess.run([sys.executable, "-m", "partrain", "fit", "--resume", str(run)],
+                             capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert resumed.returncode == 1
+    assert "start it again with the same --name" in resumed.stderr
+    again = subprocess.run(fit_argv(store, tmp_path / "runs", "r", *CNN, "--epochs", 1),
+                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "note: reusing run folder" in again.stderr
+    assert (run / "checkpoint.h5").exists()

@@ -31,8 +31,27 @@ def test_create_names_and_refuses_a_used_folder(tmp_path):
     assert rd.path.parent == tmp_path and rd.path.name.startswith("vgg-") and rd.path.is_dir()
     assert RunDir.create(tmp_path, "x", "vgg").path == tmp_path / "x"
     (tmp_path / "x" / "config.json").write_text("{}")
+    (tmp_path / "x" / "checkpoint.h5").write_bytes(b"")
     with pytest.raises(PartrainError, match="already exists; pick another --name"):
         RunDir.create(tmp_path, "x", "vgg")
+    (tmp_path / "y").mkdir()
+    (tmp_path / "y" / "notes.txt").write_text("mine")  # not a run's: never touched
+    with pytest.raises(PartrainError, match="already exists"):
+        RunDir.create(tmp_path, "y", "vgg")
+    assert (tmp_path / "y" / "notes.txt").read_text() == "mine"
+
+
+def test_create_reuses_a_folder_left_before_the_first_checkpoint(tmp_path, capsys):
+    """What a run SIGKILLed in its first epoch leaves (D6): nothing to resume, only a name that
+    would otherwise stay blocked."""
+    run = tmp_path / "x"
+    (run / "logs").mkdir(parents=True)
+    (run / "config.json").write_text("{}")
+    (run / "history.csv").write_text("kind\n")
+    (run / "logs" / "worker0.log").write_text("a traceback")
+    assert RunDir.create(tmp_path, "x", "vgg").path == run
+    assert sorted(p.name for p in run.iterdir()) == ["logs"]  # the log of the failure stays
+    assert "reusing run folder" in capsys.readouterr().err
 
 
 def test_open_checks_folder_config_and_version(tmp_path):
