@@ -5,22 +5,40 @@ a SIGTERM then would print a KeyboardInterrupt traceback or end the process sile
 are set before that import: each becomes one line and the shell's exit code (130 for SIGINT, 143
 for SIGTERM), in every phase. Inside `fit` the training loop installs its own handlers
 (partrain/interrupt.py: first signal = stop at the next step with a checkpoint), and restores
-these after.
+these after. A rank of an MPI job (launcher.py) keeps an early signal for that loop instead, so
+that all ranks stop together rather than one leaving the others blocked in a collective.
 """
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
-from .interrupt import Interrupted
+from .interrupt import Interrupted, defer_to_loop
+from .launcher import launcher_size
 
 
 def _terminate(signum, frame):
     raise Interrupted("interrupted (SIGTERM)", signum=signum)
 
 
+def _rank_signal(signum, frame):
+    """A rank of an MPI job: the first signal waits for the training loop, where every rank
+    stops at the same step (interrupt.defer_to_loop); a second one ends this rank by the signal
+    itself, which the launcher answers by ending the whole job."""
+    if not defer_to_loop(signum):
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+
 def main() -> int:
-    signal.signal(signal.SIGTERM, _terminate)
+    size = launcher_size()
+    if size is not None and size[1] > 1:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(sig) is not signal.SIG_IGN:
+                signal.signal(sig, _rank_signal)
+    else:
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         from .cli import main as cli
         return cli()

@@ -31,6 +31,19 @@ from typing import Callable, Iterator
 STOPPING = b"\nstopping after this step (Ctrl-C again to force)\n"
 
 
+_early: list[int] = []  # a signal that came before any loop's handlers, kept for the first one
+
+
+def defer_to_loop(signum: int) -> bool:
+    """Keep a signal that came before the training loop for `catch_signals` to act on (the
+    entry point does this for a rank of an MPI job: a rank that exited on its own there would
+    leave the others waiting in a collective). False if one was kept already."""
+    if _early:
+        return False
+    _early.append(int(signum))
+    return True
+
+
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C stopped the run: at a step boundary, or at once (`at_once`) after a second one.
     A KeyboardInterrupt, so code that does not know it treats it as Ctrl-C."""
@@ -124,6 +137,11 @@ def catch_signals(collective: bool = False, announce: bool = True) -> Iterator[S
     caught, and the flag just stays down) and restore the previous ones after it. collective:
     the MPI backend's flag (see StopFlag)."""
     stop = StopFlag(collective, announce)
+    if _early:  # asked before the handlers were in place: the first boundary stops
+        stop.asked, stop.signum = True, _early.pop()
+        stop.requested = not collective
+        if announce:
+            os.write(2, STOPPING)
     if threading.current_thread() is not threading.main_thread():
         yield stop
         return

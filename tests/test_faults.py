@@ -99,30 +99,39 @@ def started(tmp_path, store, *extra) -> Proc:
 
 
 # -------------------------------------------------------------------------- start-up (D1, D4)
+def _fault_the_forkserver(tmp_path, store, sig, attempts: int = 10):
+    """Send `sig` to the forkserver as soon as it exists. When that lands after both workers
+    were forked, the run is unaffected and must end normally (rc 0, clean); the test retries
+    until one lands in the start-up, and returns that run's (rc, stderr, seconds to exit)."""
+    for attempt in range(attempts):
+        runs = tmp_path / f"runs{attempt}"
+        fit = Proc(fit_argv(store, runs), cwd=tmp_path, env=env_with_tmp(tmp_path))
+        fs = wait_until(lambda: forkserver_of(fit.pid), "the forkserver", fit)
+        os.kill(fs, sig)
+        t0 = time.monotonic()
+        rc, err = fit.finish(120)
+        seconds = time.monotonic() - t0
+        fit.assert_clean()
+        assert_quiet(err)
+        if rc == 0:
+            continue
+        assert not (runs / "r").exists()  # D6: no dead-end folder
+        return rc, err, seconds
+    pytest.skip(f"the signal never landed in the start-up in {attempts} attempts")
+
+
 def test_killed_forkserver_at_start_is_one_line(tmp_path, tiny_store):
-    fit = Proc(fit_argv(tiny_store, tmp_path / "runs"), cwd=tmp_path, env=env_with_tmp(tmp_path))
-    fs = wait_until(lambda: forkserver_of(fit.pid), "the forkserver", fit)
-    os.kill(fs, signal.SIGKILL)
-    rc, err = fit.finish()
+    rc, err, _ = _fault_the_forkserver(tmp_path, tiny_store, signal.SIGKILL)
     assert rc == 1, err
     lines = [x for x in err.splitlines() if x.startswith("Error:")]
     assert lines and ("could not be started" in lines[0] or "died" in lines[0]), err
-    assert_quiet(err)
-    fit.assert_clean()
-    assert not (tmp_path / "runs" / "r").exists()  # D6: no dead-end folder
 
 
 def test_stopped_forkserver_at_start_ends_the_run(tmp_path, tiny_store):
-    fit = Proc(fit_argv(tiny_store, tmp_path / "runs"), cwd=tmp_path, env=env_with_tmp(tmp_path))
-    fs = wait_until(lambda: forkserver_of(fit.pid), "the forkserver", fit)
-    os.kill(fs, signal.SIGSTOP)
-    t0 = time.monotonic()
-    rc, err = fit.finish(120)
+    rc, err, seconds = _fault_the_forkserver(tmp_path, tiny_store, signal.SIGSTOP)
     assert rc == 1, err
-    assert "Error: worker 0 could not be started: the forkserver" in err and "stopped" in err
-    assert time.monotonic() - t0 < 30.0  # pool.STOPPED_S, then clean-up
-    assert_quiet(err)
-    fit.assert_clean()
+    assert "Error: worker" in err and "stopped" in err, err
+    assert seconds < 30.0  # pool.STOPPED_S, then clean-up
 
 
 def test_stopped_worker_ends_the_run_in_seconds(tmp_path, store):

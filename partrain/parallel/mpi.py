@@ -35,24 +35,13 @@ import numpy as np
 from .. import __version__
 from ..errors import PartrainError
 from ..interrupt import Interrupted
+from ..launcher import launcher_size
 from . import scratch
 from .worker import append_private
 
-# What launchers put in each rank's environment as the job's size (hydra/MPICH, Open MPI, Slurm,
-# PMIx); a library that does not match the launcher silently starts K one-rank jobs instead.
-LAUNCHER_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "SLURM_NTASKS")
 ABORT_GRACE_S = 2.0     # after MPI_Abort, this long before the rank exits by itself
 DEFAULT_DEADLINE_S = 120.0
 DEADLINE_STEPS = 20     # the default deadline: at least this many median steps
-
-
-def launcher_size() -> tuple[str, int] | None:
-    """(variable, size) of the launcher that started this process, or None outside one."""
-    for name in LAUNCHER_SIZE_VARS:
-        value = os.environ.get(name)
-        if value and value.isdigit():
-            return name, int(value)
-    return None
 
 
 class Cross:

@@ -142,6 +142,8 @@ class WorkerPool:
             if p.exitcode is None:
                 p.kill()
                 p.join(5.0)
+        if any(p.exitcode is None for p in procs):
+            _unstick(procs)
         for conn in conns:
             conn.close()
         for p in procs:
@@ -257,6 +259,24 @@ def _sigint_blocked():
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _unstick(procs) -> None:
+    """A forkserver's child reports its exit through the forkserver, which reaps it; a stopped or
+    stuck forkserver never does, and multiprocessing's exit hook would then wait for that report
+    forever. So the forkserver is killed (the next start makes a new one), which closes every
+    report pipe, and a process whose report still does not come is no longer waited for."""
+    from multiprocessing import forkserver, process
+    pid = getattr(forkserver._forkserver, "_forkserver_pid", None)
+    if pid:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    for p in procs:
+        p.join(1.0)
+        if p.exitcode is None:
+            process._children.discard(p)
 
 
 def _join_all(procs, seconds: float) -> None:
