@@ -39,6 +39,7 @@ class Session:
         self.eval_model.bind(runner.params, None, runner.state)
         self.scale, self.shift = normaliser(plan.data.mean, plan.data.std)
         self.t_start, self.images_done = time.perf_counter(), 0
+        self._settle_folder = None  # set by resume: see _continue_folder
 
     def arrays(self) -> dict[str, np.ndarray]:
         """What a checkpoint holds: the runner's flat vectors and the Lookahead's slow copies."""
@@ -65,15 +66,30 @@ class Session:
                                 + (" (--epochs N trains it further)"
                                    if cfg.schedule == "constant" else ""))
         if cross is None or cross.rank == 0:  # the writer of the run folder
-            rd.truncate_history(state.t)
-            if cfg.to_dict() != rd.meta["config"]:  # e.g. more epochs: config.json says so
-                rd.write_meta({**rd.meta, "config": cfg.to_dict()})
+            self._settle_folder = lambda: self._continue_folder(state.t)
         self.progress.line(f"resuming {rd.path} at epoch {state.epoch + 1}, step "
                            f"{state.position}/{self.plan.steps_per_epoch}")
         return state
 
+    def _continue_folder(self, t: int) -> None:
+        """The resumed run's folder from step t on: history rows after the checkpoint dropped,
+        config.json with this call's settings (e.g. more epochs). Done at the first good step
+        or checkpoint, so a resume that fails before (a damaged checkpoint, a NaN loss at once)
+        leaves the folder as it was."""
+        cfg, rd = self.plan.cfg, self.rd
+        rd.truncate_history(t)
+        if cfg.to_dict() != rd.meta["config"]:
+            rd.write_meta({**rd.meta, "config": cfg.to_dict()})
+
+    def settle(self) -> None:
+        if self._settle_folder is not None:
+            settle, self._settle_folder = self._settle_folder, None
+            settle()
+
     def after_step(self, t: int, n: int) -> None:
-        """Step t (1-based) of n images is done: Lookahead's turn, the images/s count."""
+        """Step t (1-based) of n images is done (its loss finite): the resumed folder's update,
+        Lookahead's turn, the images/s count."""
+        self.settle()
         self.images_done += n
         if self.lookahead is not None:
             self.lookahead.after_step(t)
@@ -81,6 +97,7 @@ class Session:
             self.watchdog.pet()
 
     def checkpoint(self, state: RunState, which: str = "last") -> None:
+        self.settle()
         self.rd.save(which, self.arrays(),
                      state.meta(self.plan.cfg, time.perf_counter() - self.t_start))
 

@@ -269,6 +269,9 @@ def _train(rd, plan, resume, quiet, evaluate_test, max_steps, cross, step_timeou
                     lr = plan.schedule(state.t)
                     state.t += 1
                     loss_sum, correct = runner.step(lo, hi, lr, state.t)  # global, under MPI
+                    if not np.isfinite(loss_sum):
+                        raise PartrainError(f"loss became {loss_sum} at step {state.t}; "
+                                            f"try a smaller --lr")
                     session.after_step(state.t, hi - lo)
                     state.position += 1
                     steps_done += 1
@@ -276,9 +279,6 @@ def _train(rd, plan, resume, quiet, evaluate_test, max_steps, cross, step_timeou
                     state.window.add(loss_sum, 0, hi - lo)
                     if state.position % cfg.log_every == 0 or state.position == len(plan.bounds):
                         session.log_window(state, lr)
-                    if not np.isfinite(loss_sum):
-                        raise PartrainError(f"loss became {loss_sum} at step {state.t}; "
-                                            f"try a smaller --lr")
                     if max_steps is not None and steps_done >= max_steps:
                         stopped = "max_steps"
                         break

@@ -173,9 +173,6 @@ def test_a_damaged_checkpoint_as_a_real_process(run):
     assert snapshot(run) == before
 
 
-@pytest.mark.xfail(strict=True, reason="session.py: Session.resume truncates history.csv and "
-                   "rewrites config.json before the first step; a resume that fails at its "
-                   "first step has changed the run folder (see the D13 report)")
 def test_a_resume_that_fails_at_its_first_step_changes_nothing(run):
     _edit_checkpoint(run, lambda a, m: a["params"].__setitem__(slice(None), 3e38))
     before = snapshot(run)
