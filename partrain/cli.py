@@ -123,6 +123,13 @@ def _settings(options: dict) -> dict:
     return out
 
 
+def _finite(ctx, param, value):
+    """click's FloatRange lets NaN through (every comparison with it is false)."""
+    if value is not None and value != value:
+        raise click.BadParameter("must be a number, not nan")
+    return value
+
+
 def _fit_options(fn):
     """fit's options in their --help order: --recipe, the settings, the run folder, the output.
 
@@ -150,7 +157,8 @@ def _fit_options(fn):
                      show_default=True,
                      help="mpi: one rank per machine, under mpiexec/mpirun/srun (README, Many "
                           "machines); each rank trains with its own --workers."),
-        click.option("--step-timeout", type=click.FloatRange(min=0, min_open=True),
+        click.option("--step-timeout", type=click.FloatRange(min=0, min_open=True, max=1e9),
+                     callback=_finite,
                      default=None, metavar="SECONDS",
                      help="End the run when a worker (or, with --backend mpi, a rank) "
                           "finishes no step for this long [default: local, max(300 s, 10 "

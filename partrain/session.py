@@ -54,13 +54,13 @@ class Session:
         from .train import RunState  # noqa: F811 - defined beside the loop that fills it
         cfg, rd, cross = self.plan.cfg, self.rd, self.cross
         if cross is None:
-            state = RunState.from_meta(rd.restore(self.arrays()))
+            state = RunState.from_meta(rd.restore(self.arrays()), self.plan.steps_per_epoch)
         else:  # rank 0 reads the checkpoint; every rank starts from its bytes
             meta = cross.bcast(rd.restore(self.arrays()) if cross.rank == 0 else None)
             for arr in self.arrays().values():
                 cross.bcast_array(arr)
             cross.same_bits(self.arrays(), "after the resume")
-            state = RunState.from_meta(meta)
+            state = RunState.from_meta(meta, self.plan.steps_per_epoch)
         if state.epoch >= cfg.epochs:
             raise PartrainError(f"{rd.path} has already finished its {state.epoch} epochs"
                                 + (" (--epochs N trains it further)"

@@ -106,6 +106,12 @@ def snapshot(tmp: str) -> set[str]:
     return shm | {f"tmp:{n}" for n in os.listdir(tmp)}
 
 
+def mount_namespaces() -> bool:
+    probe = subprocess.run(["unshare", "-m", "sh", "-c", "mount -t tmpfs tmpfs /dev/shm"],
+                           capture_output=True) if shutil.which("unshare") else None
+    return probe is not None and probe.returncode == 0
+
+
 def default_sigint():
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
@@ -328,6 +334,13 @@ def main() -> int:
     args = ap.parse_args()
     kinds = (args.faults.split(",") if args.faults
              else MPI_FAULTS if args.backend == "mpi" else LOCAL_FAULTS)
+    unknown = set(kinds) - set(LOCAL_FAULTS) - set(MPI_FAULTS)
+    if unknown:
+        ap.error(f"unknown fault kinds: {', '.join(sorted(unknown))}")
+    if not mount_namespaces() and {"shm-full", "disk-full"} & set(kinds):
+        print("note: no private mount namespace (unshare -m needs root): shm-full and disk-full "
+              "left out", file=sys.stderr)
+        kinds = [k for k in kinds if k not in ("shm-full", "disk-full")]
     rng = random.Random(args.seed)
     random.seed(args.seed)
     work = Path(tempfile.mkdtemp(prefix="partrain-faults."))

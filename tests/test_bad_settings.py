@@ -179,3 +179,15 @@ def test_a_resume_that_fails_at_its_first_step_changes_nothing(run):
     result = CliRunner().invoke(main, COMMANDS["resume"](run))
     assert result.exit_code == 1 and "loss became" in result.output, result.output
     assert snapshot(run) == before
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--step-timeout", "nan"], "must be a number, not nan"),
+    (["--model-option", "weight_scale=x"], "weight_scale must be a finite number"),
+    (["--model-option", "num_filters=3.5"], "num_filters must be a whole number"),
+    (["--model-option", "reg=inf"], "reg must be a finite number"),
+])
+def test_option_values_of_the_wrong_kind_are_one_line(args, says):
+    result = CliRunner().invoke(main, ["fit", *args, "--dry-run"])
+    assert result.exit_code in (1, 2) and says in result.output, result.output
+    assert "Traceback" not in result.output

@@ -83,6 +83,32 @@ def _positive_ints(**values) -> None:
             raise ValueError(f"{key} must be a whole number >= 1, got {v!r}")
 
 
+def _like_default(key: str, value, default) -> None:
+    """An option takes values of its default's kind: a finite number for a number (a whole one
+    for an int), numbers for a tuple, a bool for a bool, text for text (else the factory fails
+    obscurely: weight_scale='x' in numpy's init)."""
+    def number(v, whole):
+        ok = (not isinstance(v, bool) and isinstance(v, (int, float, np.integer, np.floating))
+              and np.isfinite(v))
+        return ok and (not whole or float(v).is_integer())
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(default, (int, float)):
+        ok = number(value, isinstance(default, int))
+    elif isinstance(default, (tuple, list)):
+        ok = isinstance(value, (tuple, list)) and all(
+            number(v, all(isinstance(d, int) for d in default)) for v in value)
+    elif isinstance(default, str):
+        ok = isinstance(value, str)
+    else:
+        return
+    if not ok:
+        kind = {bool: "true or false", int: "a whole number", float: "a finite number",
+                str: "text", tuple: "a list of numbers", list: "a list of numbers"}
+        raise ValueError(f"{key} must be {kind.get(type(default), 'like ' + repr(default))}, "
+                         f"got {value!r}")
+
+
 def build_model(name: str, **options) -> Model:
     """The model `name` with `options`; ValueError for an option it does not have (the
     factories' own **_ would swallow a misspelt one silently) or a value it cannot take."""
@@ -96,7 +122,10 @@ def build_model(name: str, **options) -> Model:
     if unknown:
         raise ValueError(f"model {name} has no option {', '.join(unknown)} "
                          f"(its options: {', '.join(known)})")
+    defaults = {p.name: p.default for p in inspect.signature(factory).parameters.values()}
     for key, value in options.items():
+        if key in defaults:
+            _like_default(key, value, defaults[key])
         if isinstance(value, bool) or not isinstance(value, (int, float, list, tuple, str)):
             continue
         values = value if isinstance(value, (list, tuple)) else [value]
