@@ -46,6 +46,19 @@ def main() -> int:
         code = e.exit_code if isinstance(e, Interrupted) else 130
         sys.stderr.write(f"{e if isinstance(e, Interrupted) else 'interrupted'}\n")
         return code
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            if signal.getsignal(sig) is not signal.SIG_IGN:
+                signal.signal(sig, _tearing_down)
+
+
+def _tearing_down(signum, frame):
+    """The command is done and the process is tidying up (exit hooks: temp folder, workers'
+    reports): a first signal lets it finish with the command's own exit code instead of
+    cutting the tidying short with a traceback; a second ends it now."""
+    if getattr(_tearing_down, "asked", False):
+        os._exit(128 + signum)
+    _tearing_down.asked = True
 
 
 if __name__ == "__main__":  # pragma: no cover

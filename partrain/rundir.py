@@ -283,9 +283,10 @@ def check_progress(meta: dict, path) -> None:
     for key, v in (("epoch", e), ("position", p), ("t", t)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise damaged(f"{key} must be a whole number >= 0, got {short_repr(v)}")
-    if (t != p if e == 0 else t - p < e * (p + 1) or (t - p) % e):
+    if (t != p if e == 0 else t - p < e * p or (t - p) % e):  # position == spe: stopped at
+        # the epoch's last step, before its end (--max-steps, a signal during that step)
         raise damaged(f"epoch {e}, position {p} and t {t} do not fit together "
-                      f"(t = epoch x steps per epoch + position, position < steps per epoch)")
+                      f"(t = epoch x steps per epoch + position, position <= steps per epoch)")
     for key, low, high in (("best_val", -1.0, 1.0), ("elapsed_s", 0.0, float("inf"))):
         v = meta.get(key, low)
         if not _finite_number(v) or not low <= v <= high:

@@ -128,10 +128,11 @@ class Session:
                            f"  train acc {m.acc:.1%}  val acc {val_acc:.1%}  "
                            f"{seconds:.1f} s  {m.seen / seconds:.0f} img/s")
         state.epoch, state.position = state.epoch + 1, 0
-        if val_acc > state.best_val:
-            state.best_val = val_acc
+        improved = val_acc > state.best_val
+        state.best_val = max(state.best_val, val_acc)
+        self.checkpoint(state)  # first: the file a resume needs (a full disk may stop the next)
+        if improved:
             self.checkpoint(state, "best")
-        self.checkpoint(state)
         if self.watchdog is not None:  # the next step's collectives are watched again
             self.watchdog.resume()
 

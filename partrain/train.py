@@ -133,7 +133,7 @@ class RunState:
         state = cls(meta["epoch"], meta["position"], meta["t"], meta.get("best_val", -1.0),
                     meta.get("elapsed_s", 0.0))
         spe = steps_per_epoch
-        if spe is not None and (state.position >= spe or state.t != state.epoch * spe
+        if spe is not None and (state.position > spe or state.t != state.epoch * spe
                                 + state.position):
             raise PartrainError(f"the checkpoint is at step {state.position} of epoch "
                                 f"{state.epoch + 1} (t {state.t}), which an epoch of {spe} "

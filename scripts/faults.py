@@ -271,9 +271,7 @@ class Harness:
                         "--backend", "mpi"]
             if result["finished"]:
                 argv = None
-        else:
-            if run.exists():  # a folder without a checkpoint blocks the name (D6)
-                result["dead_end_folder"] = True
+        else:  # before the first checkpoint: the same command again (the name must work)
             argv = self.argv(runs, "r")
         if argv is not None:
             p = self.start(argv)
@@ -281,6 +279,7 @@ class Harness:
             if p.returncode != 0:
                 result["resume_exact"] = False
                 result["resume_error"] = (err.strip().splitlines() or [""])[-1][:160]
+                result["dead_end_folder"] = "already exists" in err
                 return
         arrays = load_checkpoint(ckpt)[0]
         result["resume_exact"] = (arrays.keys() == self.reference.keys() and all(

@@ -181,8 +181,10 @@ def test_run_state_refuses_a_position_its_epochs_never_reach():
     """At epoch 0 any t = position fits some epoch length; only the run's own steps per epoch
     tells that position 10^9 would skip the epoch silently (D13)."""
     assert RunState.from_meta(PROGRESS, 9).position == 4
+    # position == steps per epoch: stopped at the last step, before the epoch's end
+    assert RunState.from_meta({**PROGRESS, "position": 9, "t": 18}, 9).position == 9
     for meta in ({**PROGRESS, "epoch": 0, "position": 10**9, "t": 10**9},
-                 {**PROGRESS, "position": 9, "t": 18}, {**PROGRESS, "t": 14}):
+                 {**PROGRESS, "position": 10, "t": 19}, {**PROGRESS, "t": 14}):
         with pytest.raises(PartrainError, match="an epoch of 9 steps never reaches"):
             RunState.from_meta(meta, 9)
     assert RunState.from_meta(PROGRESS).t == 13  # without the epoch's length: not checked

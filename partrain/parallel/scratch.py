@@ -201,6 +201,24 @@ def sweep(quiet: bool = False) -> None:
               f"left in {SHM_DIR} by a killed run", file=sys.stderr, flush=True)
 
 
+def start_quiet_tracker() -> None:
+    """Start multiprocessing's resource tracker (idempotent) with its "leaked shared_memory
+    objects" warning off: it only speaks when the parent was SIGKILLed, and then freeing the
+    blocks is exactly what it should do, not a fault to report. The tracker is a fresh Python
+    started from this process's environment, so the filter goes in there for that moment."""
+    from multiprocessing import resource_tracker
+    saved = os.environ.get("PYTHONWARNINGS")
+    quiet = "ignore::UserWarning:multiprocessing.resource_tracker"
+    os.environ["PYTHONWARNINGS"] = f"{saved},{quiet}" if saved else quiet
+    try:
+        resource_tracker.ensure_running()
+    finally:
+        if saved is None:
+            del os.environ["PYTHONWARNINGS"]
+        else:
+            os.environ["PYTHONWARNINGS"] = saved
+
+
 def private_dir() -> str:
     """This process's private folder (made, locked and handed to multiprocessing on first use;
     removed at exit unless it holds a non-empty log)."""

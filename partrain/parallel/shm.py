@@ -107,6 +107,7 @@ class SharedArrays:
         """Allocate every array (zero-filled), or raise PartrainError and leave nothing behind.
         Blocks that killed runs left are removed first (scratch.sweep)."""
         scratch.sweep()
+        scratch.start_quiet_tracker()
         need = sum(-(-_nbytes(s, d) // _ALIGN) * _ALIGN for s, d in specs.values())
         free = free_bytes()
         if free is not None and need > free:
