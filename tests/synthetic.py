@@ -170,7 +170,11 @@ class _Py2StrPickler(_Py2Pickler):
     dispatch = _Py2Pickler.dispatch.copy()
 
     def save_str(self, obj):
-        self.save_bytes(obj.encode("latin-1"))
+        data = obj.encode("latin-1")
+        n = len(data)
+        op = pickle.SHORT_BINSTRING + bytes([n]) if n < 256 else pickle.BINSTRING + struct.pack("<i", n)
+        self.write(op + data)
+        self.memoize(obj)  # the str itself: a transient bytes object's id can come back
 
     dispatch[str] = save_str
 
@@ -252,3 +256,9 @@ def write_gray_png(path, width: int, height: int, value: int = 128) -> Path:
                      + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
                      + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
     return path
+
+
+def memo_bomb_batch(index: int = 1_426_420_068) -> bytes:
+    """A 12-byte pickle of an empty dict stored at memo index `index` (LONG_BINPUT): CPython's C
+    unpickler grows its memo array to index + 1 entries (11 GB for the default) and zeroes it."""
+    return b"\x80\x02}r" + struct.pack("<I", index) + b"."

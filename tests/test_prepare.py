@@ -28,7 +28,7 @@ from partrain.datasets import cifar10, store
 from partrain.errors import PartrainError
 from readonly import run_read_only
 from synthetic import (BIN_TOP, CLASS_NAMES, PY_TOP, binary_members, expected_arrays,
-                       make_binary_archive, make_splits, nested_labels_batch,
+                       make_binary_archive, make_splits, memo_bomb_batch, nested_labels_batch,
                        object_state_batch, py2_pickle, py2_str_pickle, python_members,
                        stride_bomb_batch, write_folder, write_tar)
 
@@ -104,7 +104,8 @@ def test_python_archive(tmp_path, numpy_module):
 def test_python_archive_with_every_string_as_bytes(tmp_path):
     """Python 2 wrote numpy's dtype name and byte order as byte strings too."""
     batches = make_splits(seed=3)
-    src = write_tar(tmp_path / "cifar-10-python.tar.gz", python_members(batches, dumps=py2_str_pickle))
+    members = python_members(batches, dumps=py2_str_pickle)
+    src = write_tar(tmp_path / "cifar-10-python.tar.gz", members)
     r = run("--data-dir", tmp_path / "data", "--source", src)
     assert r.exit_code == 0, r.output
     assert_store_matches(tmp_path / "data" / "cifar10.h5", batches, src.name, sha256(src))
@@ -252,6 +253,10 @@ BAD_SOURCES = {
     "nine class names": (tar_of(lambda t: with_member(BIN(t), f"{BIN_TOP}/batches.meta.txt",
                                                       "\n".join(CLASS_NAMES[:9]).encode())),
                          "expected 10 class names"),
+    "class name with a terminal escape": (tar_of(lambda t: with_member(
+        BIN(t), f"{BIN_TOP}/batches.meta.txt",
+        "\n".join(["\x1b[2Jcat"] + CLASS_NAMES[1:]).encode())),
+        r"expected 10 class names \(printable, at most 64 characters\)"),
     "python data wrong shape": (tar_of(lambda t: with_member(
         PY(t), f"{PY_TOP}/test_batch",
         py2_pickle({b"data": np.zeros((4, 100), np.uint8), b"labels": [0] * 4}))),
@@ -264,7 +269,7 @@ BAD_SOURCES = {
                              "data_batch_4: unsafe pickle, refused to call numpy.ndarray"),
     "python nested labels": (tar_of(lambda t: with_member(PY(t), f"{PY_TOP}/test_batch",
                                                           nested_labels_batch(10))),
-                             "test_batch: b'labels' must be a flat list of 20 integers"),
+                             "test_batch: b'labels' must be a flat list of 20 integers in 0..9"),
     "mixed layouts": (tar_of(lambda t: {**BIN(t), **PY(t)}), "mixes the binary and python"),
     "empty folder": (lambda tmp_path: (tmp_path / "empty").mkdir() or tmp_path / "empty",
                      "holds no CIFAR-10"),
@@ -292,6 +297,20 @@ def test_bad_source(tmp_path, case):
     assert sha256(data / "cifar10.h5") == before
     assert sorted(p.name for p in data.iterdir()) == ["cifar10.h5"]
     assert not (tmp_path / "PWNED").exists()
+
+
+def test_folder_with_a_link_to_a_huge_file(tmp_path, monkeypatch):
+    """An archive's members are refused over MAX_MEMBER_BYTES; a folder's files (or the files
+    its links point to: a sparse file, /proc/kcore) are too, before they are read."""
+    monkeypatch.setattr(cifar10, "MAX_MEMBER_BYTES", 10_000)
+    members = binary_members(make_splits(n_per_batch=2, n_test=2))
+    root = write_folder(tmp_path / "src", members)
+    big = root / BIN_TOP / "data_batch_3.bin"
+    (tmp_path / "big.bin").write_bytes(bytes(3073 * 4))
+    big.unlink()
+    big.symlink_to(tmp_path / "big.bin")
+    assert_clean_failure(run("--data-dir", tmp_path / "data", "--source", root),
+                         r"data_batch_3.bin is 12292 bytes, far too large")
 
 
 def test_safe_unpickler_refuses_code_and_runs_nothing(tmp_path):
@@ -351,6 +370,8 @@ HOSTILE_BATCHES = {  # -> (pickled data_batch_2, what the one error line must sa
     "nested labels": (lambda: nested_labels_batch(26), "flat list of 20 integers"),
     # numpy's own __setstate__ crashes (SIGSEGV) on this object array
     "object array state": (object_state_batch, "refused an array state"),
+    # 12 bytes that made the C unpickler zero an 11 GB memo (a MemoryError under the cap)
+    "memo index bomb": (memo_bomb_batch, "expected a dict with b'data' and b'labels'"),
 }
 
 
@@ -378,6 +399,18 @@ def test_truncated_archive_in_real_process(tmp_path):
                        cwd=tmp_path, timeout=120)
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert re.fullmatch(r"Error: .*truncated or corrupt.*\n", r.stderr), r.stderr
+
+
+def test_source_name_that_is_not_utf8_in_real_process(tmp_path):
+    """A folder whose name has a byte that is not UTF-8 (a lone surrogate to Python) crashed the
+    HDF5 write (UnicodeEncodeError traceback); its name is now stored with a backslash escape."""
+    root = Path(os.fsdecode(os.fsencode(tmp_path) + b"/src\xff"))
+    batches = make_splits(seed=8)
+    write_folder(root, binary_members(batches))
+    r = subprocess.run([sys.executable, "-m", "partrain.cli", "prepare", "--source",
+                        os.fsencode(root)], capture_output=True, cwd=tmp_path, timeout=120)
+    assert r.returncode == 0, r.stderr.decode(errors="replace")
+    assert_store_matches(tmp_path / "data" / "cifar10.h5", batches, "src\\udcff")
 
 
 def test_good_archive_in_real_process(tmp_path):
@@ -419,7 +452,7 @@ def test_ctrl_c_while_writing(prepared, monkeypatch):
         raise KeyboardInterrupt
     monkeypatch.setattr(store, "_write_h5", interrupted)
     r = run("--data-dir", data, "--source", src, "--force")
-    assert r.exit_code == 1 and "Aborted" in r.output
+    assert r.exit_code == 130 and r.stderr.strip() == "interrupted", r.output  # cli.user_errors
     assert sha256(data / "cifar10.h5") == before
     assert sorted(p.name for p in data.iterdir()) == ["cifar10.h5"]
 

@@ -70,11 +70,17 @@ _REPR.maxlist = _REPR.maxtuple = 5
 _REPR.maxstring = _REPR.maxother = 60
 
 
+def printable(text: str) -> str:
+    """`text` with any lone surrogate (how Python keeps bytes that were not UTF-8, in a file name
+    or an attribute) as a backslash escape: it can then be printed, and stored in HDF5."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def excerpt(value, limit: int = 80) -> str:
     """A short one-line rendering of something read from a user's file, for an error message:
     a file can hold 200 000 class names or a megabyte of text, and the message stays one line."""
     text = _REPR.repr(value) if isinstance(value, (list, tuple, dict, set)) else str(value)
-    text = " ".join(text.split())
+    text = " ".join(printable(text).split())
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
@@ -141,7 +147,7 @@ def write_store(path, train_images: np.ndarray, train_labels: np.ndarray,
     mean, std = channel_stats(arrays["train_images"])
     arrays = {name: np.ascontiguousarray(a) for name, a in arrays.items()}
     data = CifarData(**arrays, class_names=[str(n) for n in class_names], mean=mean, std=std,
-                     source_name=str(source_name), source_sha256=str(source_sha256),
+                     source_name=printable(str(source_name)), source_sha256=str(source_sha256),
                      schema_version=SCHEMA_VERSION, path=path,
                      digests={name: array_sha256(a) for name, a in arrays.items()})
     _check_header(data, "data to write")
@@ -235,8 +241,9 @@ def _open(path, splits, read_images: bool) -> CifarData:
                 arrays[f"{split}_labels"] = _verified(labels, f"{split}_labels", data, path)
                 arrays[f"{split}_images"] = (_verified(images[()], f"{split}_images", data, path)
                                              if read_images else None)
-    except OSError as e:  # corrupt or truncated data blocks
-        raise PartrainError(f"cannot read {path} ({_reason(e)}); rebuild it with "
+    except (OSError, KeyError, RuntimeError) as e:  # corrupt or truncated blocks or metadata
+        reason = _reason(e) if isinstance(e, OSError) else excerpt(str(e).strip("'\""), 120)
+        raise PartrainError(f"cannot read {path} ({reason}); rebuild it with "
                             "`partrain prepare --force`") from None
     for name, value in arrays.items():
         setattr(data, name, value)
@@ -258,9 +265,8 @@ def _read_attrs(f, path: Path) -> CifarData:
         if not isinstance(names, np.ndarray) or names.ndim != 1:
             raise TypeError(f"class_names is {excerpt(names)}, not a list of names")
         names = [n.decode() if isinstance(n, bytes) else str(n) for n in names]
-        mean = np.asarray(a["mean"], np.float32)
-        std = np.asarray(a["std"], np.float32)
-        source_name, source_sha256 = str(a["source_name"]), str(a["source_sha256"])
+        mean, std = _numbers(a["mean"], "mean"), _numbers(a["std"], "std")
+        source_name, source_sha256 = printable(str(a["source_name"])), str(a["source_sha256"])
         digests = _digests(a)
     except (KeyError, TypeError, ValueError, UnicodeDecodeError) as e:
         raise PartrainError(f"{path} lacks a valid attribute ({excerpt(str(e))}); rebuild it "
@@ -269,6 +275,16 @@ def _read_attrs(f, path: Path) -> CifarData:
                      int(version), path, digests)
     _check_header(data, str(path))
     return data
+
+
+def _numbers(value, name: str) -> np.ndarray:
+    """An attribute as float32, quietly: numpy warns when it casts complex numbers (it drops the
+    imaginary part) or overflows (1e300 becomes inf, which `_check_header` then refuses)."""
+    v = np.asarray(value)
+    if v.dtype.kind not in "biuf":
+        raise TypeError(f"{name} is {excerpt(v)}, not numbers")
+    with np.errstate(over="ignore", invalid="ignore"):
+        return v.astype(np.float32)
 
 
 def _digests(attrs) -> dict[str, str] | None:
@@ -347,9 +363,10 @@ def _verified(array: np.ndarray, name: str, data: CifarData, path: Path) -> np.n
 # ------------------------------------------------------------------------------------ validation
 
 def _check_header(d: CifarData, where: str) -> None:
-    if len(d.class_names) != NUM_CLASSES or not all(d.class_names):
-        raise PartrainError(f"{where}: expected {NUM_CLASSES} class names, got "
-                            f"{len(d.class_names)}: {excerpt(d.class_names)}")
+    names = d.class_names  # printed in tables by prepare, evaluate and predict
+    if len(names) != NUM_CLASSES or not all(0 < len(n) <= 64 and n.isprintable() for n in names):
+        raise PartrainError(f"{where}: expected {NUM_CLASSES} class names (printable, at most 64 "
+                            f"characters), got {len(names)}: {excerpt(names)}")
     for name in ("mean", "std"):
         v = getattr(d, name)
         if v.shape != (3,) or not np.all(np.isfinite(v)):
