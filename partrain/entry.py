@@ -10,12 +10,28 @@ that all ranks stop together rather than one leaving the others blocked in a col
 """
 from __future__ import annotations
 
-import os
 import signal
-import sys
 
-from .interrupt import Interrupted, defer_to_loop
-from .launcher import launcher_size
+# From the first line of partrain that runs: a signal during the imports below is remembered
+# and answered by `main` (a KeyboardInterrupt raised inside an import would be a traceback).
+_early: list[int] = []
+
+
+def _remember(signum, frame):
+    _early.append(signum)
+
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+for _sig in _SIGNALS:
+    if signal.getsignal(_sig) is not signal.SIG_IGN:
+        signal.signal(_sig, _remember)
+
+import atexit  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+
+from .interrupt import Interrupted, defer_to_loop  # noqa: E402
+from .launcher import launcher_size  # noqa: E402
 
 
 def _terminate(signum, frame):
@@ -31,14 +47,26 @@ def _rank_signal(signum, frame):
         os.kill(os.getpid(), signum)
 
 
+def _ignore_signals_at_the_end() -> None:
+    """The last exit hook (registered first): from here Python finalises, and it resets
+    handlers to the default, so a signal now would end the process by SIGINT (-2) after the
+    command had finished; ignored signals stay ignored."""
+    for sig in _SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def main() -> int:
+    atexit.register(_ignore_signals_at_the_end)  # before any import registers its own hooks
     size = launcher_size()
-    if size is not None and size[1] > 1:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            if signal.getsignal(sig) is not signal.SIG_IGN:
-                signal.signal(sig, _rank_signal)
-    else:
-        signal.signal(signal.SIGTERM, _terminate)
+    rank = size is not None and size[1] > 1
+    handlers = {signal.SIGINT: _rank_signal if rank else signal.default_int_handler,
+                signal.SIGTERM: _rank_signal if rank else _terminate}
+    for sig, handler in handlers.items():
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            signal.signal(sig, handler)
+    if _early and not (rank and defer_to_loop(_early[0])):
+        sys.stderr.write("interrupted\n")
+        return 128 + _early[0]
     try:
         from .cli import main as cli
         return cli()
@@ -47,7 +75,7 @@ def main() -> int:
         sys.stderr.write(f"{e if isinstance(e, Interrupted) else 'interrupted'}\n")
         return code
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in _SIGNALS:
             if signal.getsignal(sig) is not signal.SIG_IGN:
                 signal.signal(sig, _tearing_down)
 

@@ -52,7 +52,10 @@ LOCAL_FAULTS = ["worker-kill", "worker-stop", "worker-exception", "parent-int", 
 MPI_FAULTS = ["rank-kill", "rank-stop", "launcher-int", "launcher-term", "group-kill"]
 HANG_S = 60.0
 EXPECTED = {"worker-kill": {1}, "worker-stop": {1}, "worker-exception": {1},
-            "parent-int": {130}, "parent-term": {143}, "parent-kill": {-9}, "group-int": {130},
+            # -2 / -15: the signal came while Python itself was starting, before any line of
+            # partrain ran (the first ~10 ms): the default action, as for any program
+            "parent-int": {130, -2}, "parent-term": {143, -15}, "parent-kill": {-9},
+            "group-int": {130, -2},
             "group-kill": {-9}, "shm-full": {1}, "disk-full": {1},
             "rank-kill": {1, 9, 137, -9}, "rank-stop": {1, 134}, "launcher-int": {130},
             "launcher-term": {143}}
@@ -269,8 +272,8 @@ class Harness:
             if self.backend == "mpi":
                 argv = [str(Path(sys.executable).parent / "mpiexec"), "-n", "2", *argv,
                         "--backend", "mpi"]
-            if result["finished"]:
-                argv = None
+            if result["finished"] or load_checkpoint(ckpt)[1]["epoch"] >= self.epochs:
+                argv = None  # trained to the end (a fault in the test pass): nothing to resume
         else:  # before the first checkpoint: the same command again (the name must work)
             argv = self.argv(runs, "r")
         if argv is not None:
