@@ -15,6 +15,7 @@ import resource
 import socket
 import subprocess
 import sys
+import tarfile
 import threading
 from pathlib import Path
 
@@ -297,6 +298,37 @@ def test_bad_source(tmp_path, case):
     assert sha256(data / "cifar10.h5") == before
     assert sorted(p.name for p in data.iterdir()) == ["cifar10.h5"]
     assert not (tmp_path / "PWNED").exists()
+
+
+class Zeros(io.RawIOBase):
+    """n zero bytes, read without ever holding them all."""
+
+    def __init__(self, n):
+        self.left = n
+
+    def readable(self):
+        return True
+
+    def readinto(self, b):
+        n = min(len(b), self.left)
+        b[:n] = bytes(n)
+        self.left -= n
+        return n
+
+
+def test_gzip_bomb_member_is_refused_unread(tmp_path):
+    """A 70 KB archive whose data_batch_1.bin is 64 MiB of zeros (it was read whole, up to 1 GiB a
+    member: 6 GiB of memory for one small file)."""
+    members = binary_members(make_splits(n_per_batch=2, n_test=2))
+    src = tmp_path / "bomb.tar.gz"
+    with tarfile.open(src, "w:gz") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = 3073 * 22_000 if name.endswith("data_batch_1.bin") else len(data)
+            tar.addfile(info, Zeros(info.size) if info.size != len(data) else io.BytesIO(data))
+    assert src.stat().st_size < 200_000
+    assert_clean_failure(run("--data-dir", tmp_path / "data", "--source", src),
+                         r"data_batch_1.bin is 67606000 bytes, far too large")
 
 
 def test_folder_with_a_link_to_a_huge_file(tmp_path, monkeypatch):

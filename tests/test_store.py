@@ -383,3 +383,4 @@ def test_damaged_store_is_one_line_for_real_fit(tmp_path, damage, message):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: "), r.stderr[-3000:]
     assert re.search(message, lines[0]), lines[0]
+    assert not (tmp_path / "runs" / "r").exists()  # nothing of the run is left
