@@ -7,7 +7,8 @@ injects one random fault at a random moment of the run, and checks:
 - gone: the seconds from the fault until every process of the run has exited (a hang: > 60 s);
 - the exit code the README promises for that fault, and one clean line (no traceback);
 - /dev/shm and the temp folder as they were before the trial, once the next run has started
-  (a SIGKILL of the whole group leaves blocks that the next start removes; nothing else may);
+  (the resume, or a one-step run when there is nothing to resume: a SIGKILL of the whole group
+  leaves blocks that the next start removes; nothing else may);
 - no orphan: no process of the group left;
 - the last checkpoint loads, and `fit --resume` (or, when the fault came before the first
   checkpoint, the same `fit` again under the same --name) ends bit-identical to an undisturbed run.
@@ -284,6 +285,10 @@ class Harness:
                 result["resume_error"] = (err.strip().splitlines() or [""])[-1][:160]
                 result["dead_end_folder"] = "already exists" in err
                 return
+        else:  # no next run of this one: start another briefly, whose start-up must sweep
+            p = self.start(self.argv(runs, "next", "--max-steps", "1"))
+            p.communicate(timeout=600)
+            shutil.rmtree(runs / "next", ignore_errors=True)
         arrays = load_checkpoint(ckpt)[0]
         result["resume_exact"] = (arrays.keys() == self.reference.keys() and all(
             np.array_equal(arrays[k], self.reference[k]) for k in arrays))
@@ -359,8 +364,8 @@ def main() -> int:
             flags += ["orphan"] if r["orphans"] else []
             flags += [] if r.get("resume_exact") else ["resume differs"]
             print(f"{i:>4} {fault:<17} at {r['at_s']:5.2f} s  rc {r['rc']:>4}  gone "
-                  f"{r['gone_s']:5.2f} s  {' '.join(flags) or 'ok'}  {r['message'][:60]}",
-                  flush=True)
+                  f"{r['gone_s']:5.2f} s  {' '.join(flags) or 'ok'}  {r['message'][:60]}"
+                  + (f"  left: {' '.join(r['leaks'])}" if r["leaks"] else ""), flush=True)
         print()
         print(report(results, h.ref_s))
         if args.json:
