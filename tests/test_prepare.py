@@ -25,7 +25,7 @@ import pytest
 from click.testing import CliRunner
 
 from partrain.cli import main
-from partrain.datasets import cifar10, store
+from partrain.datasets import cifar10, safepickle, store
 from partrain.errors import PartrainError
 from readonly import run_read_only
 from synthetic import (BIN_TOP, CLASS_NAMES, PY_TOP, binary_members, expected_arrays,
@@ -353,7 +353,7 @@ def test_safe_unpickler_refuses_code_and_runs_nothing(tmp_path):
     for name in ("builtins\neval", "subprocess\nPopen", "numpy\nload", "numpy.core.multiarray\nscalar"):
         mod, attr = name.split("\n")
         with pytest.raises(pickle.UnpicklingError):
-            cifar10.SafeUnpickler(io.BytesIO(b"")).find_class(mod, attr)
+            safepickle.SafeUnpickler(io.BytesIO(b"")).find_class(mod, attr)
     assert not marker.exists()
 
 
@@ -363,7 +363,7 @@ def test_safe_unpickler_refuses_code_and_runs_nothing(tmp_path):
 @pytest.mark.parametrize("dumps", [lambda a: pickle.dumps(a, protocol=4), py2_pickle,
                                    py2_str_pickle])
 def test_unpickler_rebuilds_plain_number_arrays(array, dumps):
-    got = cifar10._unpickle(dumps({b"a": array}), "x")[b"a"]
+    got = safepickle.unpickle(dumps({b"a": array}), "x")[b"a"]
     assert isinstance(got, np.ndarray) and got.dtype == array.dtype.newbyteorder("=")  # as numpy
     assert got.shape == array.shape and np.array_equal(got, array)
 
@@ -373,7 +373,7 @@ def test_unpickler_rebuilds_plain_number_arrays(array, dumps):
     np.array(["abc"]), np.zeros(2, "M8[s]"), np.zeros(3, "c16")])
 def test_unpickler_refuses_other_arrays(array):
     with pytest.raises(PartrainError, match="unsafe pickle, refused"):
-        cifar10._unpickle(pickle.dumps({b"a": array}, protocol=4), "x")
+        safepickle.unpickle(pickle.dumps({b"a": array}, protocol=4), "x")
 
 
 def test_malicious_pickle_in_real_process(tmp_path):
