@@ -96,13 +96,14 @@ class Cross:
     # -- failure -------------------------------------------------------------------------
     def fail(self, exc: BaseException, code: int = 1) -> None:
         """End the whole job because of `exc` on this rank: its one line on stderr (rank-named),
-        the traceback in this rank's log, then MPI_Abort (never returns)."""
-        line = str(exc) if isinstance(exc, PartrainError) else f"{type(exc).__name__}: {exc}"
-        text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-        where = self._write_log(text)
+        the traceback in this rank's log (for a bug: not for bad input or a signal, whose line
+        says everything), then MPI_Abort (never returns)."""
+        expected = isinstance(exc, (PartrainError, Interrupted))
+        line = str(exc) if expected else f"{type(exc).__name__}: {exc}"
+        where = None if expected else self._write_log(
+            "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
         print(f"Error: rank {self.rank}: {line.splitlines()[0] if line else type(exc).__name__}"
-              + (f" (traceback in {where})" if where and not isinstance(exc, PartrainError)
-                 else ""), file=sys.stderr, flush=True)
+              + (f" (traceback in {where})" if where else ""), file=sys.stderr, flush=True)
         self.abort(code)
 
     def abort(self, code: int) -> None:
@@ -178,8 +179,7 @@ class Watchdog:
                 msg = (f"Error: rank {self.cross.rank}: no step finished within "
                        f"{self.deadline():.0f} s (--step-timeout): a rank is stopped, hung or "
                        f"unreachable; aborting the job")
-                print(msg, file=sys.stderr, flush=True)
-                self.cross._write_log(msg + "\n")
+                print(msg, file=sys.stderr, flush=True)  # all there is to say: no log
                 self.cross.abort(70)
 
 
