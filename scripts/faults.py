@@ -51,7 +51,8 @@ from partrain.errors import PartrainError  # noqa: E402
 LOCAL_FAULTS = ["worker-kill", "worker-stop", "worker-exception", "parent-int", "parent-term",
                 "parent-kill", "group-int", "group-kill", "shm-full", "disk-full"]
 MPI_FAULTS = ["rank-kill", "rank-stop", "launcher-int", "launcher-term", "group-kill"]
-HANG_S = 60.0
+HANG_S = 60.0       # local: a run still there this long after its fault hangs
+HANG_S_MPI = 150.0  # MPI: the watchdog's start-up and exit deadline is 120 s
 EXPECTED = {"worker-kill": {1}, "worker-stop": {1}, "worker-exception": {1},
             # -2 / -15: the signal came while Python itself was starting, before any line of
             # partrain ran (the first ~10 ms): the default action, as for any program
@@ -283,7 +284,7 @@ class Harness:
             if p.poll() is not None and not left:
                 self.left_behind = 0
                 return time.monotonic() - t_fault, False
-            if time.monotonic() - t_fault > HANG_S:
+            if time.monotonic() - t_fault > (HANG_S_MPI if self.backend == "mpi" else HANG_S):
                 self.left_behind = len(left) - (p.poll() is None)  # besides the parent itself
                 for pid in left:
                     try:

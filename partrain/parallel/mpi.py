@@ -172,6 +172,11 @@ class Watchdog:
     def close(self) -> None:
         self._done.set()
 
+    def until_exit(self) -> None:
+        """From now until the process exits, at most DEFAULT_DEADLINE_S (see `job`)."""
+        self.steps, self._first = [], True
+        self.resume()
+
     def _run(self) -> None:
         while not self._done.wait(0.2):
             waited = time.monotonic() - self._last
@@ -197,7 +202,10 @@ def job(step_timeout: float | None = None, clean_exits: tuple = ()) -> Iterator[
     except BaseException as e:  # noqa: BLE001 - every rank must end, whatever the cause
         cross.fail(e, e.exit_code if isinstance(e, Interrupted) else 1)
     finally:
-        cross.watchdog.close()
+        # Watched to the end: MPI_Finalize at exit waits for every rank, so one stopped in its
+        # test pass would leave the others there forever. The daemon thread ends with the
+        # process; if the exit takes longer than a start-up may, the job is aborted.
+        cross.watchdog.until_exit()
 
 
 def start(step_timeout: float | None = None) -> Cross:
