@@ -132,6 +132,26 @@ class StopFlag:
 
 
 @contextmanager
+def helpers_start_deaf() -> Iterator[None]:
+    """Start helper processes (the forkserver, the resource tracker) inside: they begin life
+    with SIGINT ignored, so a terminal's Ctrl-C (sent to the whole process group; under MPI the
+    launcher forwards it there too) cannot kill one while its Python starts, before it can set
+    its own handlers (a KeyboardInterrupt traceback from its site import, or a dead forkserver).
+    An ignored disposition survives exec; a blocked mask does not. The cost: a Ctrl-C in the
+    few milliseconds of the spawn itself is lost in this process too (press it again)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+
+
+@contextmanager
 def catch_signals(collective: bool = False, announce: bool = True) -> Iterator[StopFlag]:
     """Install the handlers for the block (in the main thread only; elsewhere signals cannot be
     caught, and the flag just stays down) and restore the previous ones after it. collective:

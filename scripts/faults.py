@@ -220,6 +220,8 @@ class Harness:
                   "finished": rc == 0}
         result["bad_exit"] = not (rc == 0 or rc in EXPECTED.get(fault, set()))
         result["message"] = (err.strip().splitlines() or [""])[-1][:120]
+        if result["traceback"] or result["hang"]:
+            result["stderr_tail"] = err[-3000:]  # what to look at
         if rc == 1 and not result["message"].startswith(("Error:", "Abort")):
             result["bad_exit"] = True
         self.check_checkpoint_and_resume(runs, result)

@@ -22,6 +22,7 @@ import threading
 import time
 
 from ..errors import PartrainError
+from ..interrupt import helpers_start_deaf
 from . import scratch
 from . import worker as W
 
@@ -241,14 +242,14 @@ class ForkserverGuard:
 
 def start_forkserver() -> None:
     """Start the forkserver now (idempotent), with `calm` (SIGINT ignored from its first import
-    on) and the worker module preloaded. SIGINT is blocked in the parent meanwhile, so a Ctrl-C
-    then is delivered after, not lost. The MPI backend calls this before MPI initialises, so no
+    on) and the worker module preloaded, started with SIGINT ignored (interrupt.helpers_start_deaf). The MPI backend calls this before MPI initialises, so no
     process that initialised MPI ever forks a worker."""
     from multiprocessing import forkserver
     scratch.private_dir()  # its socket goes there, not into a /tmp/pymp-* a SIGKILL leaves
     # By name: importing `calm` here would make the parent ignore Ctrl-C too.
     mp.get_context("forkserver").set_forkserver_preload([CALM, W.__name__])
-    with _sigint_blocked():
+    scratch.start_quiet_tracker()  # first: ensure_running would start it without the filter
+    with helpers_start_deaf():
         forkserver.ensure_running()
 
 

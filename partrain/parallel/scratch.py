@@ -29,6 +29,8 @@ import sys
 import tempfile
 from multiprocessing import current_process
 
+from ..interrupt import helpers_start_deaf
+
 PREFIX = "partrain-"
 SHM_DIR = "/dev/shm"
 
@@ -211,7 +213,8 @@ def start_quiet_tracker() -> None:
     quiet = "ignore::UserWarning:multiprocessing.resource_tracker"
     os.environ["PYTHONWARNINGS"] = f"{saved},{quiet}" if saved else quiet
     try:
-        resource_tracker.ensure_running()
+        with helpers_start_deaf():
+            resource_tracker.ensure_running()
     finally:
         if saved is None:
             del os.environ["PYTHONWARNINGS"]
