@@ -43,6 +43,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
+from procs import alive, descendants, group  # noqa: E402  (the tests' process helpers)
 from synthetic import make_tiny_store  # noqa: E402
 
 from partrain.checkpoint import load_checkpoint  # noqa: E402
@@ -64,20 +65,6 @@ EXPECTED = {"worker-kill": {1}, "worker-stop": {1}, "worker-exception": {1},
 
 
 # ------------------------------------------------------------------------------ processes
-def group_members(pgid: int) -> list[int]:
-    out = []
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[2]) == pgid and fields[0] != "Z":
-                out.append(int(d))
-    return out
-
-
 def cmdline(pid: int) -> bytes:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
@@ -88,35 +75,12 @@ def cmdline(pid: int) -> bytes:
 
 def tree(root: int) -> list[int]:
     """Every live process below `root` (an MPI launcher's ranks leave its process group)."""
-    kids: dict[int, list[int]] = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if fields[0] != "Z":
-                kids.setdefault(int(fields[1]), []).append(int(d))
-    out, todo = [], [root]
-    while todo:
-        for k in kids.get(todo.pop(), []):
-            out.append(k)
-            todo.append(k)
-    return out
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+    return [p for p in descendants(root) if alive(p)]
 
 
 def workers(pgid: int) -> list[int]:
     """The worker processes: children of the forkserver (same command line as it)."""
-    members = group_members(pgid)
+    members = group(pgid)
     servers = [p for p in members if b"forkserver" in cmdline(p)]
     parents = {}
     for p in members:
@@ -281,7 +245,7 @@ class Harness:
         below it (an MPI launcher puts its ranks in groups of their own)."""
         seen: set[int] = set()
         while True:
-            seen.update(group_members(p.pid), tree(p.pid))
+            seen.update(group(p.pid), tree(p.pid))
             left = [pid for pid in seen if alive(pid)]
             if p.poll() is not None and not left:
                 self.left_behind = 0
