@@ -201,12 +201,21 @@ def _fsync(path: Path, directory: bool = False) -> None:
 def _remove_stale_temps(path: Path) -> None:
     """Delete temporaries of `path` left by writers that were killed (their pid is gone)."""
     for tmp in path.parent.glob(f".{path.name}.tmp.*"):
-        try:
-            pid = int(tmp.name.rsplit(".", 2)[-2])
-        except ValueError:
-            continue
-        if pid != os.getpid() and not _alive(pid):
+        if is_stale_temp(tmp):
             tmp.unlink(missing_ok=True)
+
+
+def is_stale_temp(tmp: Path) -> bool:
+    """Whether `tmp` is a save's temporary (`.<name>.tmp.<pid>.<hex>`) whose writer is gone: a
+    SIGKILL during a save leaves one, and it is no part of the run."""
+    parts = Path(tmp).name.split(".")
+    if len(parts) < 5 or parts[0] != "" or parts[-3] != "tmp":
+        return False
+    try:
+        pid = int(parts[-2])
+    except ValueError:
+        return False
+    return pid != os.getpid() and not _alive(pid)
 
 
 def _alive(pid: int) -> bool:

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from . import __version__
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import is_stale_temp, load_checkpoint, save_checkpoint
 from .config import TrainConfig, resumed, short_repr
 from .errors import PartrainError
 
@@ -312,15 +312,18 @@ UNSAVED = {CONFIG, HISTORY, "logs"}  # all that a run killed before its first ch
 
 def _reuse_unsaved(run: Path) -> bool:
     """Empty a folder that a run left before its first checkpoint (config.json, history rows and
-    worker logs only: nothing to resume, nothing else lost), so that its name works again; with
-    one line on stderr. False (and nothing touched) for any other folder."""
+    worker logs only, and the temporary of a save it was killed in: nothing to resume, nothing
+    else lost), so that its name works again; with one line on stderr. False (and nothing
+    touched) for any other folder."""
     try:
         entries = {p.name for p in run.iterdir()}
     except OSError:
         return False
-    if not entries <= UNSAVED or not run.is_dir():
+    temps = {name for name in entries
+             if name == CONFIG + ".tmp" or is_stale_temp(run / name)}
+    if not entries - temps <= UNSAVED or not run.is_dir():
         return False
-    for name in (CONFIG, HISTORY):
+    for name in (CONFIG, HISTORY, *temps):
         (run / name).unlink(missing_ok=True)
     print(f"note: reusing run folder {run}: the run there stopped before its first checkpoint",
           file=sys.stderr)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +54,29 @@ def test_create_reuses_a_folder_left_before_the_first_checkpoint(tmp_path, capsy
     assert RunDir.create(tmp_path, "x", "vgg").path == run
     assert sorted(p.name for p in run.iterdir()) == ["logs"]  # the log of the failure stays
     assert "reusing run folder" in capsys.readouterr().err
+
+
+def test_create_reuses_a_folder_whose_first_save_was_killed(tmp_path, capsys):
+    """A SIGKILL of the whole group during the first checkpoint's save leaves its temporary
+    beside config.json (found by faults.py group-kill in CI): the name must still work. A
+    temporary whose writer is alive belongs to a live run: that folder is not touched."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    run = tmp_path / "x"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    (run / "config.json.tmp").write_text("{")
+    (run / f".checkpoint.h5.tmp.{gone.pid}.ab12cd34").write_bytes(b"half")
+    assert RunDir.create(tmp_path, "x", "vgg").path == run
+    assert list(run.iterdir()) == []
+    assert "reusing run folder" in capsys.readouterr().err
+    live = tmp_path / "y"
+    live.mkdir()
+    (live / "config.json").write_text("{}")
+    (live / ".checkpoint.h5.tmp.1.ab12cd34").write_bytes(b"being written")  # pid 1 is alive
+    with pytest.raises(PartrainError, match="already exists"):
+        RunDir.create(tmp_path, "y", "vgg")
+    assert len(list(live.iterdir())) == 2
 
 
 def test_open_checks_folder_config_and_version(tmp_path):
