@@ -9,10 +9,11 @@ For each reduction (`sharded`, `parent`), each worker count N and each global ba
   signalling (the rest of the step: messages, wake-ups, the parent's bookkeeping); and
   between_steps, the parent's time outside `runner.step` (this loop, and on a busy machine the
   time the parent waits for a core between two steps, which can exceed the step itself);
-- worker start-up time, and memory: the sum of PSS (proportional set size, from
-  /proc/<pid>/smaps_rollup) over the parent and the workers — shared pages are divided among the
-  processes that map them, so the data set in shared memory counts once, not N times — and the size
-  of the shared-memory blocks.
+- worker start-up time, and memory (memory.py): the sum of PSS (proportional set size) over the
+  parent and the workers after the timed steps — shared pages are divided among the processes
+  that map them, so the data set in shared memory counts once, not N times —, the peak resident
+  set of the parent and of the largest worker, and the size of the shared-memory blocks. The
+  parent's peak is that of the whole command so far (a process's peak cannot be reset).
 Results go to scaling.csv, scaling.json (with the machine and settings) and scaling.png, and a
 table is printed. The data set is read from the store (HDF5) straight into shared memory; without
 a store, random images are written to a temporary HDF5 file and read the same way.
@@ -35,6 +36,7 @@ import numpy as np
 
 from .datasets.store import channel_stats, inspect_store
 from .errors import PartrainError
+from .memory import usage
 from .parallel.engine import ParallelRunner, step_breakdown, usable_cores
 
 PARTS = ("compute", "wait", "reduction", "optimizer", "signalling", "between_steps")
@@ -73,18 +75,6 @@ def default_workers(cores: int) -> list[int]:
     if out[-1] != cores:
         out.append(cores)
     return out
-
-
-def pss_bytes(pid: int) -> int | None:
-    """Proportional set size of a process (Linux), or None where it cannot be read."""
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
 
 
 @contextlib.contextmanager
@@ -152,12 +142,13 @@ def run_scaling(cfg: BenchConfig, echo: Callable[[str], None] = print) -> tuple[
                     t = 0
                     for batch in cfg.batches:
                         row, t = _measure(runner, batch, n_images, cfg, t)
-                        pss = [pss_bytes(p) for p in [os.getpid()] + runner.worker_pids]
+                        mem = usage(runner.worker_pids)
                         row.update(model=cfg.model, reduction=reduction, workers=n,
                                    startup_s=round(runner.startup_s, 3),
                                    setup_s=round(setup_s, 3),
-                                   memory_pss_mib=(round(sum(pss) / 2**20, 1)
-                                                   if None not in pss else None),
+                                   memory_pss_mib=mem["total_pss_mib"],
+                                   parent_peak_mib=mem["parent_peak_rss_mib"],
+                                   worker_peak_mib=mem["worker_peak_rss_mib"],
                                    shm_mib=round(runner.shm_bytes / 2**20, 1))
                         rows.append(row)
                         echo(f"{reduction:>8}  N={n:<3} batch {batch:<5} "
@@ -221,7 +212,8 @@ COLUMNS = [("reduction", "reduction", "{}"), ("batch", "batch", "{}"), ("workers
            ("reduction_ms", "reduce", "{:.2f}"), ("optimizer_ms", "optim", "{:.2f}"),
            ("signalling_ms", "signal", "{:.2f}"),
            ("between_steps_ms", "between", "{:.2f}"), ("startup_s", "start s", "{:.2f}"),
-           ("memory_pss_mib", "PSS MiB", "{:.0f}"), ("shm_mib", "shm MiB", "{:.0f}")]
+           ("memory_pss_mib", "PSS MiB", "{:.0f}"), ("parent_peak_mib", "peak parent", "{:.0f}"),
+           ("worker_peak_mib", "peak worker", "{:.0f}"), ("shm_mib", "shm MiB", "{:.0f}")]
 
 
 def format_table(rows: list[dict]) -> str:

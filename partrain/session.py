@@ -11,6 +11,7 @@ import numpy as np
 from .batches import normaliser
 from .ema import AirbenchLookahead
 from .errors import PartrainError
+from .memory import describe as describe_memory, usage as memory_usage
 from .evaluate import accuracy, tta_accuracy
 from .nn.models import build_model
 from .progress import Progress, format_duration
@@ -163,6 +164,8 @@ class Session:
         if stopped is None and evaluate_test:
             stop.stop_now_from_here(f"interrupted during the final test pass; {skip_test}")
             summary.update(self.test())
+        # This process (on this machine, under MPI) and its workers, after the test pass too.
+        summary["memory"] = memory_usage(getattr(self.runner, "worker_pids", []))
         rd.write_summary(summary)
         if stopped is not None:
             self.progress.line(f"stopped after {steps_done} steps (--max-steps) at {where}; "
@@ -177,6 +180,8 @@ class Session:
         self.progress.line(
             f"done: {state.epoch} epochs in {format_duration(state.elapsed_s + train_time)} "
             f"({summary['images_per_s']:,.0f} img/s), best val acc {state.best_val:.1%}" + tested
+            + (f"\n{describe_memory(summary['memory'])}" if describe_memory(summary["memory"])
+               else "")
             + f"\nnext: partrain plot {rd.path}; partrain evaluate {rd.path}")
         return summary
 

@@ -13,8 +13,9 @@ import pytest
 from click.testing import CliRunner
 
 from partrain.bench import (PARTS, BenchConfig, _measure, add_efficiency, default_workers,
-                            format_table, pss_bytes)
+                            format_table)
 from partrain.cli import main
+from partrain.memory import describe, peak_rss_bytes, pss_bytes, usage
 from partrain.parallel.engine import StepTimes, usable_cores
 
 
@@ -41,6 +42,28 @@ def test_efficiency_and_speedup():
 def test_pss_of_this_process():
     assert pss_bytes(os.getpid()) > 1 << 20
     assert pss_bytes(2**31 - 1) is None
+
+
+def test_peak_rss_sees_a_transient_allocation():
+    """VmHWM keeps the peak after the memory is given back: 200 MiB touched and freed show."""
+    before = peak_rss_bytes(os.getpid())
+    block = np.ones(200 * 2**20, np.uint8)
+    del block
+    assert peak_rss_bytes(os.getpid()) >= max(before, 200 * 2**20)
+    assert peak_rss_bytes(2**31 - 1) is None
+
+
+def test_usage_and_its_line():
+    mem = usage([])
+    assert mem["total_pss_mib"] > 1 and mem["parent_peak_rss_mib"] >= mem["total_pss_mib"] / 2
+    assert mem["worker_peak_rss_mib"] is None
+    assert usage([2**31 - 1])["total_pss_mib"] is None  # a worker whose figures are gone
+    line = describe({"total_pss_mib": 1434.0, "parent_peak_rss_mib": 320.0,
+                     "worker_peak_rss_mib": 560.0})
+    assert line == ("memory: 1.40 GiB in all (PSS); peak resident 0.31 GiB parent, "
+                    "0.55 GiB largest worker")
+    assert describe({"total_pss_mib": None, "parent_peak_rss_mib": None,
+                     "worker_peak_rss_mib": None}) == ""
 
 
 class FakeClock:
@@ -99,6 +122,7 @@ def test_bench_command_tiny_run(tmp_path):
     assert data["meta"]["usable_cores"] == usable_cores()
     for r in rows:
         assert r["images_per_s"] > 0 and r["memory_pss_mib"] > 0 and r["shm_mib"] > 0
+        assert r["worker_peak_mib"] > 0 and r["parent_peak_mib"] > 0
         # that the parts add up is tested exactly below; here only that every one is reported
         assert all(r[f"{k}_ms"] >= 0 for k in PARTS)
         if r["workers"] == 1:

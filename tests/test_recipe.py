@@ -251,6 +251,9 @@ def test_cli_recipe_run_on_two_workers_resumes(tiny_store, tmp_path):
     assert "done: 3 epochs" in res.output and "with TTA (flip_translate)" in res.output
     summary = json.loads((run / "summary.json").read_text())
     assert {"test_acc", "test_acc_tta", "images_per_s", "train_time_s"} <= set(summary)
+    mem = summary["memory"]  # the parent and both workers, read while they were alive
+    assert mem["total_pss_mib"] > 0 and mem["worker_peak_rss_mib"] > 0
+    assert "memory: " in res.output and "GiB largest worker" in res.output
     res = CliRunner().invoke(main, ["evaluate", str(run), "--checkpoint", "last", "--tta",
                                     "flip_translate", "--out", str(tmp_path / "eval")])
     assert res.exit_code == 0, res.output

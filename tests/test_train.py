@@ -34,6 +34,7 @@ def test_fit_learns_and_writes_run_folder(tiny_store, tmp_path):
     run.mkdir()
     s = fit(config(tiny_store, epochs=3), run, quiet=True)
     assert s["test_acc"] > 0.5  # ten classes: chance is 0.1
+    assert s["memory"]["total_pss_mib"] > 1 and s["memory"]["worker_peak_rss_mib"] is None
     for f in ("config.json", "history.csv", "checkpoint.h5", "best.h5", "summary.json"):
         assert (run / f).exists(), f
     cfg = json.loads((run / "config.json").read_text())

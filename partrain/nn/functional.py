@@ -17,7 +17,7 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from . import winograd
-from .workspace import Workspace, buffer
+from .workspace import Workspace, buffer, scratch
 
 
 # ----------------------------------------------------------------------------------------- conv
@@ -34,7 +34,7 @@ def im2col(x: np.ndarray, kh: int, kw: int, stride: int, pad: int,
     C, N, H, W = x.shape
     OH, OW = conv_out_size(H, kh, stride, pad), conv_out_size(W, kw, stride, pad)
     if pad:
-        xp = buffer(ws, key + "xpad", (C, N, H + 2 * pad, W + 2 * pad), x.dtype)
+        xp = scratch(ws, "xpad", (C, N, H + 2 * pad, W + 2 * pad), x.dtype)
         # Only the border must be zero; the interior is overwritten below.
         xp[:, :, :pad, :] = 0
         xp[:, :, -pad:, :] = 0
@@ -133,7 +133,7 @@ def conv_backward(dout, cache, need_dx=True, dw_out=None, db_out=None, ws=None, 
         np.sum(d2, axis=1, out=db)
     dx = None
     if need_dx:
-        dcols = buffer(ws, key + "dcols", cols.shape, dout.dtype)
+        dcols = scratch(ws, "dcols", cols.shape, dout.dtype)
         np.matmul(w.reshape(F, -1).T, d2, out=dcols)
         dx = col2im(dcols, geom, KH, KW, stride, pad, ws, key)
     return dx, dw, db
@@ -176,7 +176,7 @@ def gelu_backward(dout, cache, ws=None, key="gelu"):
     np.multiply(x, x, out=du)
     du *= 3 * 0.044715 * _SQRT_2_OVER_PI
     du += _SQRT_2_OVER_PI
-    sech2 = buffer(ws, key + "sech2", x.shape, dout.dtype)
+    sech2 = scratch(ws, "gelusech2", x.shape, dout.dtype)
     np.multiply(t, t, out=sech2)
     np.subtract(1.0, sech2, out=sech2)
     du *= sech2
@@ -198,7 +198,7 @@ def maxpool_forward(x, size=2, stride=2, ws=None, key="pool"):
         # loops run long), then columns. Each pass records, as 0/1 floats, which of the pair won
         # (the first on a tie), so the backward pass routes each gradient to exactly one input.
         r0, r1 = x[:, :, 0::2, :], x[:, :, 1::2, :]
-        rows = buffer(ws, key + "rows", (C, N, OH, W), x.dtype)
+        rows = scratch(ws, "poolrows", (C, N, OH, W), x.dtype)
         np.maximum(r0, r1, out=rows)
         row1 = buffer(ws, key + "row1", (C, N, OH, W), x.dtype)
         np.greater(r1, r0, out=row1)
@@ -222,7 +222,7 @@ def maxpool_backward(dout, cache, ws=None, key="pool", dx_out=None):
     if cache[0] == "fast2":
         _, shape, row1, col1 = cache
         C, N, H, W = shape
-        drow = buffer(ws, key + "drow", (C, N, H // 2, W), dout.dtype)
+        drow = scratch(ws, "pooldrow", (C, N, H // 2, W), dout.dtype)
         np.multiply(dout, col1, out=drow[..., 1::2])
         np.subtract(dout, drow[..., 1::2], out=drow[..., 0::2])
         dx = dx_out if dx_out is not None else buffer(ws, key + "dx", shape, dout.dtype)

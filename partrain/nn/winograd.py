@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
-from .workspace import buffer
+from .workspace import buffer, scratch
 
 _WINO = {  # output tile m -> (Bt, G, At) in float64
     2: (np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float64),
@@ -73,7 +73,7 @@ def conv_forward(x, w, b, m, ws=None, key="conv"):
     KB, _, KG, _, KA, _ = _mats(dt, m)
     th, tw = -(-H // m), -(-W // m)
     P = th * tw * N
-    xp = buffer(ws, key + "wxpad", (C, m * th + 2, m * tw + 2, N), dt)   # padded, samples last
+    xp = scratch(ws, "wxpad", (C, m * th + 2, m * tw + 2, N), dt)   # padded, samples last
     xp[:, 0] = 0
     xp[:, H + 1:] = 0
     xp[:, 1:H + 1, 0] = 0
@@ -86,13 +86,13 @@ def conv_forward(x, w, b, m, ws=None, key="conv"):
     sC, sH, sW, sN = xp.strides
     tiles = as_strided(xp, shape=(al, al, C, th, tw, N),
                        strides=(sH, sW, sC, m * sH, m * sW, sN), writeable=False)
-    D = buffer(ws, key + "wD", (al * al, C * P), dt)
+    D = scratch(ws, "wD", (al * al, C * P), dt)
     np.copyto(D.reshape(al, al, C, th, tw, N), tiles)
     V = buffer(ws, key + "wV", (al * al, C * P), dt)
     np.matmul(KB, D, out=V)
-    M = buffer(ws, key + "wM", (al * al, F_, P), dt)
+    M = scratch(ws, "wM", (al * al, F_, P), dt)
     np.matmul(U, V.reshape(al * al, C, P), out=M)
-    Y = buffer(ws, key + "wY", (m * m, F_ * P), dt)
+    Y = scratch(ws, "wY", (m * m, F_ * P), dt)
     np.matmul(KA, M.reshape(al * al, F_ * P), out=Y)
     Y6 = Y.reshape(m, m, F_, th, tw, N)
     out = buffer(ws, key + "out", (F_, N, H, W), dt)
@@ -117,7 +117,7 @@ def conv_backward(dout, cache, need_dx=True, dw_out=None, db_out=None, ws=None,
     th, tw = -(-H // m), -(-W // m)
     P = th * tw * N
     # Output gradient into the tile layout (zeros where the last tile row/column overhangs).
-    G = buffer(ws, key + "wY", (m * m, F_ * P), dt)
+    G = scratch(ws, "wY", (m * m, F_ * P), dt)
     G6 = G.reshape(m, m, F_, th, tw, N)
     if H % m or W % m:
         G.fill(0)
@@ -126,9 +126,9 @@ def conv_backward(dout, cache, need_dx=True, dw_out=None, db_out=None, ws=None,
             for c in range(m):
                 G6[a, c, fb, :(H - a + m - 1) // m, :(W - c + m - 1) // m] = \
                     dout[fb, :, a::m, c::m].transpose(0, 2, 3, 1)
-    dM = buffer(ws, key + "wM", (al * al, F_, P), dt)         # the forward's M buffer, reused
+    dM = scratch(ws, "wM", (al * al, F_, P), dt)         # scratch: the forward's M, reused
     np.matmul(KAt, G, out=dM.reshape(al * al, F_ * P))
-    dU = buffer(ws, key + "wdU", (al * al, F_, C), dt)
+    dU = scratch(ws, "wdU", (al * al, F_, C), dt)
     np.matmul(dM, V.reshape(al * al, C, P).transpose(0, 2, 1), out=dU)
     dw = dw_out if dw_out is not None else np.empty(w.shape, dt)
     dw[...] = (KGt @ dU.reshape(al * al, F_ * C)).reshape(3, 3, F_, C).transpose(2, 3, 0, 1)
@@ -138,14 +138,14 @@ def conv_backward(dout, cache, need_dx=True, dw_out=None, db_out=None, ws=None,
         np.sum(dout, axis=(1, 2, 3), out=db)
     if not need_dx:
         return None, dw, db
-    dV = buffer(ws, key + "wD", (al * al, C * P), dt)         # the forward's D buffer, reused
+    dV = scratch(ws, "wD", (al * al, C * P), dt)         # scratch: the forward's D, reused
     np.matmul(U.transpose(0, 2, 1), dM, out=dV.reshape(al * al, C, P))
-    dD = buffer(ws, key + "wdD", (al * al, C * P), dt)
+    dD = scratch(ws, "wdD", (al * al, C * P), dt)
     np.matmul(KBt, dV, out=dD)
     dD6 = dD.reshape(al, al, C, th, tw, N)
     # Overlap-add of the tiles (size m + 2, stride m) by phase: padded row m·u + p gets tile row u
     # at offset p and tile row u - 1 at offset p + m (when p + m < m + 2); likewise for columns.
-    Z = buffer(ws, key + "wZ", (m, m, C, th + 1, tw + 1, N), dt)
+    Z = scratch(ws, "wZ", (m, m, C, th + 1, tw + 1, N), dt)
     Z.fill(0)
     for p in range(m):
         for q in range(m):
