@@ -165,3 +165,19 @@ def test_airbench_gradient_through_winograd(monkeypatch):
     assert abs(loss - loss_ref) < 1e-12
     np.testing.assert_allclose(g, g_ref, rtol=1e-10, atol=1e-13)
     check_model_gradient(m, params, x, y, g, rng, per_tensor=3)
+
+
+@pytest.mark.parametrize("k,stride,pad", [(3, 1, 1), (7, 2, 3), (2, 2, 0)])
+def test_input_gradient_in_image_blocks(monkeypatch, k, stride, pad):
+    """im2col's input gradient made one image at a time (its column buffer block-sized) equals
+    the one made for all images at once, also with a reused workspace."""
+    x = RNG.standard_normal((3, 5, 9, 8))
+    w = RNG.standard_normal((4, 3, k, k))
+    out, cache = F.conv_forward(x, w, None, stride, pad, method="im2col")
+    dout = RNG.standard_normal(out.shape)
+    whole = F.conv_backward(dout, cache)[0]
+    monkeypatch.setattr(F, "COL2IM_BLOCK_BYTES", 1)
+    ws = Workspace()
+    for _ in range(2):
+        np.testing.assert_allclose(F.conv_backward(dout, cache, ws=ws)[0], whole, rtol=1e-12,
+                                   atol=1e-12)

@@ -58,13 +58,23 @@ def _channel_blocks(n_channels: int, bytes_per_channel: int):
     return [slice(c0, min(n_channels, c0 + bs)) for c0 in range(0, n_channels, bs)]
 
 
+def _tile_blocks(n_channels: int, bytes_per_channel: int):
+    """Channel slices whose transformed tiles take about BLOCK_BYTES: the gather + input
+    transform and the output transform + scatter run block by block, so the tile buffers between
+    the two steps stay in cache (and in the scratch pool at block size: for airbench's conv1a
+    37 MB of output tiles became 1 MB)."""
+    return _channel_blocks(n_channels, bytes_per_channel)
+
+
 def conv_forward(x, w, b, m, ws=None, key="conv"):
     """3x3 stride-1 pad-1 conv of x (C, N, H, W) by Winograd F(m x m, 3x3) -> (F, N, H, W), cache.
 
     Inside, tiles are ordered (tile row, tile column, sample): the sample index is innermost, so
     every gather, transform and overlap-add runs over N contiguous values (with (N, H, W) order the
     inner loops would be one tile row long, 4 values on a 7x7 map, and numpy's per-loop overhead
-    dominates). The transposes happen once, on the padded input and on the output.
+    dominates). The transposes happen once, on the padded input and on the output. The transforms
+    go channel block by channel block (`_tile_blocks`); only V (the transformed input, the cache
+    for backward) and M (the products, which every output block needs whole) are full size.
     """
     al = m + 2
     C, N, H, W = x.shape
@@ -86,20 +96,27 @@ def conv_forward(x, w, b, m, ws=None, key="conv"):
     sC, sH, sW, sN = xp.strides
     tiles = as_strided(xp, shape=(al, al, C, th, tw, N),
                        strides=(sH, sW, sC, m * sH, m * sW, sN), writeable=False)
-    D = scratch(ws, "wD", (al * al, C * P), dt)
-    np.copyto(D.reshape(al, al, C, th, tw, N), tiles)
     V = buffer(ws, key + "wV", (al * al, C * P), dt)
-    np.matmul(KB, D, out=V)
-    M = scratch(ws, "wM", (al * al, F_, P), dt)
-    np.matmul(U, V.reshape(al * al, C, P), out=M)
-    Y = scratch(ws, "wY", (m * m, F_ * P), dt)
-    np.matmul(KA, M.reshape(al * al, F_ * P), out=Y)
-    Y6 = Y.reshape(m, m, F_, th, tw, N)
+    blocks = _tile_blocks(C, al * al * P * dt.itemsize)
+    D = scratch(ws, "wD", (al * al * (blocks[0].stop - blocks[0].start) * P,), dt)
+    for cb in blocks:
+        n = cb.stop - cb.start
+        d = D[:al * al * n * P].reshape(al * al, n * P)
+        np.copyto(d.reshape(al, al, n, th, tw, N), tiles[:, :, cb])
+        np.matmul(KB, d, out=V[:, cb.start * P:cb.stop * P])
+    M = scratch(ws, "wM", (al * al, F_ * P), dt)
+    np.matmul(U, V.reshape(al * al, C, P), out=M.reshape(al * al, F_, P))
     out = buffer(ws, key + "out", (F_, N, H, W), dt)
-    for fb in _channel_blocks(F_, out[0].nbytes):
+    blocks = _tile_blocks(F_, m * m * P * dt.itemsize)
+    Y = scratch(ws, "wY", (m * m * (blocks[0].stop - blocks[0].start) * P,), dt)
+    for fb in blocks:
+        n = fb.stop - fb.start
+        y = Y[:m * m * n * P].reshape(m * m, n * P)
+        np.matmul(KA, M[:, fb.start * P:fb.stop * P], out=y)
+        y6 = y.reshape(m, m, n, th, tw, N)
         for a in range(m):
             for c in range(m):
-                out[fb, :, a::m, c::m] = Y6[a, c, fb, :(H - a + m - 1) // m,
+                out[fb, :, a::m, c::m] = y6[a, c, :, :(H - a + m - 1) // m,
                                             :(W - c + m - 1) // m].transpose(0, 3, 1, 2)
     if b is not None:
         out += b.reshape(-1, 1, 1, 1)
@@ -108,7 +125,7 @@ def conv_forward(x, w, b, m, ws=None, key="conv"):
 
 def conv_backward(dout, cache, need_dx=True, dw_out=None, db_out=None, ws=None,
                            key="conv"):
-    """Adjoint of conv_forward -> (dx or None, dw, db or None)."""
+    """Adjoint of conv_forward -> (dx or None, dw, db or None), block by block like it."""
     _, V, U, w, (C, N, H, W), has_bias, m = cache
     al = m + 2
     F_ = w.shape[0]
@@ -116,20 +133,24 @@ def conv_backward(dout, cache, need_dx=True, dw_out=None, db_out=None, ws=None,
     _, KBt, _, KGt, _, KAt = _mats(dt, m)
     th, tw = -(-H // m), -(-W // m)
     P = th * tw * N
-    # Output gradient into the tile layout (zeros where the last tile row/column overhangs).
-    G = scratch(ws, "wY", (m * m, F_ * P), dt)
-    G6 = G.reshape(m, m, F_, th, tw, N)
-    if H % m or W % m:
-        G.fill(0)
-    for fb in _channel_blocks(F_, dout[0].nbytes):
+    # Output gradient into the tile layout (zeros where the last tile row/column overhangs), then
+    # to the transformed domain, a block of filters at a time.
+    dM = scratch(ws, "wM", (al * al, F_ * P), dt)
+    blocks = _tile_blocks(F_, m * m * P * dt.itemsize)
+    G = scratch(ws, "wY", (m * m * (blocks[0].stop - blocks[0].start) * P,), dt)
+    for fb in blocks:
+        n = fb.stop - fb.start
+        g = G[:m * m * n * P].reshape(m * m, n * P)
+        g6 = g.reshape(m, m, n, th, tw, N)
+        if H % m or W % m:
+            g.fill(0)
         for a in range(m):
             for c in range(m):
-                G6[a, c, fb, :(H - a + m - 1) // m, :(W - c + m - 1) // m] = \
+                g6[a, c, :, :(H - a + m - 1) // m, :(W - c + m - 1) // m] = \
                     dout[fb, :, a::m, c::m].transpose(0, 2, 3, 1)
-    dM = scratch(ws, "wM", (al * al, F_, P), dt)         # scratch: the forward's M, reused
-    np.matmul(KAt, G, out=dM.reshape(al * al, F_ * P))
+        np.matmul(KAt, g, out=dM[:, fb.start * P:fb.stop * P])
     dU = scratch(ws, "wdU", (al * al, F_, C), dt)
-    np.matmul(dM, V.reshape(al * al, C, P).transpose(0, 2, 1), out=dU)
+    np.matmul(dM.reshape(al * al, F_, P), V.reshape(al * al, C, P).transpose(0, 2, 1), out=dU)
     dw = dw_out if dw_out is not None else np.empty(w.shape, dt)
     dw[...] = (KGt @ dU.reshape(al * al, F_ * C)).reshape(3, 3, F_, C).transpose(2, 3, 0, 1)
     db = None
@@ -138,29 +159,35 @@ def conv_backward(dout, cache, need_dx=True, dw_out=None, db_out=None, ws=None,
         np.sum(dout, axis=(1, 2, 3), out=db)
     if not need_dx:
         return None, dw, db
-    dV = scratch(ws, "wD", (al * al, C * P), dt)         # scratch: the forward's D, reused
-    np.matmul(U.transpose(0, 2, 1), dM, out=dV.reshape(al * al, C, P))
-    dD = scratch(ws, "wdD", (al * al, C * P), dt)
-    np.matmul(KBt, dV, out=dD)
-    dD6 = dD.reshape(al, al, C, th, tw, N)
-    # Overlap-add of the tiles (size m + 2, stride m) by phase: padded row m·u + p gets tile row u
-    # at offset p and tile row u - 1 at offset p + m (when p + m < m + 2); likewise for columns.
-    Z = scratch(ws, "wZ", (m, m, C, th + 1, tw + 1, N), dt)
-    Z.fill(0)
-    for p in range(m):
-        for q in range(m):
-            z = Z[p, q]
-            for k in range(2):
-                for l in range(2):
-                    if p + m * k < al and q + m * l < al:
-                        z[:, k:k + th, l:l + tw] += dD6[p + m * k, q + m * l]
-    # Unpadded row h is padded row h + 1 = m·u + p: p = (h + 1) % m, u = (h + 1) // m.
+    dV = scratch(ws, "wD", (al * al, C * P), dt)
+    np.matmul(U.transpose(0, 2, 1), dM.reshape(al * al, F_, P), out=dV.reshape(al * al, C, P))
     dx = buffer(ws, key + "wdx", (C, N, H, W), dt)
-    for cb in _channel_blocks(C, dx[0].nbytes):
+    blocks = _tile_blocks(C, al * al * P * dt.itemsize)
+    nb = blocks[0].stop - blocks[0].start
+    dD = scratch(ws, "wdD", (al * al * nb * P,), dt)
+    Z = scratch(ws, "wZ", (m * m * nb * (th + 1) * (tw + 1) * N,), dt)
+    for cb in blocks:
+        n = cb.stop - cb.start
+        d = dD[:al * al * n * P].reshape(al * al, n * P)
+        np.matmul(KBt, dV[:, cb.start * P:cb.stop * P], out=d)
+        d6 = d.reshape(al, al, n, th, tw, N)
+        # Overlap-add of the tiles (size m + 2, stride m) by phase: padded row m·u + p gets tile
+        # row u at offset p and tile row u - 1 at offset p + m (when p + m < m + 2); likewise
+        # for columns.
+        z6 = Z[:m * m * n * (th + 1) * (tw + 1) * N].reshape(m, m, n, th + 1, tw + 1, N)
+        z6.fill(0)
+        for p in range(m):
+            for q in range(m):
+                z = z6[p, q]
+                for k in range(2):
+                    for l in range(2):
+                        if p + m * k < al and q + m * l < al:
+                            z[:, k:k + th, l:l + tw] += d6[p + m * k, q + m * l]
+        # Unpadded row h is padded row h + 1 = m·u + p: p = (h + 1) % m, u = (h + 1) // m.
         for ph in range(m):
             for pw in range(m):
                 nh, nw = (H - ph + m - 1) // m, (W - pw + m - 1) // m
                 u0, v0 = (ph + 1) // m, (pw + 1) // m
-                dx[cb, :, ph::m, pw::m] = Z[(ph + 1) % m, (pw + 1) % m, cb, u0:u0 + nh,
-                                            v0:v0 + nw].transpose(0, 3, 1, 2)
+                dx[cb, :, ph::m, pw::m] = z6[(ph + 1) % m, (pw + 1) % m, :, u0:u0 + nh,
+                                             v0:v0 + nw].transpose(0, 3, 1, 2)
     return dx, dw, db
