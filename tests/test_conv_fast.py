@@ -128,7 +128,7 @@ def test_shape_rule():
     x = RNG.standard_normal((3, 2, 32, 32)).astype(np.float32)
     w = RNG.standard_normal((32, 3, 7, 7)).astype(np.float32)
     _, cache = F.conv_forward(x, w, None, 1, 3)
-    assert not isinstance(cache[0], str)                       # im2col, as before
+    assert cache[0] == "im2col"                                # im2col, as before
 
 
 def test_auto_path_matches_reference_on_airbench_shape(monkeypatch):
@@ -138,7 +138,7 @@ def test_auto_path_matches_reference_on_airbench_shape(monkeypatch):
     assert isinstance(cache[0], str) and cache[0] == "winograd"
     monkeypatch.setattr(F, "WINOGRAD", False)
     ref, cache = F.conv_forward(x, w, None, 1, 1)
-    assert not isinstance(cache[0], str)
+    assert cache[0] == "im2col"
     assert np.max(np.abs(auto - ref)) / np.max(np.abs(ref)) < 1e-5
 
 
@@ -169,15 +169,20 @@ def test_airbench_gradient_through_winograd(monkeypatch):
 
 @pytest.mark.parametrize("k,stride,pad", [(3, 1, 1), (7, 2, 3), (2, 2, 0)])
 def test_input_gradient_in_image_blocks(monkeypatch, k, stride, pad):
-    """im2col's input gradient made one image at a time (its column buffer block-sized) equals
-    the one made for all images at once, also with a reused workspace."""
+    """im2col's columns made one image at a time (forward, and again in backward for the weight
+    and input gradients) give what one block of all images gives, also with a reused
+    workspace."""
     x = RNG.standard_normal((3, 5, 9, 8))
     w = RNG.standard_normal((4, 3, k, k))
     out, cache = F.conv_forward(x, w, None, stride, pad, method="im2col")
     dout = RNG.standard_normal(out.shape)
-    whole = F.conv_backward(dout, cache)[0]
-    monkeypatch.setattr(F, "COL2IM_BLOCK_BYTES", 1)
+    whole = F.conv_backward(dout, cache)
+    assert cache[-1] is not None  # small: the columns were kept
+    monkeypatch.setattr(F, "COL_BLOCK_BYTES", 1)
+    monkeypatch.setattr(F, "COL_KEEP_BYTES", 0)
     ws = Workspace()
     for _ in range(2):
-        np.testing.assert_allclose(F.conv_backward(dout, cache, ws=ws)[0], whole, rtol=1e-12,
-                                   atol=1e-12)
+        out_b, cache_b = F.conv_forward(x, w, None, stride, pad, ws, method="im2col")
+        np.testing.assert_allclose(out_b, out, rtol=1e-12, atol=1e-12)
+        for got, ref in zip(F.conv_backward(dout, cache_b, ws=ws)[:2], whole[:2]):
+            np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-12)

@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 
+from partrain.nn import batchnorm as BN
 from partrain.nn import functional as F
 from partrain.nn.models import build_model
 
@@ -102,16 +103,16 @@ def test_batchnorm(groups):
     beta = RNG.standard_normal(3)
 
     def fwd(x, gamma, beta):
-        out, cache, _ = F.batchnorm_forward(x, gamma, beta, groups)
+        out, cache, _ = BN.batchnorm_forward(x, gamma, beta, groups)
         return out, cache
 
-    check(fwd, lambda d, c: F.batchnorm_backward(d, c, np.empty(3), np.empty(3)), [x, gamma, beta])
+    check(fwd, lambda d, c: BN.batchnorm_backward(d, c, np.empty(3), np.empty(3)), [x, gamma, beta])
 
 
 def test_batchnorm_groups_are_independent():
     x = RNG.standard_normal((2, 4, 3, 3))
-    whole, _, _ = F.batchnorm_forward(x, None, None, [(0, 2), (2, 4)])
-    first, _, _ = F.batchnorm_forward(x[:, :2].copy(), None, None, [(0, 2)])
+    whole, _, _ = BN.batchnorm_forward(x, None, None, [(0, 2), (2, 4)])
+    first, _, _ = BN.batchnorm_forward(x[:, :2].copy(), None, None, [(0, 2)])
     np.testing.assert_allclose(whole[:, :2], first, rtol=1e-12)
 
 

@@ -261,8 +261,11 @@ def test_old_run_folder_resumes_exactly(old_run, tmp_path):
     got, meta = load_checkpoint(run / "checkpoint.h5")
     want, _ = load_checkpoint(fresh / "checkpoint.h5")
     assert meta["epoch"] == 2 and meta["t"] == 18
+    # Not bit for bit since issue 12: the convolution sums its weight gradient over blocks of
+    # images, so the old version's first epoch differs from today's by float round-off. A
+    # wrongly restored optimizer state, position or schedule would differ by far more.
     for name in want:
-        assert got[name].tobytes() == want[name].tobytes(), name
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-3, atol=1e-6, err_msg=name)
     steps, epochs = RunDir(run).read_history()
     assert [r["step"] for r in epochs] == [9, 18]
     assert [r["step"] for r in steps] == [3, 6, 9, 12, 15, 18]

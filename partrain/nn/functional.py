@@ -6,7 +6,7 @@ im2col). With that layout a convolution over the whole batch is ONE matrix produ
 `W (F, C·KH·KW) @ cols (C·KH·KW, N·OH·OW)`, whose result is already the next layer's input, and batch
 norm reduces over contiguous rows. Images arrive as (N, C, H, W) and are transposed once.
 
-Every kernel takes an optional `ws` (a `workspace.Workspace`) for its big buffers; 3x3 stride-1
+Batch norm is in batchnorm.py. Every kernel takes an optional `ws` (a `workspace.Workspace`) for its big buffers; 3x3 stride-1
 convolutions may run as Winograd (winograd.py), picked by shape in `conv_forward`.
 """
 from __future__ import annotations
@@ -26,8 +26,9 @@ def conv_out_size(size: int, k: int, stride: int, pad: int) -> int:
 
 
 def im2col(x: np.ndarray, kh: int, kw: int, stride: int, pad: int,
-           ws: Workspace | None = None, key: str = "") -> tuple[np.ndarray, tuple]:
-    """(C, N, H, W) -> cols (C·kh·kw, N·OH·OW), built from a strided view (one copy).
+           ws: Workspace | None = None) -> tuple[np.ndarray, tuple]:
+    """(C, N, H, W) -> cols (C·kh·kw, N·OH·OW), built from a strided view (one copy), in the
+    workspace's scratch pool (the caller uses them at once).
 
     Returns (cols, geometry) where geometry = (C, N, H, W, OH, OW).
     """
@@ -42,11 +43,11 @@ def im2col(x: np.ndarray, kh: int, kw: int, stride: int, pad: int,
         xp[:, :, pad:-pad, -pad:] = 0
         xp[:, :, pad:-pad, pad:-pad] = x
     else:
-        xp = x if x.flags.c_contiguous else np.ascontiguousarray(x)
+        xp = x  # any strides: the view below reads them as they are
     sC, sN, sH, sW = xp.strides
     view = as_strided(xp, shape=(C, kh, kw, N, OH, OW),
                       strides=(sC, sH, sW, sN, sH * stride, sW * stride), writeable=False)
-    cols = buffer(ws, key + "cols", (C * kh * kw, N * OH * OW), x.dtype)
+    cols = scratch(ws, "cols", (C * kh * kw, N * OH * OW), x.dtype)
     np.copyto(cols.reshape(C, kh, kw, N, OH, OW), view)
     return cols, (C, N, H, W, OH, OW)
 
@@ -113,52 +114,80 @@ def conv_forward(x, w, b, stride=1, pad=0, ws=None, key="conv", method="auto"):
     if method == "auto" and winograd_eligible(x.shape, w.shape, stride, pad):
         return winograd.conv_forward(x, w, b, WINOGRAD_TILE, ws, key)
     F, C, KH, KW = w.shape
-    cols, geom = im2col(x, KH, KW, stride, pad, ws, key)
-    _, N, _, _, OH, OW = geom
+    N, H, W = x.shape[1:]
+    OH, OW = conv_out_size(H, KH, stride, pad), conv_out_size(W, KW, stride, pad)
+    geom, w2 = (C, N, H, W, OH, OW), w.reshape(F, -1)
     out = buffer(ws, key + "out", (F, N * OH * OW), x.dtype)
-    np.matmul(w.reshape(F, -1), cols, out=out)
+    kept = None
+    if C * KH * KW * OH * OW * N * x.dtype.itemsize <= COL_KEEP_BYTES:  # one GEMM, columns kept
+        kept = buffer(ws, key + "cols", (C * KH * KW, N * OH * OW), x.dtype)
+        np.copyto(kept, im2col(x, KH, KW, stride, pad, ws)[0])
+        np.matmul(w2, kept, out=out)
+    else:
+        for n0, n1 in _image_blocks(geom, KH * KW, x.dtype):
+            cols = im2col(x[:, n0:n1], KH, KW, stride, pad, ws)[0]
+            np.matmul(w2, cols, out=out[:, n0 * OH * OW:n1 * OH * OW])
     if b is not None:
         out += b[:, None]
-    return out.reshape(F, N, OH, OW), (cols, geom, w, stride, pad, b is not None)
+    return out.reshape(F, N, OH, OW), ("im2col", x, geom, w, stride, pad, b is not None, kept)
+
+
+COL_BLOCK_BYTES = 4 << 20  # im2col columns are made a few images at a time, about this much...
+COL_KEEP_BYTES = 32 << 20  # ...when all of them would take more than this; else they are kept
+
+
+def _image_blocks(geom, kk, dtype):
+    """[n0, n1) ranges of images whose im2col columns take about COL_BLOCK_BYTES. The columns
+    of one image are contiguous, so a block is one GEMM; its columns stay in cache between the
+    copy that makes them and the GEMM that reads them, and are never kept: backward makes them
+    again (a copy from cache, against writing and re-reading the whole matrix: for airbench's
+    conv0a 51 MB per 64 images, for the course model's 7x7 conv at batch 256, 154 MB). Columns
+    of at most COL_KEEP_BYTES are kept instead (one GEMM each way: the course model's 30 MB at
+    batch 50 ran its step 59.8 -> 69.4 ms slower in blocks)."""
+    C, N, H, W, OH, OW = geom
+    per_image = C * kk * OH * OW * np.dtype(dtype).itemsize
+    nb = max(1, min(N, COL_BLOCK_BYTES // max(1, per_image)))
+    return [(n0, min(N, n0 + nb)) for n0 in range(0, N, nb)]
 
 
 def conv_backward(dout, cache, need_dx=True, dw_out=None, db_out=None, ws=None, key="conv"):
-    """-> (dx or None, dw, db or None). dw/db are written into dw_out/db_out when given."""
-    if isinstance(cache[0], str) and cache[0] == "winograd":
+    """-> (dx or None, dw, db or None). dw/db are written into dw_out/db_out when given.
+
+    im2col: per block of images (`_image_blocks`) the columns are made again from the cached
+    input, for the weight gradient (summed over blocks) and the input gradient (col2im)."""
+    if cache[0] == "winograd":
         return winograd.conv_backward(dout, cache, need_dx, dw_out, db_out, ws, key)
-    cols, geom, w, stride, pad, has_bias = cache
+    _, x, geom, w, stride, pad, has_bias, kept = cache
     F, C, KH, KW = w.shape
+    _, N, H, W, OH, OW = geom
     d2 = dout.reshape(F, -1) if dout.flags.c_contiguous else np.ascontiguousarray(dout).reshape(F, -1)
     dw = dw_out if dw_out is not None else np.empty(w.shape, dout.dtype)
-    np.matmul(d2, cols.T, out=dw.reshape(F, -1))
+    dw2, w2 = dw.reshape(F, -1), w.reshape(F, -1)
+    if kept is not None:
+        np.matmul(d2, kept.T, out=dw2)
+    else:
+        part = buffer(ws, key + "dwpart", dw2.shape, dout.dtype)
+    if need_dx:
+        dxp = buffer(ws, key + "dxpad", (C, N, H + 2 * pad, W + 2 * pad), dout.dtype)
+    for i, (n0, n1) in enumerate(_image_blocks(geom, KH * KW, dout.dtype)):
+        d2b = d2[:, n0 * OH * OW:n1 * OH * OW]
+        if kept is None:
+            cols = im2col(x[:, n0:n1], KH, KW, stride, pad, ws)[0]
+            np.matmul(d2b, cols.T, out=dw2 if i == 0 else part)
+            if i:
+                dw2 += part
+        if need_dx:
+            dcols = scratch(ws, "dcols", (C * KH * KW, (n1 - n0) * OH * OW), dout.dtype)
+            np.matmul(w2.T, d2b, out=dcols)
+            col2im(dcols, (C, n1 - n0, H, W, OH, OW), KH, KW, stride, pad, out=dxp[:, n0:n1])
     db = None
     if has_bias:
         db = db_out if db_out is not None else np.empty(F, dout.dtype)
         np.sum(d2, axis=1, out=db)
     dx = None
     if need_dx:
-        dx = _input_gradient(w.reshape(F, -1), d2, geom, KH, KW, stride, pad, ws, key)
+        dx = dxp[:, :, pad:pad + H, pad:pad + W] if pad else dxp
     return dx, dw, db
-
-
-COL2IM_BLOCK_BYTES = 4 << 20  # the input gradient's columns are made a few images at a time
-
-
-def _input_gradient(w2, d2, geom, kh, kw, stride, pad, ws, key):
-    """col2im(w2ᵀ @ d2), a block of images at a time: the columns of one image are contiguous,
-    so each block is one GEMM and one col2im, and the column buffer is block-sized (for
-    airbench's conv0a at 64 images: 51 MB -> 4 MB) and stays in cache for the col2im."""
-    C, N, H, W, OH, OW = geom
-    per_image = w2.shape[1] * OH * OW * d2.dtype.itemsize
-    nb = max(1, min(N, COL2IM_BLOCK_BYTES // max(1, per_image)))
-    dcols = scratch(ws, "dcols", (w2.shape[1] * nb * OH * OW,), d2.dtype)
-    dxp = buffer(ws, key + "dxpad", (C, N, H + 2 * pad, W + 2 * pad), d2.dtype)
-    for n0 in range(0, N, nb):
-        n1 = min(N, n0 + nb)
-        block = dcols[:w2.shape[1] * (n1 - n0) * OH * OW].reshape(w2.shape[1], -1)
-        np.matmul(w2.T, d2[:, n0 * OH * OW:n1 * OH * OW], out=block)
-        col2im(block, (C, n1 - n0, H, W, OH, OW), kh, kw, stride, pad, out=dxp[:, n0:n1])
-    return dxp[:, :, pad:pad + H, pad:pad + W] if pad else dxp
 
 
 # ----------------------------------------------------------------------------- activations
@@ -324,78 +353,6 @@ def flatten_forward(x):
 def flatten_backward(dout, shape):
     C, N = shape[:2]
     return np.ascontiguousarray(dout.reshape(N, C, -1).transpose(1, 0, 2)).reshape(shape)
-
-
-# ----------------------------------------------------------------------------- batch norm
-def batchnorm_forward(x, gamma, beta, groups: list[tuple[int, int]], eps=1e-5, ws=None, key="bn"):
-    """Training-mode batch norm of (C, N, H, W) with statistics per group of samples.
-
-    groups: [lo, hi) sample ranges ("ghost batches"); each is normalised with its own mean and
-    (biased) variance. Returns out, cache, (sum of group means, sum of group variances) per channel.
-    Written as in-place passes over (C, n·H·W) views of the two output arrays: no temporaries of
-    the map's size, and every reduction runs along one contiguous axis. With a Workspace, `out` and
-    the cached `xhat` are reused from step to step.
-    """
-    C = x.shape[0]
-    out = buffer(ws, key + "out", x.shape, x.dtype)
-    xhat = buffer(ws, key + "xhat", x.shape, x.dtype)
-    inv_stds = []
-    mean_sum = np.zeros(C, np.float64)
-    var_sum = np.zeros(C, np.float64)
-    for lo, hi in groups:
-        xg = x[:, lo:hi].reshape(C, -1)
-        xh = xhat[:, lo:hi].reshape(C, -1)
-        sq = out[:, lo:hi].reshape(C, -1)       # scratch until the final pass
-        mu = xg.mean(axis=1, keepdims=True)
-        np.subtract(xg, mu, out=xh)
-        np.multiply(xh, xh, out=sq)
-        var = sq.mean(axis=1, keepdims=True)
-        inv = 1.0 / np.sqrt(var + eps)
-        xh *= inv
-        mean_sum += mu.ravel()
-        var_sum += var.ravel()
-        inv_stds.append(inv)
-    if gamma is not None:
-        np.multiply(xhat, gamma.reshape(-1, 1, 1, 1), out=out)
-        if beta is not None:
-            out += beta.reshape(-1, 1, 1, 1)
-    elif beta is not None:
-        np.add(xhat, beta.reshape(-1, 1, 1, 1), out=out)
-    else:
-        out[...] = xhat
-    return out, (xhat, inv_stds, groups, gamma), (mean_sum, var_sum)
-
-
-def batchnorm_backward(dout, cache, dgamma_out=None, dbeta_out=None, ws=None, key="bn"):
-    """-> (dx, dgamma or None, dbeta or None) for training-mode batch norm."""
-    xhat, inv_stds, groups, gamma = cache
-    C = xhat.shape[0]
-    dgamma = dbeta = None
-    if dbeta_out is not None:
-        dbeta = np.sum(dout.reshape(C, -1), axis=1, out=dbeta_out)
-    if dgamma_out is not None:
-        dgamma = np.sum((dout * xhat).reshape(C, -1), axis=1, out=dgamma_out)
-    dxhat = dout * gamma.reshape(-1, 1, 1, 1) if gamma is not None else dout
-    dx = buffer(ws, key + "dx", dout.shape, dout.dtype)
-    for (lo, hi), inv in zip(groups, inv_stds):
-        dh = dxhat[:, lo:hi].reshape(C, -1)
-        xh = xhat[:, lo:hi].reshape(C, -1)
-        dxg = dx[:, lo:hi].reshape(C, -1)
-        m = dh.mean(axis=1, keepdims=True)
-        np.multiply(dh, xh, out=dxg)            # scratch
-        mx = dxg.mean(axis=1, keepdims=True)
-        np.multiply(xh, mx, out=dxg)
-        np.subtract(dh, dxg, out=dxg)
-        dxg -= m
-        dxg *= inv                              # inv · (dh - m - xh · mx)
-    return dx, dgamma, dbeta
-
-
-def batchnorm_eval(x, gamma, beta, running_mean, running_var, eps=1e-5):
-    inv = 1.0 / np.sqrt(running_var + eps)
-    scale = inv if gamma is None else gamma * inv
-    shift = -running_mean * scale + (0 if beta is None else beta)
-    return x * scale.astype(x.dtype).reshape(-1, 1, 1, 1) + shift.astype(x.dtype).reshape(-1, 1, 1, 1)
 
 
 # ------------------------------------------------------------------------------------ loss

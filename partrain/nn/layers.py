@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import batchnorm as BN
 from . import functional as F
 from .params import ParamSpec
 from .workspace import Workspace
@@ -282,10 +283,10 @@ class BatchNorm(Layer):
     def forward(self, x, ctx):
         gamma, beta = self.p.get("gamma"), self.p.get("beta")
         if not ctx.train:
-            return F.batchnorm_eval(x, gamma, beta, self.s["running_mean"], self.s["running_var"],
+            return BN.batchnorm_eval(x, gamma, beta, self.s["running_mean"], self.s["running_var"],
                                     self.eps)
         groups = ctx.groups or [(0, x.shape[1])]
-        out, self.cache, (mean_sum, var_sum) = F.batchnorm_forward(x, gamma, beta, groups, self.eps,
+        out, self.cache, (mean_sum, var_sum) = BN.batchnorm_forward(x, gamma, beta, groups, self.eps,
                                                                    self.ws)
         if ctx.stats_out is not None:
             st = ctx.stats_out[self.name]
@@ -294,7 +295,7 @@ class BatchNorm(Layer):
         return out
 
     def backward(self, dout):
-        dx, _, _ = F.batchnorm_backward(dout, self.cache, self.g.get("gamma"), self.g.get("beta"),
+        dx, _, _ = BN.batchnorm_backward(dout, self.cache, self.g.get("gamma"), self.g.get("beta"),
                                         self.ws)
         return dx
 

@@ -1,0 +1,78 @@
+"""Batch norm kernels over (C, N, H, W) maps with per-group ("ghost batch") statistics (part of
+the functional kernels; `functional` re-exports them)."""
+from __future__ import annotations
+
+import numpy as np
+
+from .workspace import buffer
+
+
+def batchnorm_forward(x, gamma, beta, groups: list[tuple[int, int]], eps=1e-5, ws=None, key="bn"):
+    """Training-mode batch norm of (C, N, H, W) with statistics per group of samples.
+
+    groups: [lo, hi) sample ranges ("ghost batches"); each is normalised with its own mean and
+    (biased) variance. Returns out, cache, (sum of group means, sum of group variances) per channel.
+    Written as in-place passes over (C, n·H·W) views of the two output arrays: no temporaries of
+    the map's size, and every reduction runs along one contiguous axis. With a Workspace, `out` and
+    the cached `xhat` are reused from step to step.
+    """
+    C = x.shape[0]
+    out = buffer(ws, key + "out", x.shape, x.dtype)
+    xhat = buffer(ws, key + "xhat", x.shape, x.dtype)
+    inv_stds = []
+    mean_sum = np.zeros(C, np.float64)
+    var_sum = np.zeros(C, np.float64)
+    for lo, hi in groups:
+        xg = x[:, lo:hi].reshape(C, -1)
+        xh = xhat[:, lo:hi].reshape(C, -1)
+        sq = out[:, lo:hi].reshape(C, -1)       # scratch until the final pass
+        mu = xg.mean(axis=1, keepdims=True)
+        np.subtract(xg, mu, out=xh)
+        np.multiply(xh, xh, out=sq)
+        var = sq.mean(axis=1, keepdims=True)
+        inv = 1.0 / np.sqrt(var + eps)
+        xh *= inv
+        mean_sum += mu.ravel()
+        var_sum += var.ravel()
+        inv_stds.append(inv)
+    if gamma is not None:
+        np.multiply(xhat, gamma.reshape(-1, 1, 1, 1), out=out)
+        if beta is not None:
+            out += beta.reshape(-1, 1, 1, 1)
+    elif beta is not None:
+        np.add(xhat, beta.reshape(-1, 1, 1, 1), out=out)
+    else:
+        out[...] = xhat
+    return out, (xhat, inv_stds, groups, gamma), (mean_sum, var_sum)
+
+
+def batchnorm_backward(dout, cache, dgamma_out=None, dbeta_out=None, ws=None, key="bn"):
+    """-> (dx, dgamma or None, dbeta or None) for training-mode batch norm."""
+    xhat, inv_stds, groups, gamma = cache
+    C = xhat.shape[0]
+    dgamma = dbeta = None
+    if dbeta_out is not None:
+        dbeta = np.sum(dout.reshape(C, -1), axis=1, out=dbeta_out)
+    if dgamma_out is not None:
+        dgamma = np.sum((dout * xhat).reshape(C, -1), axis=1, out=dgamma_out)
+    dxhat = dout * gamma.reshape(-1, 1, 1, 1) if gamma is not None else dout
+    dx = buffer(ws, key + "dx", dout.shape, dout.dtype)
+    for (lo, hi), inv in zip(groups, inv_stds):
+        dh = dxhat[:, lo:hi].reshape(C, -1)
+        xh = xhat[:, lo:hi].reshape(C, -1)
+        dxg = dx[:, lo:hi].reshape(C, -1)
+        m = dh.mean(axis=1, keepdims=True)
+        np.multiply(dh, xh, out=dxg)            # scratch
+        mx = dxg.mean(axis=1, keepdims=True)
+        np.multiply(xh, mx, out=dxg)
+        np.subtract(dh, dxg, out=dxg)
+        dxg -= m
+        dxg *= inv                              # inv · (dh - m - xh · mx)
+    return dx, dgamma, dbeta
+
+
+def batchnorm_eval(x, gamma, beta, running_mean, running_var, eps=1e-5):
+    inv = 1.0 / np.sqrt(running_var + eps)
+    scale = inv if gamma is None else gamma * inv
+    shift = -running_mean * scale + (0 if beta is None else beta)
+    return x * scale.astype(x.dtype).reshape(-1, 1, 1, 1) + shift.astype(x.dtype).reshape(-1, 1, 1, 1)
