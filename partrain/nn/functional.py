@@ -6,8 +6,9 @@ im2col). With that layout a convolution over the whole batch is ONE matrix produ
 `W (F, C·KH·KW) @ cols (C·KH·KW, N·OH·OW)`, whose result is already the next layer's input, and batch
 norm reduces over contiguous rows. Images arrive as (N, C, H, W) and are transposed once.
 
-Batch norm is in batchnorm.py. Every kernel takes an optional `ws` (a `workspace.Workspace`) for its big buffers; 3x3 stride-1
-convolutions may run as Winograd (winograd.py), picked by shape in `conv_forward`.
+Every kernel takes an optional `ws` (a `workspace.Workspace`) for its big buffers; 3x3 stride-1
+convolutions may run as Winograd (winograd.py), picked by shape in `conv_forward`; batch norm is
+in batchnorm.py.
 """
 from __future__ import annotations
 
@@ -26,9 +27,9 @@ def conv_out_size(size: int, k: int, stride: int, pad: int) -> int:
 
 
 def im2col(x: np.ndarray, kh: int, kw: int, stride: int, pad: int,
-           ws: Workspace | None = None) -> tuple[np.ndarray, tuple]:
-    """(C, N, H, W) -> cols (C·kh·kw, N·OH·OW), built from a strided view (one copy), in the
-    workspace's scratch pool (the caller uses them at once).
+           ws: Workspace | None = None, out: np.ndarray | None = None) -> tuple[np.ndarray, tuple]:
+    """(C, N, H, W) -> cols (C·kh·kw, N·OH·OW), built from a strided view (one copy), into `out`
+    when given, else into the workspace's scratch pool (the caller uses them at once).
 
     Returns (cols, geometry) where geometry = (C, N, H, W, OH, OW).
     """
@@ -47,19 +48,18 @@ def im2col(x: np.ndarray, kh: int, kw: int, stride: int, pad: int,
     sC, sN, sH, sW = xp.strides
     view = as_strided(xp, shape=(C, kh, kw, N, OH, OW),
                       strides=(sC, sH, sW, sN, sH * stride, sW * stride), writeable=False)
-    cols = scratch(ws, "cols", (C * kh * kw, N * OH * OW), x.dtype)
+    cols = out if out is not None else scratch(ws, "cols", (C * kh * kw, N * OH * OW), x.dtype)
     np.copyto(cols.reshape(C, kh, kw, N, OH, OW), view)
     return cols, (C, N, H, W, OH, OW)
 
 
 def col2im(dcols: np.ndarray, geom: tuple, kh: int, kw: int, stride: int, pad: int,
-           ws: Workspace | None = None, key: str = "", out: np.ndarray | None = None) -> np.ndarray:
+           out: np.ndarray) -> np.ndarray:
     """Adjoint of im2col: sum each column back into its input pixel, with kh·kw strided adds
-    (no np.add.at, which is an order of magnitude slower). out: the padded (C, N, H+2p, W+2p)
-    array to write into (a view is fine); then it is returned whole, padding included."""
+    (no np.add.at, which is an order of magnitude slower), into `out`, the padded
+    (C, N, H+2p, W+2p) input gradient (a view is fine), which is returned, padding included."""
     C, N, H, W, OH, OW = geom
-    dxp = out if out is not None else buffer(ws, key + "dxpad", (C, N, H + 2 * pad, W + 2 * pad),
-                                             dcols.dtype)
+    dxp = out
     d6 = dcols.reshape(C, kh, kw, N, OH, OW)
     hspan, wspan = stride * (OH - 1) + 1, stride * (OW - 1) + 1
     if stride >= kh and stride >= kw:  # windows do not overlap: plain assignments
@@ -72,9 +72,7 @@ def col2im(dcols: np.ndarray, geom: tuple, kh: int, kw: int, stride: int, pad: i
         for i in range(kh):
             for j in range(kw):
                 dxp[:, :, i:i + hspan:stride, j:j + wspan:stride] += d6[:, i, j]
-    if out is not None:
-        return dxp
-    return dxp[:, :, pad:pad + H, pad:pad + W] if pad else dxp
+    return dxp
 
 
 # Winograd F(m x m, 3x3) for 3x3 stride-1 pad-1 convs lives in winograd.py; the rule below picks it
@@ -120,8 +118,8 @@ def conv_forward(x, w, b, stride=1, pad=0, ws=None, key="conv", method="auto"):
     out = buffer(ws, key + "out", (F, N * OH * OW), x.dtype)
     kept = None
     if C * KH * KW * OH * OW * N * x.dtype.itemsize <= COL_KEEP_BYTES:  # one GEMM, columns kept
-        kept = buffer(ws, key + "cols", (C * KH * KW, N * OH * OW), x.dtype)
-        np.copyto(kept, im2col(x, KH, KW, stride, pad, ws)[0])
+        kept = im2col(x, KH, KW, stride, pad, ws,
+                      out=buffer(ws, key + "cols", (C * KH * KW, N * OH * OW), x.dtype))[0]
         np.matmul(w2, kept, out=out)
     else:
         for n0, n1 in _image_blocks(geom, KH * KW, x.dtype):

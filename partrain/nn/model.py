@@ -58,7 +58,7 @@ class Model:
         if shape != (n_classes,):
             raise ValueError(f"model {name} ends in shape {shape}, expected ({n_classes},)")
         self.params = self.grads = self.state = None
-        self._aside: dict[str, np.ndarray] = {}  # train_step's sums so far, when it chunks
+        self._aside: dict[int, np.ndarray] = {}  # train_step's sums so far, when it chunks
 
     @property
     def frozen(self) -> frozenset[str]:
@@ -148,25 +148,21 @@ class Model:
         n = len(y)
         step = self.chunk_size if self.chunk_size and self.chunk_size < n else n
         loss_sum, correct = 0.0, 0
-        grads_so_far = stats_so_far = None
+        summed = [v for v in (self.grads, stats_out) if v is not None]
         for lo in range(0, n, step):
-            if lo:
-                grads_so_far = self._put_aside(self.grads, grads_so_far, "grads")
-                if stats_out is not None:
-                    stats_so_far = self._put_aside(stats_out, stats_so_far, "stats")
+            so_far = [self._put_aside(i, v) for i, v in enumerate(summed)] if lo else []
             loss, right = self._train_chunk(x[lo:lo + step], y[lo:lo + step], loss_scale,
                                             stats_out)
             loss_sum, correct = loss_sum + loss, correct + right
-            if lo:
-                self.grads += grads_so_far
-                if stats_out is not None:
-                    stats_out += stats_so_far
+            for v, saved in zip(summed, so_far):
+                v += saved
         return loss_sum, correct
 
-    def _put_aside(self, vector, saved, key):
-        saved = self._aside.get(key) if saved is None else saved
+    def _put_aside(self, slot: int, vector: np.ndarray) -> np.ndarray:
+        """A copy of `vector` in a buffer kept for the next steps (slot 0 grads, 1 stats)."""
+        saved = self._aside.get(slot)
         if saved is None or saved.shape != vector.shape:
-            saved = self._aside[key] = np.empty_like(vector)
+            saved = self._aside[slot] = np.empty_like(vector)
         np.copyto(saved, vector)
         return saved
 

@@ -51,19 +51,13 @@ BLOCK_BYTES = 1 << 20  # channel blocks for the layout-changing copies (cache-si
 
 
 def _channel_blocks(n_channels: int, bytes_per_channel: int):
-    """Slices of channels whose maps take about BLOCK_BYTES. The (C, N, H, W) <->
+    """Slices of channels whose maps (or tiles) take about BLOCK_BYTES. The (C, N, H, W) <->
     tile-layout copies are transposes with strided ends; done for all channels at once they
-    thrash the cache (F=256, 15x15, N=64: 45 ms for the output copy; in 1 MB blocks 15 ms)."""
+    thrash the cache (F=256, 15x15, N=64: 45 ms for the output copy; in 1 MB blocks 15 ms). The
+    transforms go by the same blocks, so the tile buffers between two steps stay in cache and in
+    the scratch pool at block size (airbench's conv1a output tiles: 37 MB -> 1 MB)."""
     bs = max(1, BLOCK_BYTES // max(1, bytes_per_channel))
     return [slice(c0, min(n_channels, c0 + bs)) for c0 in range(0, n_channels, bs)]
-
-
-def _tile_blocks(n_channels: int, bytes_per_channel: int):
-    """Channel slices whose transformed tiles take about BLOCK_BYTES: the gather + input
-    transform and the output transform + scatter run block by block, so the tile buffers between
-    the two steps stay in cache (and in the scratch pool at block size: for airbench's conv1a
-    37 MB of output tiles became 1 MB)."""
-    return _channel_blocks(n_channels, bytes_per_channel)
 
 
 def conv_forward(x, w, b, m, ws=None, key="conv"):
@@ -73,7 +67,7 @@ def conv_forward(x, w, b, m, ws=None, key="conv"):
     every gather, transform and overlap-add runs over N contiguous values (with (N, H, W) order the
     inner loops would be one tile row long, 4 values on a 7x7 map, and numpy's per-loop overhead
     dominates). The transposes happen once, on the padded input and on the output. The transforms
-    go channel block by channel block (`_tile_blocks`); only V (the transformed input, the cache
+    go channel block by channel block (`_channel_blocks`); only V (the transformed input, the cache
     for backward) and M (the products, which every output block needs whole) are full size.
     """
     al = m + 2
@@ -97,7 +91,7 @@ def conv_forward(x, w, b, m, ws=None, key="conv"):
     tiles = as_strided(xp, shape=(al, al, C, th, tw, N),
                        strides=(sH, sW, sC, m * sH, m * sW, sN), writeable=False)
     V = buffer(ws, key + "wV", (al * al, C * P), dt)
-    blocks = _tile_blocks(C, al * al * P * dt.itemsize)
+    blocks = _channel_blocks(C, al * al * P * dt.itemsize)
     D = scratch(ws, "wD", (al * al * (blocks[0].stop - blocks[0].start) * P,), dt)
     for cb in blocks:
         n = cb.stop - cb.start
@@ -107,7 +101,7 @@ def conv_forward(x, w, b, m, ws=None, key="conv"):
     M = scratch(ws, "wM", (al * al, F_ * P), dt)
     np.matmul(U, V.reshape(al * al, C, P), out=M.reshape(al * al, F_, P))
     out = buffer(ws, key + "out", (F_, N, H, W), dt)
-    blocks = _tile_blocks(F_, m * m * P * dt.itemsize)
+    blocks = _channel_blocks(F_, m * m * P * dt.itemsize)
     Y = scratch(ws, "wY", (m * m * (blocks[0].stop - blocks[0].start) * P,), dt)
     for fb in blocks:
         n = fb.stop - fb.start
@@ -136,7 +130,7 @@ def conv_backward(dout, cache, need_dx=True, dw_out=None, db_out=None, ws=None,
     # Output gradient into the tile layout (zeros where the last tile row/column overhangs), then
     # to the transformed domain, a block of filters at a time.
     dM = scratch(ws, "wM", (al * al, F_ * P), dt)
-    blocks = _tile_blocks(F_, m * m * P * dt.itemsize)
+    blocks = _channel_blocks(F_, m * m * P * dt.itemsize)
     G = scratch(ws, "wY", (m * m * (blocks[0].stop - blocks[0].start) * P,), dt)
     for fb in blocks:
         n = fb.stop - fb.start
@@ -162,7 +156,7 @@ def conv_backward(dout, cache, need_dx=True, dw_out=None, db_out=None, ws=None,
     dV = scratch(ws, "wD", (al * al, C * P), dt)
     np.matmul(U.transpose(0, 2, 1), dM.reshape(al * al, F_, P), out=dV.reshape(al * al, C, P))
     dx = buffer(ws, key + "wdx", (C, N, H, W), dt)
-    blocks = _tile_blocks(C, al * al * P * dt.itemsize)
+    blocks = _channel_blocks(C, al * al * P * dt.itemsize)
     nb = blocks[0].stop - blocks[0].start
     dD = scratch(ws, "wdD", (al * al * nb * P,), dt)
     Z = scratch(ws, "wZ", (m * m * nb * (th + 1) * (tw + 1) * N,), dt)
