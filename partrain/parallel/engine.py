@@ -164,11 +164,14 @@ class ParallelRunner:
         shm["labels"][:] = labels
         shm["perm"][:] = np.arange(n_images)
         self._n_order, self._epoch = n_images, 0
-        self.images, self.labels = shm["images"], shm["labels"]  # as LocalRunner has them
-        self.params, self.state = shm["params"], shm["state"]
-        self.opt_state = {k: shm[f"opt_{k}"] for k in optimizer.state_names}
-        self._grads = [shm[f"grad{w}"] for w in range(self.n_workers)]
-        self._reduced, self._stats, self._ctl = shm["reduced"], shm["stats"], shm["ctl"]
+        # All views bound, or none: a second Ctrl-C between them left close()'s _copy_out with
+        # params but no opt_state (an AttributeError traceback, seen in CI).
+        with self._stop.deferred():
+            self.images, self.labels = shm["images"], shm["labels"]  # as LocalRunner has them
+            self.params, self.state = shm["params"], shm["state"]
+            self.opt_state = {k: shm[f"opt_{k}"] for k in optimizer.state_names}
+            self._grads = [shm[f"grad{w}"] for w in range(self.n_workers)]
+            self._reduced, self._stats, self._ctl = shm["reduced"], shm["stats"], shm["ctl"]
         return self.params, self._reduced, self.state
 
     def _start(self, start_method: str, cfg: dict, log_dir, timeout: float) -> None:
