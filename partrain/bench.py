@@ -37,6 +37,7 @@ import numpy as np
 from .datasets.store import channel_stats, inspect_store
 from .errors import PartrainError
 from .memory import usage
+from .config import TrainConfig
 from .parallel.engine import ParallelRunner, step_breakdown, usable_cores
 
 PARTS = ("compute", "wait", "reduction", "optimizer", "signalling", "between_steps")
@@ -56,6 +57,7 @@ class BenchConfig:
     data: str | None = None                    # a cifar10.h5; None: synthetic images
     synthetic: int = 10000                     # how many, when there is no store
     seed: int = 0
+    micro_batch: int | None = None             # the order-free sum, as TrainConfig.micro_batch
 
     def check(self) -> None:
         if self.steps < 1 or self.warmup < 0:
@@ -121,6 +123,9 @@ def run_scaling(cfg: BenchConfig, echo: Callable[[str], None] = print) -> tuple[
             "config": asdict(cfg), "workers": workers}
     rows: list[dict] = []
     model_spec = (cfg.model, dict(cfg.model_options))
+    micro = TrainConfig(model=cfg.model, model_options=dict(cfg.model_options),
+                        micro_batch=cfg.micro_batch).micro_batch_of()
+    meta["micro_batch"] = micro
     opt_spec = (cfg.optimizer, {})  # cfg.lr goes with every step
     with open_images(cfg, echo) as (images, labels, mean, std, source):
         meta["data"] = source
@@ -133,7 +138,9 @@ def run_scaling(cfg: BenchConfig, echo: Callable[[str], None] = print) -> tuple[
                 t0 = time.perf_counter()
                 try:
                     runner = ParallelRunner(model_spec, opt_spec, images, labels, mean, std,
-                                            seed=cfg.seed, n_workers=n, reduction=reduction)
+                                            seed=cfg.seed, n_workers=n, reduction=reduction,
+                                            micro_batch=micro,
+                                            max_batch=max(cfg.batches))
                 except (TypeError, ValueError) as e:
                     raise PartrainError(f"cannot build {cfg.model}: {e}") from None
                 with runner:
@@ -144,6 +151,7 @@ def run_scaling(cfg: BenchConfig, echo: Callable[[str], None] = print) -> tuple[
                         row, t = _measure(runner, batch, n_images, cfg, t)
                         mem = usage(runner.worker_pids)
                         row.update(model=cfg.model, reduction=reduction, workers=n,
+                                   micro_batch=micro,
                                    startup_s=round(runner.startup_s, 3),
                                    setup_s=round(setup_s, 3),
                                    memory_pss_mib=mem["total_pss_mib"],

@@ -356,6 +356,7 @@ def _int_list(text: str | None, what: str) -> list[int] | None:
 @_setting_option("model", help="Model name.")
 @_setting_option("model_options")
 @_setting_option("optimizer")
+@_setting_option("micro_batch")
 @click.option("--steps", type=int, default=30, show_default=True, help="Timed steps per point.")
 @click.option("--warmup", type=int, default=5, show_default=True,
               help="Untimed steps before each point.")
@@ -375,7 +376,8 @@ def _int_list(text: str | None, what: str) -> list[int] | None:
 @click.option("--bandwidth", default="1.25,0.125", show_default=True, metavar="GB/s,...",
               help="With --backend mpi: network bandwidths for the estimate (10 and 1 GbE).")
 @user_errors
-def bench(workers, batch_sizes, reduction, model, model_options, optimizer, steps, warmup,
+def bench(workers, batch_sizes, reduction, model, model_options, optimizer, micro_batch, steps,
+          warmup,
           data_dir, synthetic, out_dir, kernels, layers, backend, bandwidth):
     """Scaling benchmark: images/s, speed-up and efficiency against the number of workers."""
 
@@ -393,7 +395,7 @@ def bench(workers, batch_sizes, reduction, model, model_options, optimizer, step
                       optimizer=optimizer, workers=_int_list(workers, "--workers"),
                       batches=_int_list(batch_sizes, "--batch-size"),
                       reductions=["sharded", "parent"] if reduction == "both" else [reduction],
-                      steps=steps, warmup=warmup,
+                      steps=steps, warmup=warmup, micro_batch=micro_batch,
                       data=None if synthetic or not store.exists() else str(store),
                       synthetic=synthetic or 10000)
     if backend == "mpi":

@@ -9,7 +9,9 @@ import numpy as np
 
 from .optim import sync_frozen
 from .parallel.engine import ParallelRunner
-from .step import active_augment, init_model, merge_stats, shard_gradient
+from .parallel.reduce import sum_into
+from .step import (active_augment, init_model, merge_stats, micro_gradients, n_micro,
+                   shard_gradient, sum_results)
 
 
 class LocalRunner:
@@ -17,9 +19,10 @@ class LocalRunner:
 
     def __init__(self, model_spec: tuple[str, dict], optimizer_spec: tuple[str, dict],
                  images: np.ndarray, labels: np.ndarray, mean, std, seed: int = 0,
-                 augment=None, init_idx=None):
+                 augment=None, init_idx=None, micro_batch: int | None = None):
         """augment: an `augment.AugmentSpec` or None; init_idx: the training indices that
-        `init_from_data` may look at (None: all images)."""
+        `init_from_data` may look at (None: all images); micro_batch: sum over micro-batches of
+        this size in a fixed order (`step.micro_gradients`), as the engine does with any N."""
         rep = init_model(model_spec, optimizer_spec, mean, std, seed=seed, images=images,
                          init_idx=init_idx)
         self.model, self.optimizer = rep.model, rep.optimizer
@@ -33,6 +36,8 @@ class LocalRunner:
         self.epoch = 0
         self.augment = active_augment(augment)
         self._xbuf = None
+        self.micro = micro_batch
+        self._rows = None  # micro-batch gradient rows (k, P), results (k, 2), stats (k, S)
 
     def set_order(self, order: np.ndarray, epoch: int = 0) -> None:
         """The coming epoch's permutation of train indices, and its number (for augmentation)."""
@@ -42,6 +47,8 @@ class LocalRunner:
     def step(self, lo: int, hi: int, lr: float, t: int) -> tuple[float, int]:
         n = hi - lo
         sync_frozen(self.model, self.optimizer, t)
+        if self.micro:
+            return self._micro_step(lo, hi, lr, t)
         loss, correct, self._xbuf = shard_gradient(
             self.model, self.images, self.labels, self.order[lo:hi], self.scale, self.shift,
             1.0 / n, self.stats, self._xbuf, self.augment, self.epoch)
@@ -49,6 +56,24 @@ class LocalRunner:
             merge_stats(self.model, [self.stats], n)
         self.optimizer.step(self.params, self.grads, self.opt_state, t, lr)
         return loss, correct
+
+    def _micro_step(self, lo: int, hi: int, lr: float, t: int) -> tuple[float, int]:
+        """The step as sums over micro-batch rows in the order k = 0, 1, ... (what every worker
+        count computes), into self.grads, then the optimizer."""
+        m, k = self.model, n_micro(hi - lo, self.micro)
+        if self._rows is None or len(self._rows[0]) < k:
+            self._rows = (np.zeros((k, m.layout.size), m.dtype), np.zeros((k, 2)),
+                          np.zeros((k, m.stats_size), m.dtype) if m.stats_size else None)
+        grads, results, stats = self._rows
+        self._xbuf = micro_gradients(m, self.images, self.labels, self.order, lo, lo, hi,
+                                     self.micro, grads, results, stats, self.scale, self.shift,
+                                     1.0 / (hi - lo), self._xbuf, self.augment, self.epoch)
+        m.bind_grads(self.grads)  # zeroes what no backward pass writes
+        sum_into(list(grads[:k]), self.grads, 0, m.layout.size)
+        if stats is not None:
+            merge_stats(m, stats[:k], hi - lo)
+        self.optimizer.step(self.params, self.grads, self.opt_state, t, lr)
+        return sum_results(results[:k])
 
     def close(self) -> None:
         pass
@@ -61,16 +86,18 @@ class LocalRunner:
 
 
 def make_runner(cfg, data, model_spec, opt_spec, train_idx=None, stop=None, cross=None,
-                log_dir=None, step_timeout=None):
+                log_dir=None, step_timeout=None, micro_batch=None):
     """LocalRunner for one worker, the engine for more; both initialise the model identically
     (init_from_data sees only `train_idx`) and augment as cfg says. stop: the driver's
     `interrupt.StopFlag`, so that the engine installs no signal handler of its own. log_dir,
-    step_timeout: the engine's (where failing workers write; how long a silent one may take)."""
-    common = dict(seed=cfg.seed, augment=cfg.augment_spec(), init_idx=train_idx)
+    step_timeout: the engine's (where failing workers write; how long a silent one may take).
+    micro_batch: the order-free sum's micro-batch (None: off)."""
+    common = dict(seed=cfg.seed, augment=cfg.augment_spec(), init_idx=train_idx,
+                  micro_batch=micro_batch)
     if cfg.workers == 1 and cross is None:  # under MPI a rank is always a parent of workers
         return LocalRunner(model_spec, opt_spec, data.train_images, data.train_labels,
                            data.mean, data.std, **common)
     return ParallelRunner(model_spec, opt_spec, data.train_images, data.train_labels,
                           data.mean, data.std, n_workers=cfg.workers, reduction=cfg.reduction,
                           stop=stop, cross=cross, log_dir=log_dir, step_timeout=step_timeout,
-                          **common)
+                          max_batch=cfg.batch_size, **common)

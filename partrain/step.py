@@ -110,6 +110,50 @@ def shard_gradient(model, images, labels, idx, scale, shift, loss_scale, stats_o
     return loss_sum, correct, (xbuf if xbuf is not None and xbuf.shape[0] >= len(idx) else x)
 
 
+# ---------------------------------------------------------------- micro-batches (any N, same bits)
+# With `micro_batch` M set, a step's samples are cut into micro-batches of M (the last may be
+# shorter) that never depend on who computes them: each one's gradient, batch-norm statistics,
+# loss and correct count go into a row of their own (row k for micro-batch k), and the rows are
+# summed in the order k = 0, 1, ... Workers (and machines) get contiguous runs of whole
+# micro-batches (`split_shards` with group M), so the arithmetic is the same for any N.
+
+def n_micro(n: int, micro: int) -> int:
+    """Micro-batches in a step of n samples."""
+    return -(-n // micro)
+
+
+def micro_gradients(model, images, labels, order, step_lo: int, lo: int, hi: int, micro: int,
+                    grad_rows, result_rows, stats_rows, scale, shift, loss_scale, xbuf=None,
+                    augment=None, epoch: int = 0):
+    """The micro-batches order[lo:hi] of a step that starts at order[step_lo] (lo - step_lo a
+    multiple of `micro`): micro-batch k's gradient of loss_scale·(sum of its losses) into
+    grad_rows[k], its batch-norm statistics into stats_rows[k] (None: the model has none), its
+    (loss sum, n correct) into result_rows[k]. Returns the input buffer for the next call.
+
+    Each micro-batch is one `train_step` with the grads bound to its row (`Model.bind_grads`),
+    so its bits do not depend on the rows around it; the model stays bound to the last row."""
+    for a in range(lo, hi, micro):
+        k = (a - step_lo) // micro
+        b = min(hi, a + micro)
+        model.bind_grads(grad_rows[k])
+        x, y = make_batch(images, labels, order[a:b], scale, shift, out=xbuf, dtype=model.dtype,
+                          augment=augment, epoch=epoch)
+        if xbuf is None or xbuf.shape[0] < b - a:
+            xbuf = x
+        stats = stats_rows[k] if stats_rows is not None else None
+        result_rows[k] = model.train_step(x, y, loss_scale, stats)
+    return xbuf
+
+
+def sum_results(rows: np.ndarray) -> tuple[float, int]:
+    """(loss sum, n correct) of result rows (k, 2), added in the order k = 0, 1, ..."""
+    loss, correct = 0.0, 0
+    for k in range(len(rows)):
+        loss += float(rows[k, 0])
+        correct += int(rows[k, 1])
+    return loss, correct
+
+
 def sum_stats(stats: Sequence[np.ndarray]) -> np.ndarray:
     """The shards' batch-norm statistics (one row per shard) summed in order w = 0..N-1, so
     bit-reproducibly, into a new array."""

@@ -171,16 +171,21 @@ class Plan:
     bounds: list
     schedule: object
     opt_spec: tuple
+    micro: int | None          # the micro-batch of the order-free sum (None: off)
 
     @classmethod
     def of(cls, cfg: TrainConfig, data) -> "Plan":
         model = build_model(cfg.model, **cfg.model_options)
+        micro = cfg.micro_batch_of(model)
+        if micro and micro % model.group_size:
+            raise PartrainError(f"--micro-batch {micro} is not a multiple of model "
+                                f"{cfg.model}'s batch-norm group of {model.group_size}")
         train_idx, val_idx = split_train_val(len(data.train_labels), cfg.val_size, cfg.seed)
         bounds = batch_bounds(len(train_idx), cfg.batch_size)
         schedule = make_schedule(cfg.schedule, cfg.lr, cfg.epochs * len(bounds),
                                  warmup_steps=int(round(cfg.warmup_epochs * len(bounds))))
         return cls(cfg, data, model, train_idx, val_idx, bounds, schedule,
-                   optimizer_spec(cfg, model, len(bounds)))
+                   optimizer_spec(cfg, model, len(bounds)), micro)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -188,14 +193,17 @@ class Plan:
 
     def make_runner(self, stop, cross=None, log_dir=None, step_timeout=None):
         return make_runner(self.cfg, self.data, (self.cfg.model, dict(self.cfg.model_options)),
-                           self.opt_spec, self.train_idx, stop, cross, log_dir, step_timeout)
+                           self.opt_spec, self.train_idx, stop, cross, log_dir, step_timeout,
+                           self.micro)
 
     def describe(self, run: Path, cross=None) -> str:
         cfg, aug = self.cfg, self.cfg.augment_spec()
         ranks = f"{cross.size} ranks x " if cross is not None and cross.size > 1 else ""
         return (f"training {cfg.model} ({self.model.layout.size:,} parameters) on "
                 f"{len(self.train_idx):,} images, {ranks}{cfg.workers} worker(s), "
-                f"batch {cfg.batch_size}, "
+                f"batch {cfg.batch_size}"
+                + (f" in micro-batches of {self.micro} (the same bits for any --workers)"
+                   if self.micro else "") + ", "
                 f"{cfg.optimizer} lr {cfg.lr:g}"
                 + (f", augmentation: {_describe_augment(aug)}" if aug else "")
                 + (f" (recipe {cfg.recipe})" if cfg.recipe else "") + f"; run folder {run}")

@@ -11,6 +11,10 @@ from .workspace import Workspace, share_scratch
 INFERENCE_CHUNK = 64  # images per forward pass in evaluation, for models without a chunk_size
 
 
+def layer_grads(layer: Layer) -> list[np.ndarray]:
+    return list(getattr(layer, "g", {}).values())
+
+
 class Model:
     """A stack of layers with one flat parameter vector, trained with softmax cross-entropy.
 
@@ -115,6 +119,22 @@ class Model:
             sub = lambda views: {k.split(".", 1)[1]: v for k, v in views.items()  # noqa: E731
                                  if k.split(".", 1)[0] == n}
             layer.bind(sub(pv), sub(gv), sub(sv))
+
+    def bind_grads(self, grads: np.ndarray) -> None:
+        """Point the layers' gradient views at `grads` (same layout), keeping the other bindings,
+        and zero the part no backward pass writes (the layers before `backward_from`), so the
+        vector holds a whole gradient: how a micro-batch writes its own gradient row
+        (`step.micro_gradients`)."""
+        if grads.dtype != self.dtype or grads.shape != (self.layout.size,):
+            raise ValueError(f"gradient vector {grads.dtype} {grads.shape} does not match model "
+                             f"{self.dtype} ({self.layout.size},)")
+        self.grads = grads
+        gv = self.layout.views(grads)
+        for n, layer in zip(self.layer_names, self.layers):
+            layer.g = {k.split(".", 1)[1]: v for k, v in gv.items() if k.split(".", 1)[0] == n}
+        for i in range(min(self._backward_from, len(self.layers))):
+            for v in layer_grads(self.layers[i]):
+                v[...] = 0
 
     def init_params(self, rng: np.random.Generator) -> None:
         for layer in self.layers:

@@ -33,7 +33,8 @@ import numpy as np
 
 from ..errors import PartrainError
 from ..interrupt import StopFlag, catch_signals
-from ..step import active_augment, init_model, merge_stats, split_shards, sum_stats
+from ..step import (active_augment, init_model, merge_stats, n_micro, split_shards, sum_results,
+                    sum_stats)
 from . import scratch
 from . import worker as W
 from .pool import WorkerPool
@@ -97,13 +98,17 @@ class ParallelRunner:
         far, at least STEP_TIMEOUT_FLOOR_S); then the run ends with a PartrainError naming it.
     augment: an `augment.AugmentSpec` (or None), applied by the workers to every sample.
     init_idx: the training indices `init_from_data` may look at (None: all images).
+    micro_batch: sum the gradient over micro-batches of this many samples, each in a row of its
+        own, in the order k = 0, 1, ... (`step.micro_gradients`): the same bits for any N and
+        any number of machines. max_batch: the largest step (sizes the rows; needed with it).
     """
 
     def __init__(self, model_spec, optimizer_spec, images, labels, mean, std, seed: int = 0,
                  n_workers: int | None = None, reduction: str = "sharded", log_dir=None,
                  start_method: str = "forkserver", stop: StopFlag | None = None,
                  step_timeout: float | None = None, startup_timeout: float = 120.0,
-                 augment=None, init_idx=None, cross=None):
+                 augment=None, init_idx=None, cross=None, micro_batch: int | None = None,
+                 max_batch: int | None = None):
         self._closed, self._failed, self._aborted = True, False, False
         self._shm: SharedArrays | None = None
         self.n_workers = usable_cores() if n_workers is None else int(n_workers)
@@ -111,6 +116,10 @@ class ParallelRunner:
             raise PartrainError(f"--workers must be at least 1, got {self.n_workers}")
         self.reduction = get_reduction(reduction)
         self._cross = cross if cross is not None and cross.size > 1 else None
+        self.micro = int(micro_batch) if micro_batch else None
+        if self.micro and not max_batch:
+            raise ValueError("micro_batch needs max_batch (the largest step) to size its rows")
+        self._max_micro = n_micro(int(max_batch), self.micro) if self.micro else 0
         self._pool = WorkerPool([], step_timeout)
         self._step_timeout, self._slowest_step = step_timeout, 0.0
         self._signals = catch_signals() if stop is None else None
@@ -118,6 +127,7 @@ class ParallelRunner:
         self._stop.on_force(self.abort)
         self._closed = False
         self.last_times: StepTimes | None = None
+        self._last_terms = self.n_workers  # gradient buffers summed by the last step
         try:
             rep = init_model(model_spec, optimizer_spec, mean, std,
                              arrays=lambda m, opt: self._share(m, opt, images, labels))
@@ -128,8 +138,8 @@ class ParallelRunner:
             cfg = dict(descriptor=self._shm.descriptor(), n_workers=self.n_workers,
                        model_spec=(name, dict(options or {})), optimizer_spec=optimizer_spec,
                        mean=mean, std=std, reduction=self.reduction.name,
-                       across_machines=cross is not None and cross.size > 1,
-                       augment=active_augment(augment))
+                       across_machines=self._cross is not None and not self.micro,
+                       augment=active_augment(augment), micro_batch=self.micro)
             self._start(start_method, cfg, log_dir, startup_timeout)
         except BaseException as e:
             self.close(graceful=False)
@@ -152,7 +162,12 @@ class ParallelRunner:
                  "reduced": ((size,), m.dtype), "state": ((m.state_layout.size,), m.dtype),
                  "stats": ((self.n_workers, m.stats_size), m.dtype),
                  "ctl": ((self.n_workers, W.CTL_COLUMNS), np.float64)}
-        specs.update({f"grad{w}": ((size,), m.dtype) for w in range(self.n_workers)})
+        if self.micro:  # one row per micro-batch: gradient, (loss, correct), BN statistics
+            k = self._max_micro
+            specs.update(rows=((k, size), m.dtype), results=((k, 2), np.float64),
+                         mstats=((k, max(1, m.stats_size)), m.dtype))
+        else:
+            specs.update({f"grad{w}": ((size,), m.dtype) for w in range(self.n_workers)})
         specs.update({f"opt_{k}": ((size,), m.dtype) for k in optimizer.state_names})
         with self._stop.deferred():  # a stop-now inside would leak the block being made
             self._shm = shm = SharedArrays.create(specs)
@@ -170,7 +185,8 @@ class ParallelRunner:
             self.images, self.labels = shm["images"], shm["labels"]  # as LocalRunner has them
             self.params, self.state = shm["params"], shm["state"]
             self.opt_state = {k: shm[f"opt_{k}"] for k in optimizer.state_names}
-            self._grads = [shm[f"grad{w}"] for w in range(self.n_workers)]
+            self._grads = (list(shm["rows"]) if self.micro else
+                           [shm[f"grad{w}"] for w in range(self.n_workers)])
             self._reduced, self._stats, self._ctl = shm["reduced"], shm["stats"], shm["ctl"]
         return self.params, self._reduced, self.state
 
@@ -218,28 +234,36 @@ class ParallelRunner:
         t0 = time.perf_counter()
         self._pool.step_timeout = self._step_timeout or max(STEP_TIMEOUT_FLOOR_S,
                                                             10 * self._slowest_step)
-        batch, cross = hi - lo, self._cross
+        batch, cross, micro = hi - lo, self._cross, self.micro
+        step_lo, k = lo, n_micro(batch, micro) if micro else self.n_workers
+        if micro and batch > self._max_micro * micro:
+            raise ValueError(f"step of {batch} samples is larger than max_batch")
         if cross is not None:  # this machine's group-aligned part of the global minibatch
-            lo, hi = split_shards(lo, hi, cross.size, self.model.group_size)[cross.rank]
+            lo, hi = split_shards(lo, hi, cross.size, micro or self.model.group_size)[cross.rank]
         sharded = self.reduction.in_workers
         then_reduce = sharded and self.n_workers == 1 and cross is None  # one round trip
         self._wait(self._pool.send_all, b"S" + W.STEP.pack(lo, hi, batch, float(lr), t,
-                                                           self._epoch, then_reduce))
+                                                           self._epoch, then_reduce, step_lo))
+        if micro and cross is not None:  # while the workers compute their rows
+            self._blank_other_rows(step_lo, lo, hi, k)
         self._wait(self._pool.collect, b"r" if then_reduce else b"c")
         ctl = self._ctl
-        loss, correct = 0.0, 0
-        for w in range(self.n_workers):  # fixed order: bit-reproducible
-            loss += float(ctl[w, W.LOSS])
-            correct += int(ctl[w, W.CORRECT])
         compute = ctl[:, W.T_COMPUTE].copy()
+        if micro:
+            loss, correct = self._micro_results(k, batch)
+        else:
+            loss, correct = 0.0, 0
+            for w in range(self.n_workers):  # fixed order: bit-reproducible
+                loss += float(ctl[w, W.LOSS])
+                correct += int(ctl[w, W.CORRECT])
         if sharded and not then_reduce:
             self._wait(self._pool.send_all, b"R")  # lr and t came with b"S"
-        if cross is not None:  # while the workers sum their slices
+        if cross is not None and not micro:  # while the workers sum their slices
             loss, correct = self._agree_across_machines(loss, correct, batch)
-        else:
+        elif not micro:
             merge_stats(self.model, self._stats, batch)
         if sharded and not then_reduce:
-            if cross is not None:
+            if cross is not None and not micro:
                 for w, (a, b) in enumerate(self._slices):  # the same order on every rank
                     self._wait(self._pool.collect_one, w, b"A")
                     cross.allreduce(self._reduced[a:b])
@@ -248,10 +272,11 @@ class ParallelRunner:
         if sharded:
             red, opt = ctl[:, W.T_REDUCE].copy(), ctl[:, W.T_OPTIM].copy()
         else:
-            t_sum, t_opt = reduce_and_step(self._grads, self._reduced, self.params,
+            t_sum, t_opt = reduce_and_step(self._grads[:k], self._reduced, self.params,
                                            self.opt_state, self.optimizer, 0, self.params.size,
-                                           t, lr, cross.allreduce if cross else None)
+                                           t, lr, cross.allreduce if cross and not micro else None)
             red, opt = np.array([t_sum]), np.array([t_opt])
+        self._last_terms = k
         self.last_times = StepTimes(time.perf_counter() - t0, compute, red, opt)
         self._slowest_step = max(self._slowest_step, self.last_times.wall)
         return loss, correct
@@ -271,6 +296,33 @@ class ParallelRunner:
             cross.allreduce(total)
             merge_stats(self.model, total[None, :], batch)
         return float(ctrl[0]), int(round(ctrl[1]))
+
+    def _blank_other_rows(self, step_lo: int, lo: int, hi: int, k: int) -> None:
+        """Under MPI with micro-batches: the rows this machine does not compute are set to -0.0,
+        so the all-reduce over machines adds only exact zeros to each row's one owner
+        (x + -0.0 == x for every x, -0.0 included; +0.0 would turn a -0.0 into +0.0)."""
+        mine = range((lo - step_lo) // self.micro, n_micro(hi - step_lo, self.micro))
+        shm = self._shm
+        for r in range(k):
+            if r not in mine:
+                for name in ("rows", "results", "mstats"):
+                    shm[name][r] = -0.0
+
+    def _micro_results(self, k: int, batch: int) -> tuple[float, int]:
+        """After the compute phase with micro-batches: the rows made whole across machines (one
+        all-reduce each, and whether any rank was asked to stop), then the loss, correct count
+        and batch-norm statistics summed over rows k = 0, 1, ..., exactly as one process does."""
+        shm, cross = self._shm, self._cross
+        if cross is not None:
+            for name in ("rows", "results", "mstats"):
+                cross.allreduce(shm[name][:k].reshape(-1))
+            ctrl = np.array([float(self._stop.asked)], np.float64)
+            cross.allreduce(ctrl)
+            if ctrl[0] > 0:
+                self._stop.requested = True
+        if self.model.stats_size:
+            merge_stats(self.model, shm["mstats"][:k], batch)
+        return sum_results(shm["results"][:k])
 
     def close(self, graceful: bool = True) -> None:
         """Stop the workers, copy params/state/opt_state out, unlink all shared memory.
@@ -309,7 +361,8 @@ class ParallelRunner:
     def reduced(self) -> np.ndarray:
         """The summed gradient of the last step (shared memory; for tests). With one worker the
         optimizer reads that worker's buffer directly, so that buffer is returned."""
-        return self._grads[0] if self.n_workers == 1 and self._grads else self._reduced
+        single = self._last_terms == 1 and self._cross is None
+        return self._grads[0] if single and self._grads else self._reduced
 
     @property
     def worker_pids(self) -> list[int]:

@@ -30,13 +30,14 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from ..optim import sync_frozen
-from ..step import init_model, shard_gradient, split_shards
+from ..step import init_model, micro_gradients, n_micro, shard_gradient, split_shards
 from .reduce import get_reduction, reduce_and_step
 from .shm import SharedArrays
 
 # lo, hi (this machine's part of the minibatch), batch (the global minibatch size: the loss is
-# scaled by 1/batch), lr, t, epoch (keys the augmentation), then_reduce
-STEP = struct.Struct("<qqqdqq?")
+# scaled by 1/batch), lr, t, epoch (keys the augmentation), then_reduce, step_lo (where the global
+# minibatch starts: micro-batch k begins at step_lo + k·micro)
+STEP = struct.Struct("<qqqdqq?q")
 # Columns of the control block ctl (float64, one row per worker), written by worker w in row w.
 LOSS, CORRECT, T_COMPUTE, T_REDUCE, T_OPTIM, PID = range(6)
 CTL_COLUMNS = 8
@@ -83,15 +84,16 @@ def _serve(w: int, conn, cfg: dict) -> int:
     np.seterr(over="ignore", invalid="ignore", divide="ignore")  # the parent reports a NaN loss
     with threadpool_limits(limits=1):  # N workers on N cores: no BLAS oversubscription
         shm = SharedArrays.attach(cfg["descriptor"])
-        n_workers = cfg["n_workers"]
-        grads = [shm[f"grad{v}"] for v in range(n_workers)]
+        n_workers, micro = cfg["n_workers"], cfg.get("micro_batch")
+        grads = [shm[f"grad{v}"] for v in range(n_workers)] if not micro else list(shm["rows"])
         rep = init_model(cfg["model_spec"], cfg["optimizer_spec"], cfg["mean"], cfg["std"],
-                         arrays=(shm["params"], grads[w], shm["state"]))
+                         arrays=(shm["params"], grads[0 if micro else w], shm["state"]))
         model, optimizer, params = rep.model, rep.optimizer, rep.params
         opt_state = {k: shm[f"opt_{k}"] for k in optimizer.state_names}
         reduced, perm = shm["reduced"], shm["perm"]
         images, labels = shm["images"], shm["labels"]
-        stats = shm["stats"][w] if model.stats_size else None
+        stats = shm["stats"][w] if model.stats_size and not micro else None
+        mstats = shm["mstats"] if model.stats_size and micro else None
         ctl = shm["ctl"][w]
         reduction = get_reduction(cfg["reduction"])
         my_lo, my_hi = (reduction.ranges(params.size, n_workers)[w] if reduction.in_workers
@@ -99,7 +101,7 @@ def _serve(w: int, conn, cfg: dict) -> int:
         ctl[:] = 0
         ctl[PID] = os.getpid()
         augment = cfg.get("augment")  # an AugmentSpec or None
-        xbuf, lr, t = None, 0.0, 0
+        xbuf, lr, t, k = None, 0.0, 0, n_workers
         allreduce = _across_machines(conn) if cfg.get("across_machines") else None
         conn.send_bytes(b"k")
         while True:
@@ -108,14 +110,21 @@ def _serve(w: int, conn, cfg: dict) -> int:
             if op == b"Q":
                 return 0
             if op == b"S":
-                lo, hi, batch, lr, t, epoch, then_reduce = STEP.unpack_from(msg, 1)
+                lo, hi, batch, lr, t, epoch, then_reduce, step_lo = STEP.unpack_from(msg, 1)
                 c0 = time.perf_counter()
-                s_lo, s_hi = split_shards(lo, hi, n_workers, model.group_size)[w]
+                s_lo, s_hi = split_shards(lo, hi, n_workers, micro or model.group_size)[w]
                 sync_frozen(model, optimizer, t)
-                loss, correct, xbuf = shard_gradient(
-                    model, images, labels, perm[s_lo:s_hi], rep.scale, rep.shift, 1.0 / batch,
-                    stats, xbuf, augment, epoch)
-                ctl[LOSS], ctl[CORRECT] = loss, correct
+                if micro:  # rows of their own, summed in order by whoever reduces
+                    k = n_micro(batch, micro)
+                    xbuf = micro_gradients(model, images, labels, perm, step_lo, s_lo, s_hi,
+                                           micro, grads, shm["results"], mstats,
+                                           rep.scale, rep.shift, 1.0 / batch, xbuf, augment,
+                                           epoch)
+                else:
+                    loss, correct, xbuf = shard_gradient(
+                        model, images, labels, perm[s_lo:s_hi], rep.scale, rep.shift,
+                        1.0 / batch, stats, xbuf, augment, epoch)
+                    ctl[LOSS], ctl[CORRECT] = loss, correct
                 ctl[T_COMPUTE] = time.perf_counter() - c0
                 if not then_reduce:
                     conn.send_bytes(b"c")
@@ -124,7 +133,7 @@ def _serve(w: int, conn, cfg: dict) -> int:
                 raise RuntimeError(f"unknown command {msg[:16]!r} from the parent")
             # b"R", or b"S" with then_reduce: sum my slice of the gradients, step it
             ctl[T_REDUCE], ctl[T_OPTIM] = reduce_and_step(
-                grads, reduced, params, opt_state, optimizer, my_lo, my_hi, t, lr, allreduce)
+                grads[:k], reduced, params, opt_state, optimizer, my_lo, my_hi, t, lr, allreduce)
             conn.send_bytes(b"r")
 
 
