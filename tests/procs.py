@@ -123,3 +123,16 @@ class Proc:
 def assert_quiet(err: str) -> None:
     """Nothing but the script's own lines: no traceback, no ignored exception, no leak warning."""
     assert "Traceback" not in err and "Exception ignored" not in err and "leaked" not in err, err
+
+
+TIMED_COLUMNS = ("images_per_s", "time_s")
+
+
+def untimed_history(run_dir) -> list[list[str]]:
+    """A run folder's history.csv rows without the columns that time things (they differ
+    between any two runs): what must be equal between runs that compute the same bits."""
+    import csv
+    with open(os.path.join(run_dir, "history.csv"), newline="") as f:
+        rows = list(csv.reader(f))
+    keep = [i for i, name in enumerate(rows[0]) if name not in TIMED_COLUMNS]
+    return [[r[i] for i in keep] for r in rows]

@@ -39,7 +39,7 @@ import pytest
 pytest.importorskip("mpi4py", reason="the MPI tests need mpi4py (pip install '.[test]')")
 
 from partrain.checkpoint import load_checkpoint  # noqa: E402
-from procs import alive, children  # noqa: E402
+from procs import alive, children, untimed_history  # noqa: E402
 from synthetic import make_tiny_store  # noqa: E402
 
 pytestmark = [pytest.mark.mpi, pytest.mark.slow]
@@ -280,6 +280,26 @@ def test_two_ranks_of_two_workers_agree_with_four_workers(tmp_path, store):
     a, b = arrays(runs / "mpi" / "checkpoint.h5"), arrays(runs / "local" / "checkpoint.h5")
     tol = 1e-4 * np.abs(b["params"]).max()
     assert np.abs(a["params"] - b["params"]).max() <= tol  # measured: 3e-9 against 1.3e-6
+
+
+def test_micro_batches_make_two_ranks_of_two_workers_the_bits_of_one_worker(tmp_path, store):
+    """With --micro-batch the sum is over micro-batch rows in one order whoever computes them:
+    2 ranks x 2 workers (rows all-reduced across the ranks) give the bits of 1 worker, with
+    batch norm, ghost batches and augmentation (vgg), and the same history."""
+    runs = tmp_path / "runs"
+    args = [*RUNS["vgg"], "--micro-batch", 8]
+    job = mpi_job(tmp_path, *[[*CLI, *_fit_args(store, runs, "mpi", *args, "--backend", "mpi",
+                                                 "--workers", 2)]] * 2, cwd=tmp_path)
+    rc, out = job.finish(180)
+    assert rc == 0, out
+    local = subprocess.run([*CLI, *_fit_args(store, runs, "local", *args, "--workers", 1)],
+                           cwd=tmp_path, env=_env(tmp_path / "tmp"), capture_output=True,
+                           text=True, timeout=180)
+    assert local.returncode == 0, local.stderr
+    for which in ("checkpoint", "best"):
+        assert_same_bits(arrays(runs / "mpi" / f"{which}.h5"),
+                         arrays(runs / "local" / f"{which}.h5"), which)
+    assert untimed_history(runs / "mpi") == untimed_history(runs / "local")
 
 
 # ------------------------------------------------------------------------------------- faults
