@@ -134,20 +134,21 @@ class StopFlag:
 @contextmanager
 def helpers_start_deaf() -> Iterator[None]:
     """Start helper processes (the forkserver, the resource tracker) inside: they begin life
-    with SIGINT ignored, so a terminal's Ctrl-C (sent to the whole process group; under MPI the
+    with SIGINT blocked, so a terminal's Ctrl-C (sent to the whole process group; under MPI the
     launcher forwards it there too) cannot kill one while its Python starts, before it can set
-    its own handlers (a KeyboardInterrupt traceback from its site import, or a dead forkserver).
-    An ignored disposition survives exec; a blocked mask does not. The cost: a Ctrl-C in the
-    few milliseconds of the spawn itself is lost in this process too (press it again)."""
+    its own handlers (a KeyboardInterrupt traceback from its site import, or a dead forkserver):
+    the signal mask survives fork and exec, and the helper's own SIG_IGN (parallel/calm.py, the
+    tracker's main) then discards the pending signal. Only this thread's mask changes, never the
+    disposition: SIG_IGN here (as before) is process-wide, and a Ctrl-C that the kernel handed to
+    another thread meanwhile (OpenBLAS's, which do not block it) was lost; now it reaches the
+    handler, or waits for the unblock."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, old)
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
 
 
