@@ -5,7 +5,7 @@ For each reduction (`sharded`, `parent`), each worker count N and each global ba
 - images/s, speed-up (throughput_N / throughput_1) and efficiency
   (throughput_N / (N · throughput_1));
 - the mean per-step breakdown, which adds up to the measured step time: inside `runner.step`
-  (`engine.step_breakdown`) compute, waiting for the slowest worker, reduction, optimizer,
+  (`timing.step_breakdown`) compute, waiting for the slowest worker, reduction, optimizer,
   signalling (the rest of the step: messages, wake-ups, the parent's bookkeeping); and
   between_steps, the parent's time outside `runner.step` (this loop, and on a busy machine the
   time the parent waits for a core between two steps, which can exceed the step itself);
@@ -38,7 +38,8 @@ from .datasets.store import channel_stats, inspect_store
 from .errors import PartrainError
 from .memory import usage
 from .config import TrainConfig
-from .parallel.engine import ParallelRunner, step_breakdown, usable_cores
+from .parallel.engine import ParallelRunner, usable_cores
+from .parallel.timing import step_breakdown
 
 PARTS = ("compute", "wait", "reduction", "optimizer", "signalling", "between_steps")
 
@@ -58,6 +59,7 @@ class BenchConfig:
     synthetic: int = 10000                     # how many, when there is no store
     seed: int = 0
     micro_batch: int | None = None             # the order-free sum, as TrainConfig.micro_batch
+    on_worker_failure: str = "stop"            # "restart": with the per-step backup copies
 
     def check(self) -> None:
         if self.steps < 1 or self.warmup < 0:
@@ -139,8 +141,8 @@ def run_scaling(cfg: BenchConfig, echo: Callable[[str], None] = print) -> tuple[
                 try:
                     runner = ParallelRunner(model_spec, opt_spec, images, labels, mean, std,
                                             seed=cfg.seed, n_workers=n, reduction=reduction,
-                                            micro_batch=micro,
-                                            max_batch=max(cfg.batches))
+                                            micro_batch=micro, max_batch=max(cfg.batches),
+                                            on_worker_failure=cfg.on_worker_failure)
                 except (TypeError, ValueError) as e:
                     raise PartrainError(f"cannot build {cfg.model}: {e}") from None
                 with runner:
@@ -151,7 +153,7 @@ def run_scaling(cfg: BenchConfig, echo: Callable[[str], None] = print) -> tuple[
                         row, t = _measure(runner, batch, n_images, cfg, t)
                         mem = usage(runner.worker_pids)
                         row.update(model=cfg.model, reduction=reduction, workers=n,
-                                   micro_batch=micro,
+                                   micro_batch=micro, on_worker_failure=cfg.on_worker_failure,
                                    startup_s=round(runner.startup_s, 3),
                                    setup_s=round(setup_s, 3),
                                    memory_pss_mib=mem["total_pss_mib"],

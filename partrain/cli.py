@@ -357,6 +357,7 @@ def _int_list(text: str | None, what: str) -> list[int] | None:
 @_setting_option("model_options")
 @_setting_option("optimizer")
 @_setting_option("micro_batch")
+@_setting_option("on_worker_failure")
 @click.option("--steps", type=int, default=30, show_default=True, help="Timed steps per point.")
 @click.option("--warmup", type=int, default=5, show_default=True,
               help="Untimed steps before each point.")
@@ -376,8 +377,8 @@ def _int_list(text: str | None, what: str) -> list[int] | None:
 @click.option("--bandwidth", default="1.25,0.125", show_default=True, metavar="GB/s,...",
               help="With --backend mpi: network bandwidths for the estimate (10 and 1 GbE).")
 @user_errors
-def bench(workers, batch_sizes, reduction, model, model_options, optimizer, micro_batch, steps,
-          warmup,
+def bench(workers, batch_sizes, reduction, model, model_options, optimizer, micro_batch,
+          on_worker_failure, steps, warmup,
           data_dir, synthetic, out_dir, kernels, layers, backend, bandwidth):
     """Scaling benchmark: images/s, speed-up and efficiency against the number of workers."""
 
@@ -396,6 +397,7 @@ def bench(workers, batch_sizes, reduction, model, model_options, optimizer, micr
                       batches=_int_list(batch_sizes, "--batch-size"),
                       reductions=["sharded", "parent"] if reduction == "both" else [reduction],
                       steps=steps, warmup=warmup, micro_batch=micro_batch,
+                      on_worker_failure=on_worker_failure,
                       data=None if synthetic or not store.exists() else str(store),
                       synthetic=synthetic or 10000)
     if backend == "mpi":

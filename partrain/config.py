@@ -115,6 +115,11 @@ class TrainConfig:
               "group; workers beyond a step's micro-batches idle [default: the model's chunk "
               "where it has one (airbench: 64, at no measurable cost), else off (three-layer: "
               "12-35 % slower with it)].", metavar="M", type=int, minimum=0)
+    on_worker_failure: str = setting(
+        "stop", "What a lost worker process does to the run: stop it (with a message naming the "
+                "worker), or restart: fresh workers do that step again from its start, and the "
+                "run ends with the bits of an undisturbed one (one machine only; costs a copy "
+                "of the optimizer's vectors per step).", choices=("stop", "restart"))
     data: str = setting("data/cifar10.h5", "Folder holding cifar10.h5 (made by partrain "
                                            "prepare).", flag="--data-dir", type=Path,
                         cli_default="data", parse=lambda folder: str(Path(folder) / "cifar10.h5"))
@@ -151,7 +156,7 @@ class TrainConfig:
         return getattr(model, "chunk_size", None)
 
     # Settings that may differ on resume without changing the result (tta: only the final test).
-    FREE_ON_RESUME = ("log_every", "data", "tta")
+    FREE_ON_RESUME = ("log_every", "data", "tta", "on_worker_failure")
 
     def check(self) -> None:
         """Raise PartrainError, naming the option, for the first setting that is not valid.

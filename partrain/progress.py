@@ -14,7 +14,7 @@ class Progress:
     - Elsewhere (CI logs, pipes, files): the same numbers as a plain line, with the epoch's ETA,
       at most every tenth of an epoch and every `plain_every` seconds; no carriage returns, so
       logs stay readable.
-    - quiet: nothing at all; the caller prints the final summary.
+    - quiet: nothing at all (but `warn`); the caller prints the final summary.
     Summaries (`line`) go to stdout; the bar goes to `stream` (stderr by default).
     """
 
@@ -34,6 +34,13 @@ class Progress:
             self.bar.write(text, file=sys.stdout)
         else:
             print(text, flush=True)
+
+    def warn(self, text: str) -> None:
+        """'warning: text' on stderr, also with quiet: something went wrong and was mended."""
+        if self.bar is not None:
+            self.bar.write(f"warning: {text}", file=sys.stderr)
+        else:
+            print(f"warning: {text}", file=sys.stderr, flush=True)
 
     def start_epoch(self, epoch: int, epochs: int, total: int, done: int) -> None:
         """Epoch `epoch` (0-based) of `epochs` has `total` steps, `done` of them already (resume)."""

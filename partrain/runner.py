@@ -86,12 +86,13 @@ class LocalRunner:
 
 
 def make_runner(cfg, data, model_spec, opt_spec, train_idx=None, stop=None, cross=None,
-                log_dir=None, step_timeout=None, micro_batch=None):
+                log_dir=None, step_timeout=None, micro_batch=None, on_restart=None):
     """LocalRunner for one worker, the engine for more; both initialise the model identically
     (init_from_data sees only `train_idx`) and augment as cfg says. stop: the driver's
     `interrupt.StopFlag`, so that the engine installs no signal handler of its own. log_dir,
     step_timeout: the engine's (where failing workers write; how long a silent one may take).
-    micro_batch: the order-free sum's micro-batch (None: off)."""
+    micro_batch: the order-free sum's micro-batch (None: off). on_restart: told what each
+    restart after a lost worker did (cfg.on_worker_failure "restart"; one worker has none)."""
     common = dict(seed=cfg.seed, augment=cfg.augment_spec(), init_idx=train_idx,
                   micro_batch=micro_batch)
     if cfg.workers == 1 and cross is None:  # under MPI a rank is always a parent of workers
@@ -100,4 +101,5 @@ def make_runner(cfg, data, model_spec, opt_spec, train_idx=None, stop=None, cros
     return ParallelRunner(model_spec, opt_spec, data.train_images, data.train_labels,
                           data.mean, data.std, n_workers=cfg.workers, reduction=cfg.reduction,
                           stop=stop, cross=cross, log_dir=log_dir, step_timeout=step_timeout,
-                          max_batch=cfg.batch_size, **common)
+                          max_batch=cfg.batch_size, on_worker_failure=cfg.on_worker_failure,
+                          on_restart=on_restart, **common)

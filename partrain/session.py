@@ -166,6 +166,7 @@ class Session:
             summary.update(self.test())
         # This process (on this machine, under MPI) and its workers, after the test pass too.
         summary["memory"] = memory_usage(getattr(self.runner, "worker_pids", []))
+        summary["worker_restarts"] = list(getattr(self.runner, "restarts", []))
         rd.write_summary(summary)
         if stopped is not None:
             self.progress.line(f"stopped after {steps_done} steps (--max-steps) at {where}; "

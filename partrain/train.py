@@ -191,10 +191,10 @@ class Plan:
     def steps_per_epoch(self) -> int:
         return len(self.bounds)
 
-    def make_runner(self, stop, cross=None, log_dir=None, step_timeout=None):
+    def make_runner(self, stop, cross=None, log_dir=None, step_timeout=None, on_restart=None):
         return make_runner(self.cfg, self.data, (self.cfg.model, dict(self.cfg.model_options)),
                            self.opt_spec, self.train_idx, stop, cross, log_dir, step_timeout,
-                           self.micro)
+                           self.micro, on_restart)
 
     def describe(self, run: Path, cross=None) -> str:
         cfg, aug = self.cfg, self.cfg.augment_spec()
@@ -259,7 +259,8 @@ def _train(rd, plan, resume, quiet, evaluate_test, max_steps, cross, step_timeou
     # Ctrl-C is caught from before the workers start (interrupt.py): the first stops at the next
     # step boundary with a checkpoint, the second at once.
     with catch_signals(cross is not None, writer) as stop, \
-            plan.make_runner(stop, cross, log_dir, step_timeout) as runner:
+            plan.make_runner(stop, cross, log_dir, step_timeout,
+                             on_restart=progress.warn) as runner:
         session = Session(rd, plan, runner, progress, cross)
         state = session.resume() if resume else RunState()
         progress.line(plan.describe(rd.path, cross))

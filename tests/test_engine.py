@@ -24,7 +24,8 @@ from threadpoolctl import threadpool_limits
 from partrain.datasets.store import channel_stats
 from partrain.errors import PartrainError
 from partrain.parallel import shm as shm_mod
-from partrain.parallel.engine import ParallelRunner, step_breakdown
+from partrain.parallel.engine import ParallelRunner
+from partrain.parallel.timing import step_breakdown
 from partrain.parallel.reduce import reduce_and_step, shard_slices, sum_into
 from partrain.parallel.shm import SharedArrays, leftovers
 from partrain.interrupt import Interrupted, StopFlag
@@ -360,3 +361,76 @@ def test_abort_kills_the_workers_and_the_next_wait_raises_the_stop(data):
         r.step(0, 20, 1e-3, 1)
     assert e.value.at_once
     assert all(not alive(p) for p in pids)
+
+
+# ------------------------------------------------------ a lost worker, restarted (issue 13)
+BIG = ("three-layer", dict(num_filters=4, hidden_dim=20000, weight_scale=1e-2))  # 20 M params:
+# the optimizer's phase is a large part of each step, so a kill can be aimed into it
+
+
+def _killer(runner, worker: int, when, fired: list):
+    """A thread that SIGKILLs `worker` once `when(runner)` is true (polled every 0.2 ms)."""
+    import signal
+    import threading
+    import time
+
+    def watch():
+        while not runner._closed:
+            if when(runner):
+                os.kill(runner.worker_pids[worker], signal.SIGKILL)
+                fired.append(True)
+                return
+            time.sleep(0.0002)
+    threading.Thread(target=watch, daemon=True).start()
+
+
+@pytest.mark.parametrize("phase", ["compute", "optimizer"])
+def test_a_worker_killed_in_either_phase_costs_a_step_not_the_bits(data, phase):
+    """on_worker_failure="restart": killed before its shard (the step finds it dead in phase 1:
+    nothing to put back) or while stepping its slice in place (its slice, and any stepped one,
+    put back from the backup): fresh workers redo the step; the undisturbed bits at the end."""
+    import signal
+    from partrain.parallel import recovery
+    from partrain.parallel import worker as W
+    images, labels, mean, std = data
+    order = np.random.default_rng(7).permutation(N_IMAGES)
+
+    def train(restart: bool, said: list, fired: list):
+        r = ParallelRunner(BIG, ADAM, images, labels, mean, std, seed=3, n_workers=2,
+                           on_worker_failure="restart" if restart else "stop",
+                           on_restart=said.append)
+        with r:
+            r.set_order(order)
+            if restart and phase == "optimizer":
+                _killer(r, 1, lambda r: r._ctl[1, W.PHASE] == recovery.BACKED_UP, fired)
+            out = []
+            for t in range(1, 6):
+                if restart and phase == "compute" and t == 3:
+                    os.kill(r.worker_pids[1], signal.SIGKILL)
+                    fired.append(True)
+                out.append(r.step((t - 1) * 20, t * 20, LR["adam"], t))
+        return r.params, r.state, r.opt_state, out
+
+    calm = train(False, [], [])
+    said, fired = [], []
+    disturbed = train(True, said, fired)
+    assert fired and len(said) == 1, said
+    assert said[0].startswith("worker 1 died (killed by signal 9 (SIGKILL)) in step "), said
+    assert ("put back" in said[0]) == (phase == "optimizer"), said[0]
+    for a, b in zip(calm[:2], disturbed[:2]):
+        assert a.tobytes() == b.tobytes()
+    assert all(calm[2][k].tobytes() == disturbed[2][k].tobytes() for k in calm[2])
+    assert calm[3] == disturbed[3]
+
+
+def test_restore_puts_back_every_slice_whose_backup_is_complete():
+    from partrain.parallel.recovery import (BACKED_UP, NOT_STARTED, STEPPED, backup_names,
+                                            restore_step_start)
+    names = backup_names(["m"])
+    shm = {"params": np.arange(12.0), "opt_m": -np.arange(12.0),
+           "backup_params": np.full(12, 7.0), "backup_opt_m": np.full(12, 8.0)}
+    done = restore_step_start(shm, names, [(0, 4), (4, 8), (8, 12)],
+                              [STEPPED, NOT_STARTED, BACKED_UP])
+    assert done == [0, 2]
+    assert shm["params"].tolist() == [7.0] * 4 + [4.0, 5.0, 6.0, 7.0] + [7.0] * 4
+    assert shm["opt_m"].tolist() == [8.0] * 4 + [-4.0, -5.0, -6.0, -7.0] + [8.0] * 4

@@ -330,3 +330,44 @@ def test_folder_left_by_a_parent_killed_before_its_first_checkpoint_is_reused(tm
     assert again.returncode == 0, again.stderr
     assert "note: reusing run folder" in again.stderr
     assert (run / "checkpoint.h5").exists()
+
+
+# ------------------------------------------------------- surviving a lost worker (issue 13)
+def _arrays_bytes(path) -> bytes:
+    from partrain.checkpoint import load_checkpoint
+    arrays, _ = load_checkpoint(path)
+    return b"".join(arrays[k].tobytes() for k in sorted(arrays))
+
+
+@pytest.mark.parametrize("micro", [None, 10])
+def test_worker_killed_mid_epoch_with_restart_ends_with_the_undisturbed_bits(tmp_path, store,
+                                                                               micro):
+    """--on-worker-failure restart: the run goes on with fresh workers, says so, and its
+    checkpoints (parameters, optimizer state, BN state) and history are those of a run nobody
+    disturbed (with and without micro-batches)."""
+    import json
+    from procs import untimed_history
+    extra = ["--epochs", 2, "--log-every", 5, "--on-worker-failure", "restart"]
+    extra += ["--micro-batch", micro] if micro else []
+    fit = started(tmp_path, store, *extra)
+    history = tmp_path / "runs" / "r" / "history.csv"
+    wait_until(lambda: history.exists() and len(history.read_text().splitlines()) > 2,
+               "two history rows", fit)
+    os.kill(workers_of(fit.pid)[1], signal.SIGKILL)
+    rc, err = fit.finish(300)
+    assert rc == 0, err
+    assert "warning: worker 1 died (killed by signal 9 (SIGKILL)) in step " in err, err
+    assert "2 fresh worker(s) started" in err and "again from its start" in err, err
+    assert_quiet(err)
+    fit.assert_clean()
+    calm = subprocess.run(fit_argv(store, tmp_path / "runs", "u", *CNN, *extra),
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env=env_with_tmp(tmp_path))
+    assert calm.returncode == 0, calm.stderr
+    runs = tmp_path / "runs"
+    for which in ("checkpoint.h5", "best.h5"):
+        assert _arrays_bytes(runs / "r" / which) == _arrays_bytes(runs / "u" / which), which
+    assert untimed_history(runs / "r") == untimed_history(runs / "u")
+    restarts = json.loads((runs / "r" / "summary.json").read_text())["worker_restarts"]
+    assert len(restarts) == 1 and restarts[0].startswith("worker 1 died")
+

@@ -302,6 +302,19 @@ def test_micro_batches_make_two_ranks_of_two_workers_the_bits_of_one_worker(tmp_
     assert untimed_history(runs / "mpi") == untimed_history(runs / "local")
 
 
+def test_restart_after_a_lost_worker_is_refused_on_two_ranks_in_one_line(tmp_path, store):
+    """Under MPI the other ranks would wait in their all-reduce while one restarts workers."""
+    args = _fit_args(store, tmp_path / "runs", "r", *RUNS["three-layer"], "--backend", "mpi",
+                     "--workers", 1, "--on-worker-failure", "restart")
+    job = mpi_job(tmp_path, [*CLI, *args], [*CLI, *args], cwd=tmp_path)
+    rc, out = job.finish(120)
+    assert rc != 0
+    errors = [line for line in out.splitlines() if line.startswith("Error:")]
+    assert errors and all("--on-worker-failure restart works on one machine only" in e
+                          for e in errors), out  # "Error: rank R: ...", as every rank's error
+    assert "Traceback" not in out, out
+
+
 # ------------------------------------------------------------------------------------- faults
 def _long_job(tmp_path, store, rank1_hooks=(), extra=()) -> tuple[Job, dict]:
     """The LONG job under way (both ranks past step 2), rank 1 with `rank1_hooks`."""

@@ -14,6 +14,8 @@ One step, as the parent sees it:
      into the running statistics here, once;
   3. reduce: `sharded` sends b"R" and worker w sums slice w of the N buffers and steps the
      optimizer on it; `parent` does the whole sum and step itself (see `reduce`).
+With micro_batch the gradients go into one row per micro-batch instead of one buffer per worker
+and every sum runs over the rows in order (`step.micro_gradients`): the same bits for any N.
 Shared memory holds everything else; a pipe carries a few bytes per message (`pool`).
 
 Failure: a dead or failing worker ends the step within pool.POLL_S with a PartrainError naming
@@ -21,67 +23,29 @@ it. `close()` then stops the others, unlinks all shared memory and leaves no wor
 runs on every exit path (also a context manager). Ctrl-C: see `interrupt`. The driver's StopFlag
 (`stop=`) gets `abort` as its stop-now; without one the runner installs `interrupt.catch_signals`
 for its own lifetime and `step` raises Interrupted at the first boundary after a Ctrl-C. Workers
-ignore SIGINT.
+ignore SIGINT. With on_worker_failure="restart" a lost worker costs a step instead (`recovery`).
 """
 from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import PartrainError
+from ..errors import PartrainError, WorkerLost
 from ..interrupt import StopFlag, catch_signals
 from ..step import (active_augment, init_model, merge_stats, n_micro, split_shards, sum_results,
                     sum_stats)
 from . import scratch
 from . import worker as W
-from .pool import WorkerPool
+from .pool import WorkerPool, usable_cores
+from .recovery import MAX_TRIES, backup_names, restore_step_start
 from .reduce import get_reduction, reduce_and_step
 from .shm import SharedArrays
+from .timing import StepTimes
 
 
 STEP_TIMEOUT_FLOOR_S = 300.0  # the least a step may take before a silent worker ends the run
-
-
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-@dataclass
-class StepTimes:
-    """Raw timings of one step (seconds). compute: per worker; reduce/optim: per worker for
-    `sharded`, one entry (the parent) for `parent`."""
-
-    wall: float
-    compute: np.ndarray
-    reduce: np.ndarray
-    optim: np.ndarray
-
-
-def step_breakdown(wall: float, compute, reduce, optim) -> dict[str, float]:
-    """Split one step's wall time into parts that add up to it.
-
-    compute: mean worker compute time; wait: time lost to the slowest worker (in the compute phase
-    and in the reduce phase); reduction / optimizer: mean time of the actors doing them;
-    signalling: the rest (messages, process wake-ups, the parent's own bookkeeping).
-    """
-    compute = np.asarray(compute, np.float64)
-    reduce = np.asarray(reduce, np.float64)
-    optim = np.asarray(optim, np.float64)
-    phase2 = reduce + optim
-    parts = {
-        "compute": float(compute.mean()),
-        "wait": float(compute.max() - compute.mean() + phase2.max() - phase2.mean()),
-        "reduction": float(reduce.mean()),
-        "optimizer": float(optim.mean()),
-    }
-    parts["signalling"] = max(0.0, float(wall) - sum(parts.values()))
-    return parts
 
 
 # ------------------------------------------------------------------------------------- runner
@@ -101,6 +65,10 @@ class ParallelRunner:
     micro_batch: sum the gradient over micro-batches of this many samples, each in a row of its
         own, in the order k = 0, 1, ... (`step.micro_gradients`): the same bits for any N and
         any number of machines. max_batch: the largest step (sizes the rows; needed with it).
+    on_worker_failure: "stop" (default: a lost worker ends the run) or "restart": fresh workers
+        over the same shared memory do the step again from its start (see `recovery`), up to
+        recovery.MAX_TRIES times per step; `on_restart(message)` is told each time. One machine
+        only: under MPI the other ranks would wait on this one.
     """
 
     def __init__(self, model_spec, optimizer_spec, images, labels, mean, std, seed: int = 0,
@@ -108,7 +76,8 @@ class ParallelRunner:
                  start_method: str = "forkserver", stop: StopFlag | None = None,
                  step_timeout: float | None = None, startup_timeout: float = 120.0,
                  augment=None, init_idx=None, cross=None, micro_batch: int | None = None,
-                 max_batch: int | None = None):
+                 max_batch: int | None = None, on_worker_failure: str = "stop",
+                 on_restart=None):
         self._closed, self._failed, self._aborted = True, False, False
         self._shm: SharedArrays | None = None
         self.n_workers = usable_cores() if n_workers is None else int(n_workers)
@@ -120,6 +89,14 @@ class ParallelRunner:
         if self.micro and not max_batch:
             raise ValueError("micro_batch needs max_batch (the largest step) to size its rows")
         self._max_micro = n_micro(int(max_batch), self.micro) if self.micro else 0
+        if on_worker_failure not in ("stop", "restart"):
+            raise ValueError(f"on_worker_failure must be 'stop' or 'restart', got "
+                             f"{on_worker_failure!r}")
+        if on_worker_failure == "restart" and self._cross is not None:
+            raise PartrainError("--on-worker-failure restart works on one machine only: under "
+                                "MPI the other ranks cannot wait while one restarts its workers")
+        self._restart, self._on_restart = on_worker_failure == "restart", on_restart
+        self.restarts: list[str] = []  # what each restart said
         self._pool = WorkerPool([], step_timeout)
         self._step_timeout, self._slowest_step = step_timeout, 0.0
         self._signals = catch_signals() if stop is None else None
@@ -139,8 +116,10 @@ class ParallelRunner:
                        model_spec=(name, dict(options or {})), optimizer_spec=optimizer_spec,
                        mean=mean, std=std, reduction=self.reduction.name,
                        across_machines=self._cross is not None and not self.micro,
-                       augment=active_augment(augment), micro_batch=self.micro)
-            self._start(start_method, cfg, log_dir, startup_timeout)
+                       augment=active_augment(augment), micro_batch=self.micro,
+                       step_copy=self._restart)
+            self._start_args = (start_method, cfg, log_dir, startup_timeout)
+            self._start(*self._start_args)
         except BaseException as e:
             self.close(graceful=False)
             if (isinstance(e, PartrainError) and self._stop.asked
@@ -169,6 +148,9 @@ class ParallelRunner:
         else:
             specs.update({f"grad{w}": ((size,), m.dtype) for w in range(self.n_workers)})
         specs.update({f"opt_{k}": ((size,), m.dtype) for k in optimizer.state_names})
+        if self._restart:
+            self._backups = backup_names(optimizer.state_names)
+            specs.update({b: specs[a] for a, b in self._backups.items()})
         with self._stop.deferred():  # a stop-now inside would leak the block being made
             self._shm = shm = SharedArrays.create(specs)
         self.tag = shm.names()[0].rsplit("-", 1)[0] if shm.names() else "partrain"
@@ -231,7 +213,22 @@ class ParallelRunner:
         lo, hi, t = int(lo), int(hi), int(t)
         if not 0 <= lo < hi <= self._n_order:
             raise ValueError(f"step range [{lo}, {hi}) is outside the order of {self._n_order}")
+        for attempt in range(1, MAX_TRIES + 1):
+            try:
+                return self._step(lo, hi, lr, t)
+            except WorkerLost as e:
+                if not self._restart or self._closed:  # closed by _wait already
+                    raise
+                if attempt == MAX_TRIES:
+                    self._give_up(f"{e}, for the {MAX_TRIES}th time in step {t}")
+                self._recover(e, t)
+        raise AssertionError("unreachable")
+
+    def _step(self, lo: int, hi: int, lr: float, t: int) -> tuple[float, int]:
         t0 = time.perf_counter()
+        if self._restart:  # what the parent changes itself, and the workers' marks
+            self._state_at_start = np.array(self.state)
+            self._ctl[:, W.PHASE] = 0
         self._pool.step_timeout = self._step_timeout or max(STEP_TIMEOUT_FLOOR_S,
                                                             10 * self._slowest_step)
         batch, cross, micro = hi - lo, self._cross, self.micro
@@ -298,15 +295,13 @@ class ParallelRunner:
         return float(ctrl[0]), int(round(ctrl[1]))
 
     def _blank_other_rows(self, step_lo: int, lo: int, hi: int, k: int) -> None:
-        """Under MPI with micro-batches: the rows this machine does not compute are set to -0.0,
-        so the all-reduce over machines adds only exact zeros to each row's one owner
-        (x + -0.0 == x for every x, -0.0 included; +0.0 would turn a -0.0 into +0.0)."""
+        """Under MPI with micro-batches: the rows this machine does not compute set to -0.0, so
+        the all-reduce adds only exact zeros to each row's owner (x + -0.0 == x for every x;
+        +0.0 would turn a -0.0 into +0.0)."""
         mine = range((lo - step_lo) // self.micro, n_micro(hi - step_lo, self.micro))
-        shm = self._shm
-        for r in range(k):
-            if r not in mine:
-                for name in ("rows", "results", "mstats"):
-                    shm[name][r] = -0.0
+        for name in ("rows", "results", "mstats"):
+            for r in set(range(k)) - set(mine):
+                self._shm[name][r] = -0.0
 
     def _micro_results(self, k: int, batch: int) -> tuple[float, int]:
         """After the compute phase with micro-batches: the rows made whole across machines (one
@@ -398,11 +393,43 @@ class ParallelRunner:
         if self._closed:
             raise PartrainError("the parallel runner is closed")
 
+    def _recover(self, lost: WorkerLost, t: int) -> None:
+        """After a lost worker, with restart on: every worker gone, the step's start restored,
+        fresh workers started; the caller does the step again."""
+        try:
+            self._pool.kill()
+            self._pool.stop(graceful=False)  # joined: no worker writes any more
+            restored = restore_step_start(self._shm, self._backups, self._slices,
+                                          self._ctl[:, W.PHASE])
+            self.state[...] = self._state_at_start
+            self._ctl[:] = 0
+            self._start(*self._start_args)
+        except BaseException:
+            self._failed = True
+            self.close(graceful=False)
+            raise
+        msg = (f"{lost} in step {t}; {self.n_workers} fresh worker(s) started in "
+               f"{self.startup_s:.1f} s, step {t} again from its start"
+               + (f" (slices of worker(s) {', '.join(map(str, restored))} put back)"
+                  if restored else ""))
+        self.restarts.append(msg)
+        if self._on_restart is not None:
+            self._on_restart(msg)
+
+    def _give_up(self, message: str) -> None:
+        self._failed = True
+        self.close(graceful=False)
+        raise PartrainError(message)
+
     def _wait(self, talk, *args) -> None:
-        """A pool call; on a failure close the runner and raise (after `abort`: the stop)."""
+        """A pool call; on a failure close the runner and raise (after `abort`: the stop). A lost
+        worker with restart on is left to `step` (nothing closed)."""
         try:
             talk(*args)
-        except PartrainError:
+        except PartrainError as e:
+            if isinstance(e, WorkerLost) and self._restart and not self._aborted \
+                    and not self._closed and hasattr(self, "_state_at_start"):
+                raise
             self._failed = True
             self.close(graceful=False)
             if self._aborted:

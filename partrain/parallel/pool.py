@@ -21,7 +21,7 @@ import signal
 import threading
 import time
 
-from ..errors import PartrainError
+from ..errors import PartrainError, WorkerLost
 from ..interrupt import helpers_start_deaf
 from . import scratch
 from . import worker as W
@@ -30,6 +30,13 @@ POLL_S = 0.1        # how often a waiting parent checks that every worker is ali
 QUIT_GRACE_S = 2.0  # how long workers get to exit after b"Q" before they are terminated
 CALM = "partrain.parallel.calm"  # the forkserver's first preload import (never the parent's)
 STOPPED_S = 2.0     # how long a process may stay stopped (state T) before the run gives up on it
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 class WorkerPool:
@@ -185,7 +192,7 @@ class WorkerPool:
     def _fail_dead(self, w: int):
         p = self.procs[w]
         p.join(1.0)
-        raise PartrainError(f"worker {w} died ({W.describe_exit(p.exitcode)})")
+        raise WorkerLost(f"worker {w} died ({W.describe_exit(p.exitcode)})", w)
 
 
 def process_state(pid: int | None) -> str | None:
@@ -242,7 +249,8 @@ class ForkserverGuard:
 
 def start_forkserver() -> None:
     """Start the forkserver now (idempotent), with `calm` (SIGINT ignored from its first import
-    on) and the worker module preloaded, started with SIGINT ignored (interrupt.helpers_start_deaf). The MPI backend calls this before MPI initialises, so no
+    on) and the worker module preloaded, started with SIGINT blocked (interrupt.helpers_start_deaf).
+    The MPI backend calls this before MPI initialises, so no
     process that initialised MPI ever forks a worker."""
     from multiprocessing import forkserver
     scratch.private_dir()  # its socket goes there, not into a /tmp/pymp-* a SIGKILL leaves

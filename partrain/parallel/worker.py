@@ -31,6 +31,7 @@ from threadpoolctl import threadpool_limits
 
 from ..optim import sync_frozen
 from ..step import init_model, micro_gradients, n_micro, shard_gradient, split_shards
+from .recovery import STEPPED, back_up_slice, backup_names
 from .reduce import get_reduction, reduce_and_step
 from .shm import SharedArrays
 
@@ -39,7 +40,7 @@ from .shm import SharedArrays
 # minibatch starts: micro-batch k begins at step_lo + k·micro)
 STEP = struct.Struct("<qqqdqq?q")
 # Columns of the control block ctl (float64, one row per worker), written by worker w in row w.
-LOSS, CORRECT, T_COMPUTE, T_REDUCE, T_OPTIM, PID = range(6)
+LOSS, CORRECT, T_COMPUTE, T_REDUCE, T_OPTIM, PID, PHASE = range(7)  # PHASE: see recovery
 CTL_COLUMNS = 8
 
 
@@ -103,6 +104,7 @@ def _serve(w: int, conn, cfg: dict) -> int:
         augment = cfg.get("augment")  # an AugmentSpec or None
         xbuf, lr, t, k = None, 0.0, 0, n_workers
         allreduce = _across_machines(conn) if cfg.get("across_machines") else None
+        backups = backup_names(optimizer.state_names) if cfg.get("step_copy") else None
         conn.send_bytes(b"k")
         while True:
             msg = conn.recv_bytes()
@@ -132,8 +134,12 @@ def _serve(w: int, conn, cfg: dict) -> int:
             elif op != b"R":
                 raise RuntimeError(f"unknown command {msg[:16]!r} from the parent")
             # b"R", or b"S" with then_reduce: sum my slice of the gradients, step it
+            if backups is not None:  # so that a lost worker costs only this step
+                back_up_slice(shm, backups, my_lo, my_hi, ctl, PHASE)
             ctl[T_REDUCE], ctl[T_OPTIM] = reduce_and_step(
                 grads[:k], reduced, params, opt_state, optimizer, my_lo, my_hi, t, lr, allreduce)
+            if backups is not None:
+                ctl[PHASE] = STEPPED
             conn.send_bytes(b"r")
 
 
