@@ -2,7 +2,8 @@
 --backend mpi`, one rank per "machine", both on this one.
 
 - 2 ranks x 1 worker give the bits of 1 rank x 2 workers (three-layer, and vgg with batch norm,
-  ghost batches and augmentation); 2 x 2 equal 1 x 4 within the engine tests' tolerance; rank 1's
+  ghost batches and augmentation); 2 x 2 equal 1 x 4 within the engine tests' tolerance, and
+  with --micro-batch 2 x 1 and 2 x 2 give the bits of 1 x 1; rank 1's
   parameters are rank 0's (seen from the outside: tests/mpi_fail_rank.py --dump);
 - faults: a rank SIGKILLed, an exception on one rank, a SIGSTOPped rank (--step-timeout), a
   worker of one rank killed: each job ends within its bound, exit != 0, with a message naming
@@ -282,14 +283,15 @@ def test_two_ranks_of_two_workers_agree_with_four_workers(tmp_path, store):
     assert np.abs(a["params"] - b["params"]).max() <= tol  # measured: 3e-9 against 1.3e-6
 
 
-def test_micro_batches_make_two_ranks_of_two_workers_the_bits_of_one_worker(tmp_path, store):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_micro_batches_make_two_ranks_the_bits_of_one_worker(tmp_path, store, workers):
     """With --micro-batch the sum is over micro-batch rows in one order whoever computes them:
-    2 ranks x 2 workers (rows all-reduced across the ranks) give the bits of 1 worker, with
-    batch norm, ghost batches and augmentation (vgg), and the same history."""
+    2 ranks x 1 or 2 workers (rows all-reduced across the ranks) give the bits of 1 worker,
+    with batch norm, ghost batches and augmentation (vgg), and the same history."""
     runs = tmp_path / "runs"
     args = [*RUNS["vgg"], "--micro-batch", 8]
     job = mpi_job(tmp_path, *[[*CLI, *_fit_args(store, runs, "mpi", *args, "--backend", "mpi",
-                                                 "--workers", 2)]] * 2, cwd=tmp_path)
+                                                 "--workers", workers)]] * 2, cwd=tmp_path)
     rc, out = job.finish(180)
     assert rc == 0, out
     local = subprocess.run([*CLI, *_fit_args(store, runs, "local", *args, "--workers", 1)],

@@ -108,3 +108,33 @@ def test_a_micro_batch_that_splits_a_batch_norm_group_is_one_clear_line(tmp_path
     assert p.returncode == 1 and not (tmp_path / "runs" / "bad").exists()
     assert p.stderr.strip() == ("Error: --micro-batch 12 is not a multiple of model vgg's "
                                 "batch-norm group of 8"), p.stderr
+
+
+def test_ctrl_c_at_two_workers_then_resume_on_one_is_the_uninterrupted_run(tmp_path, data):
+    """The issue's case with a real SIGINT mid-run (not --max-steps): interrupted at
+    --workers 2, resumed with --workers 1, equal to the uninterrupted --workers 1 run."""
+    import signal
+    import time
+    runs = tmp_path / "runs"
+    args = [*RUNS["three-layer"][:-3], "20", "--micro-batch", "10", "--log-every", "3"]
+    assert RUNS["three-layer"][-4:-2] == ["--epochs", "2"]
+    fit(data, runs, "whole", *args, "--workers", 1)
+    cut = subprocess.Popen([sys.executable, "-m", "partrain.cli", "fit", *map(str, args),
+                            "--workers", "2", "--val-size", "100", "--data-dir", str(data),
+                            "--runs-dir", str(runs), "--name", "cut"],
+                           text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    history = runs / "cut" / "history.csv"
+    deadline = time.monotonic() + 120
+    while not (history.exists() and "\nstep," in history.read_text()):
+        assert cut.poll() is None and time.monotonic() < deadline, cut.communicate()
+        time.sleep(0.005)
+    cut.send_signal(signal.SIGINT)
+    out, err = cut.communicate(timeout=120)
+    assert cut.returncode == 130, (out, err)
+    p = subprocess.run([sys.executable, "-m", "partrain.cli", "fit", "--resume",
+                        str(runs / "cut"), "--workers", "1", "--quiet"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    for which in ("checkpoint", "best"):
+        assert digest(runs / "cut" / f"{which}.h5") == digest(runs / "whole" / f"{which}.h5")
+    assert untimed_history(runs / "cut") == untimed_history(runs / "whole")
