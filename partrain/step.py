@@ -15,6 +15,7 @@ from typing import Callable, Sequence, Union
 import numpy as np
 
 from .batches import make_batch, normaliser
+from .nn.model import params_version
 from .nn.models import build_model
 from .optim import make_optimizer
 
@@ -131,7 +132,9 @@ def micro_gradients(model, images, labels, order, step_lo: int, lo: int, hi: int
     (loss sum, n correct) into result_rows[k]. Returns the input buffer for the next call.
 
     Each micro-batch is one `train_step` with the grads bound to its row (`Model.bind_grads`),
-    so its bits do not depend on the rows around it; the model stays bound to the last row."""
+    so its bits do not depend on the rows around it; the model stays bound to the last row.
+    They share one parameters version (what layers compute from the parameters alone is kept)."""
+    version = params_version()
     for a in range(lo, hi, micro):
         k = (a - step_lo) // micro
         b = min(hi, a + micro)
@@ -141,7 +144,7 @@ def micro_gradients(model, images, labels, order, step_lo: int, lo: int, hi: int
         if xbuf is None or xbuf.shape[0] < b - a:
             xbuf = x
         stats = stats_rows[k] if stats_rows is not None else None
-        result_rows[k] = model.train_step(x, y, loss_scale, stats)
+        result_rows[k] = model.train_step(x, y, loss_scale, stats, version)
     return xbuf
 
 

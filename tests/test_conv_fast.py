@@ -123,6 +123,9 @@ def test_shape_rule():
     assert not ok((64, 64, 15, 15), (64, 64, 3, 3), 2, 1)      # strided
     assert not ok((64, 64, 15, 15), (64, 64, 3, 3), 1, 0)      # unpadded
     assert not ok((8, 64, 15, 15), (64, 8, 3, 3), 1, 1)        # too few channels
+    assert not ok((24, 64, 31, 31), (64, 24, 3, 3), 1, 1)      # ...for the forward's sake alone,
+    assert ok((24, 64, 31, 31), (64, 24, 3, 3), 1, 1, need_dx=True)  # not with dx: airbench's
+    assert not ok((16, 64, 15, 15), (64, 16, 3, 3), 1, 1, need_dx=True)  # conv0a, early epochs
     assert not ok((256, 16, 3, 3), (256, 256, 3, 3), 1, 1)     # 16 GEMM columns: too thin
     assert ok((256, 16, 7, 7), (256, 256, 3, 3), 1, 1)         # 4 tiles x 16 samples
     x = RNG.standard_normal((3, 2, 32, 32)).astype(np.float32)
@@ -186,3 +189,22 @@ def test_input_gradient_in_image_blocks(monkeypatch, k, stride, pad):
         np.testing.assert_allclose(out_b, out, rtol=1e-12, atol=1e-12)
         for got, ref in zip(F.conv_backward(dout, cache_b, ws=ws)[:2], whole[:2]):
             np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_transformed_filters_are_kept_only_while_the_version_stays():
+    """Winograd's U is reused for the same parameters version (the chunks of one step) and made
+    again for a new one, so a step sees its own parameters and the cache cannot go stale."""
+    from partrain.nn import winograd
+    from partrain.nn.workspace import Workspace
+    x = RNG.standard_normal((32, 4, 8, 8)).astype(np.float32)
+    w = RNG.standard_normal((32, 32, 3, 3)).astype(np.float32)
+    ws = Workspace()
+    first, _ = winograd.conv_forward(x, w, None, 4, ws, version=1)
+    first = first.copy()
+    w *= 2
+    same, _ = winograd.conv_forward(x, w, None, 4, ws, version=1)
+    np.testing.assert_array_equal(same, first)              # kept: computed from the old w
+    new, _ = winograd.conv_forward(x, w, None, 4, ws, version=2)
+    np.testing.assert_allclose(new, 2 * first, rtol=1e-5, atol=1e-5)
+    fresh, _ = winograd.conv_forward(x, w, None, 4, None, version=2)  # no workspace: made
+    np.testing.assert_array_equal(fresh, new)

@@ -80,14 +80,18 @@ def col2im(dcols: np.ndarray, geom: tuple, kh: int, kw: int, stride: int, pad: i
 WINOGRAD = True
 WINOGRAD_TILE = 4               # output tile m of F(m x m, 3 x 3)
 WINOGRAD_MIN_CHANNELS = 32      # below this the (F x C) GEMMs are too thin to pay for transforms
+WINOGRAD_MIN_CHANNELS_DX = 24   # ...unless the input gradient is needed too: airbench's 24 -> 64
+                                # conv at batch 64, one thread: im2col 30 + 35 ms without it,
+                                # Winograd 35 + 32; with it 34 + 91 against 41 + 60 ms
 WINOGRAD_MAX_MULTIPLIES = 0.5   # Winograd multiplies (padded tiles) / im2col multiplies; m = 4:
                                 # 31x31 0.27, 15x15 0.28, 7x7 0.33, 3x3 0.44
 WINOGRAD_MIN_COLUMNS = 64       # tiles x samples per GEMM: 3x3 maps at batch 16 (16 columns) ran
                                 # slower than im2col, at batch 64 faster
 
 
-def winograd_eligible(x_shape, w_shape, stride, pad, m=None) -> bool:
-    """Shape rule for the Winograd path: 3x3, stride 1, pad 1, enough channels, little padding."""
+def winograd_eligible(x_shape, w_shape, stride, pad, m=None, need_dx: bool = False) -> bool:
+    """Shape rule for the Winograd path: 3x3, stride 1, pad 1, enough channels (fewer when the
+    backward pass also makes the input gradient), little padding."""
     F_, C, KH, KW = w_shape
     if not WINOGRAD or (KH, KW) != (3, 3) or stride != 1 or pad != 1 or len(x_shape) != 4:
         return False
@@ -95,22 +99,25 @@ def winograd_eligible(x_shape, w_shape, stride, pad, m=None) -> bool:
     H, W = x_shape[2:]
     tiles = (-(-H // m)) * (-(-W // m))
     ratio = (m + 2) ** 2 * tiles / (9 * H * W)
-    return (min(C, F_) >= WINOGRAD_MIN_CHANNELS and ratio <= WINOGRAD_MAX_MULTIPLIES
+    least = WINOGRAD_MIN_CHANNELS_DX if need_dx else WINOGRAD_MIN_CHANNELS
+    return (min(C, F_) >= least and ratio <= WINOGRAD_MAX_MULTIPLIES
             and tiles * x_shape[1] >= WINOGRAD_MIN_COLUMNS)
 
 
-def conv_forward(x, w, b, stride=1, pad=0, ws=None, key="conv", method="auto"):
+def conv_forward(x, w, b, stride=1, pad=0, ws=None, key="conv", method="auto", version=None,
+                 need_dx: bool = False):
     """x (C, N, H, W), w (F, C, KH, KW), b (F,) or None -> out (F, N, OH, OW).
 
     method "auto" picks Winograd F(m x m, 3x3), m = WINOGRAD_TILE, where `winograd_eligible` says
     so, else im2col + one GEMM (the reference); "im2col", "winograd" (m = WINOGRAD_TILE),
-    "winograd2" or "winograd4" force one.
+    "winograd2" or "winograd4" force one. version: see winograd.conv_forward; need_dx: the
+    backward pass will make the input gradient (it moves the shape rule).
     """
     if method in ("winograd", "winograd2", "winograd4"):
         m = {"winograd2": 2, "winograd4": 4}.get(method, WINOGRAD_TILE)
-        return winograd.conv_forward(x, w, b, m, ws, key)
-    if method == "auto" and winograd_eligible(x.shape, w.shape, stride, pad):
-        return winograd.conv_forward(x, w, b, WINOGRAD_TILE, ws, key)
+        return winograd.conv_forward(x, w, b, m, ws, key, version)
+    if method == "auto" and winograd_eligible(x.shape, w.shape, stride, pad, need_dx=need_dx):
+        return winograd.conv_forward(x, w, b, WINOGRAD_TILE, ws, key, version)
     F, C, KH, KW = w.shape
     N, H, W = x.shape[1:]
     OH, OW = conv_out_size(H, KH, stride, pad), conv_out_size(W, KW, stride, pad)

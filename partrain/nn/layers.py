@@ -24,6 +24,9 @@ class StepContext:
     train: bool
     groups: list[tuple[int, int]] = field(default_factory=list)
     stats_out: dict[str, np.ndarray] | None = None
+    # The same value in two passes means unchanged parameters (the chunks of one train_step or
+    # of one logits call), so what is computed from them alone may be kept; None: unknown.
+    version: int | None = None
 
 
 class Layer:
@@ -92,7 +95,8 @@ class Conv(Layer):
 
     def forward(self, x, ctx):
         out, self.cache = F.conv_forward(x, self.p["w"], self.p.get("b"), self.stride, self.pad,
-                                         self.ws)
+                                         self.ws, version=ctx.version,
+                                         need_dx=ctx.train and self.need_dx)
         return out
 
     def backward(self, dout):

@@ -1,6 +1,8 @@
 """The base every model is built on (the models themselves, by name, are in models.py)."""
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
 from . import functional as F
@@ -9,6 +11,12 @@ from .params import ParamLayout, ParamSpec
 from .workspace import Workspace, share_scratch
 
 INFERENCE_CHUNK = 64  # images per forward pass in evaluation, for models without a chunk_size
+_VERSIONS = itertools.count(1)  # StepContext.version: one per train_step or logits call
+
+
+def params_version() -> int:
+    """A new `StepContext.version`: a tag no earlier pass has used."""
+    return next(_VERSIONS)
 
 
 def layer_grads(layer: Layer) -> list[np.ndarray]:
@@ -157,22 +165,27 @@ class Model:
             h = layer.forward(h, ctx)
         return h
 
-    def train_step(self, x, y, loss_scale: float, stats_out: np.ndarray | None = None):
+    def train_step(self, x, y, loss_scale: float, stats_out: np.ndarray | None = None,
+                   version: int | None = None):
         """Overwrite the bound grads with loss_scale·d(Σ losses)/dθ; return (loss_sum, n_correct).
 
         In chunks of `chunk_size` samples: the layers overwrite the grads (and BN its statistics)
         with each chunk's, so the sum so far is put aside and added back after every chunk (two
-        passes over the parameters per chunk: 8 MB for airbench against ~0.5 s of compute)."""
+        passes over the parameters per chunk: 8 MB for airbench against ~0.5 s of compute).
+        version: `StepContext.version` for every chunk (default: a new one); the same for
+        several calls with unchanged parameters (a step's micro-batches) lets them share what
+        is computed from the parameters alone."""
         if self.stats_size and stats_out is None:
             stats_out = np.zeros(self.stats_size, self.dtype)
         n = len(y)
         step = self.chunk_size if self.chunk_size and self.chunk_size < n else n
         loss_sum, correct = 0.0, 0
         summed = [v for v in (self.grads, stats_out) if v is not None]
+        version = version if version is not None else params_version()
         for lo in range(0, n, step):
             so_far = [self._put_aside(i, v) for i, v in enumerate(summed)] if lo else []
             loss, right = self._train_chunk(x[lo:lo + step], y[lo:lo + step], loss_scale,
-                                            stats_out)
+                                            stats_out, version)
             loss_sum, correct = loss_sum + loss, correct + right
             for v, saved in zip(summed, so_far):
                 v += saved
@@ -186,9 +199,10 @@ class Model:
         np.copyto(saved, vector)
         return saved
 
-    def _train_chunk(self, x, y, loss_scale, stats_out):
+    def _train_chunk(self, x, y, loss_scale, stats_out, version=None):
         stats_views = self.stats_layout.views(stats_out) if stats_out is not None else None
-        ctx = StepContext(train=True, groups=self.groups(len(y)), stats_out=stats_views)
+        ctx = StepContext(train=True, groups=self.groups(len(y)), stats_out=stats_views,
+                          version=version)
         logits = self.forward(x, ctx)
         loss_sum, correct, d = F.softmax_cross_entropy(logits, y, loss_scale, self.label_smoothing)
         self.backward(d)
@@ -210,11 +224,12 @@ class Model:
     def logits(self, x: np.ndarray) -> np.ndarray:
         """Evaluation-mode logits (N, n_classes), chunk by chunk (see the class docstring)."""
         step = self.chunk_size or INFERENCE_CHUNK
+        ctx = StepContext(train=False, version=params_version())
         if len(x) <= step:
-            return self.forward(x, StepContext(train=False))
+            return self.forward(x, ctx)
         out = np.empty((len(x), self.n_classes), self.dtype)
         for lo in range(0, len(x), step):
-            out[lo:lo + step] = self.forward(x[lo:lo + step], StepContext(train=False))
+            out[lo:lo + step] = self.forward(x[lo:lo + step], ctx)
         return out
 
     def loss_and_grad(self, x, y) -> tuple[float, np.ndarray]:

@@ -25,6 +25,9 @@ class Workspace:
     def __init__(self, scratch: "Workspace | None" = None):
         self._bufs: dict[str, np.ndarray] = {}
         self.scratch = scratch  # the pool `temp` draws from; None: this workspace itself
+        # What a kept buffer was computed from, for one reused while that is unchanged
+        # (Winograd's transformed filters within a step); dropped when its store is replaced.
+        self.tags: dict[str, object] = {}
 
     def get(self, key: str, shape: tuple[int, ...], dtype) -> np.ndarray:
         dtype = np.dtype(dtype)
@@ -32,6 +35,7 @@ class Workspace:
         store = self._bufs.get(key)
         if store is None or store.dtype != dtype or store.size < n:
             self._bufs.pop(key, None)  # freed before its replacement is allocated
+            self.tags.pop(key, None)
             store = np.empty(n, dtype)
             self._bufs[key] = store
         return store[:n].reshape(shape)
