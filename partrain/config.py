@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .augment import AugmentSpec
+from .batches import NORMALIZATIONS
 from .datasets.store import IMAGE_SHAPE
 from .errors import PartrainError
 from .nn.models import MODELS, build_model
@@ -127,6 +128,10 @@ class TrainConfig:
     log_every: int = setting(20, "Steps per history row.", minimum=1)
     # --recipe is applied before the other options are resolved, so cli.fit writes it by hand.
     recipe: str | None = setting(None, cli=False)
+    normalize: str = setting("channel", "How images are normalised: channel (each channel's "
+                                        "train mean and std) or mean-image (subtract the mean "
+                                        "training image, divide by nothing: the cs231n course's "
+                                        "preprocessing).", choices=NORMALIZATIONS)
     augment_flip: bool = setting(False, "Augment: mirror each training image every other epoch "
                                         "(alternating flips).", flag="--flip/--no-flip")
     augment_translate: int = setting(0, "Augment: shift each training image by up to PX pixels "

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .batches import make_batch, normaliser
+from .batches import make_batch, normaliser, run_normaliser
 from .datasets.store import FILENAME, load_store
 from .errors import PartrainError
 from .rundir import CHECKPOINTS, RunDir, file_sha256, write_json_atomic
@@ -85,6 +85,17 @@ def load_run(run: str | Path, checkpoint: str = "best"):
     return RunDir.open(run).load_for_eval(checkpoint)
 
 
+def run_scale_shift(config: dict, path, data) -> tuple[np.ndarray, np.ndarray]:
+    """The normaliser a run trained with (`batches.normalization`): the statistics in `data`
+    (a store of that file, any splits), or with --normalize mean-image the mean of the run's
+    training images, read from the store at `path`."""
+    from .config import TrainConfig
+    cfg = TrainConfig.from_dict(config)
+    if cfg.normalize == "channel":
+        return normaliser(data.mean, data.std)
+    return run_normaliser(cfg, load_store(path, splits=("train",)))
+
+
 def confusion_matrix(labels: np.ndarray, preds: np.ndarray, k: int) -> np.ndarray:
     """counts[i, j] = number of samples of true class i predicted as class j."""
     m = np.zeros((k, k), np.int64)
@@ -113,7 +124,7 @@ def evaluate_run(run: str | Path, data_dir: str | Path | None = None, checkpoint
         warn(f"warning: {path} is not the file this run was trained on (its sha256 differs)")
     if list(data.class_names) != list(meta_run.get("class_names", data.class_names)):
         raise PartrainError(f"{path} has other class names than the run {run} was trained with")
-    scale, shift = normaliser(data.mean, data.std)
+    scale, shift = run_scale_shift(config, path, data)
     acc, preds = accuracy(model, data.test_images, data.test_labels, scale, shift)
     acc_tta = (tta_accuracy(model, data.test_images, data.test_labels, scale, shift, tta)[1]
                if tta != "none" else None)

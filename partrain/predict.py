@@ -13,10 +13,9 @@ from typing import Sequence
 
 import numpy as np
 
-from .batches import normaliser
 from .datasets.store import excerpt, inspect_store, load_store
 from .errors import PartrainError
-from .evaluate import batched_logits, data_path, load_run
+from .evaluate import batched_logits, data_path, load_run, run_scale_shift
 
 SIZE = 32
 # A 32 x 32 classifier needs nothing near Pillow's own limit (89 Mpixel, then a warning with a
@@ -115,7 +114,7 @@ def predict_run(run: str | Path, inputs: Sequence[str], test_index: bool = False
         labels, names = None, [str(p) for p in inputs]
     if list(data.class_names) != list(meta_run.get("class_names", data.class_names)):
         raise PartrainError(f"{path} has other class names than the run {run} was trained with")
-    scale, shift = normaliser(data.mean, data.std)
+    scale, shift = run_scale_shift(config, path, data)
     probs = softmax(np.concatenate([z for _, z, _ in batched_logits(
         model, images, np.arange(len(images)), scale, shift)]))
     k = min(top, probs.shape[1])

@@ -86,20 +86,23 @@ class LocalRunner:
 
 
 def make_runner(cfg, data, model_spec, opt_spec, train_idx=None, stop=None, cross=None,
-                log_dir=None, step_timeout=None, micro_batch=None, on_restart=None):
+                log_dir=None, step_timeout=None, micro_batch=None, on_restart=None,
+                normalization=None):
     """LocalRunner for one worker, the engine for more; both initialise the model identically
     (init_from_data sees only `train_idx`) and augment as cfg says. stop: the driver's
     `interrupt.StopFlag`, so that the engine installs no signal handler of its own. log_dir,
     step_timeout: the engine's (where failing workers write; how long a silent one may take).
     micro_batch: the order-free sum's micro-batch (None: off). on_restart: told what each
-    restart after a lost worker did (cfg.on_worker_failure "restart"; one worker has none)."""
+    restart after a lost worker did (cfg.on_worker_failure "restart"; one worker has none).
+    normalization: the run's (mean, std) (`batches.normalization`; None: the store's)."""
+    mean, std = normalization if normalization is not None else (data.mean, data.std)
     common = dict(seed=cfg.seed, augment=cfg.augment_spec(), init_idx=train_idx,
                   micro_batch=micro_batch)
     if cfg.workers == 1 and cross is None:  # under MPI a rank is always a parent of workers
         return LocalRunner(model_spec, opt_spec, data.train_images, data.train_labels,
-                           data.mean, data.std, **common)
+                           mean, std, **common)
     return ParallelRunner(model_spec, opt_spec, data.train_images, data.train_labels,
-                          data.mean, data.std, n_workers=cfg.workers, reduction=cfg.reduction,
+                          mean, std, n_workers=cfg.workers, reduction=cfg.reduction,
                           stop=stop, cross=cross, log_dir=log_dir, step_timeout=step_timeout,
                           max_batch=cfg.batch_size, on_worker_failure=cfg.on_worker_failure,
                           on_restart=on_restart, **common)

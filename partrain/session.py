@@ -38,7 +38,7 @@ class Session:
         plan.data.train_images = runner.images
         self.eval_model = build_model(cfg.model, **cfg.model_options)
         self.eval_model.bind(runner.params, None, runner.state)
-        self.scale, self.shift = normaliser(plan.data.mean, plan.data.std)
+        self.scale, self.shift = normaliser(plan.mean, plan.std)
         self.t_start, self.images_done = time.perf_counter(), 0
         self._settle_folder = None  # set by resume: see _continue_folder
 

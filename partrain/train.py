@@ -18,6 +18,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from . import __version__
+from .batches import normalization, split_train_val
 from .config import TrainConfig, optimizer_spec
 from .datasets.store import load_store
 from .errors import PartrainError
@@ -31,14 +32,6 @@ from .session import Session
 
 
 # ------------------------------------------------------------------------- data choices
-def split_train_val(n: int, val_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """A seeded split of range(n) into sorted train and validation indices."""
-    if val_size >= n:
-        raise PartrainError(f"--val-size {val_size} leaves no training data (train set has {n})")
-    perm = np.random.default_rng([seed, 0x5A11]).permutation(n)
-    return np.sort(perm[val_size:]), np.sort(perm[:val_size])
-
-
 def epoch_order(train_idx: np.ndarray, seed: int, epoch: int) -> np.ndarray:
     """The order of the training samples in `epoch` (0-based): a function of (seed, epoch) only."""
     return train_idx[np.random.default_rng([seed, epoch]).permutation(len(train_idx))]
@@ -172,6 +165,8 @@ class Plan:
     schedule: object
     opt_spec: tuple
     micro: int | None          # the micro-batch of the order-free sum (None: off)
+    mean: np.ndarray           # the run's normalisation (batches.normalization)
+    std: np.ndarray
 
     @classmethod
     def of(cls, cfg: TrainConfig, data) -> "Plan":
@@ -185,7 +180,8 @@ class Plan:
         schedule = make_schedule(cfg.schedule, cfg.lr, cfg.epochs * len(bounds),
                                  warmup_steps=int(round(cfg.warmup_epochs * len(bounds))))
         return cls(cfg, data, model, train_idx, val_idx, bounds, schedule,
-                   optimizer_spec(cfg, model, len(bounds)), micro)
+                   optimizer_spec(cfg, model, len(bounds)), micro,
+                   *normalization(cfg, data, train_idx))
 
     @property
     def steps_per_epoch(self) -> int:
@@ -194,7 +190,7 @@ class Plan:
     def make_runner(self, stop, cross=None, log_dir=None, step_timeout=None, on_restart=None):
         return make_runner(self.cfg, self.data, (self.cfg.model, dict(self.cfg.model_options)),
                            self.opt_spec, self.train_idx, stop, cross, log_dir, step_timeout,
-                           self.micro, on_restart)
+                           self.micro, on_restart, (self.mean, self.std))
 
     def describe(self, run: Path, cross=None) -> str:
         cfg, aug = self.cfg, self.cfg.augment_spec()

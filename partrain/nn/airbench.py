@@ -178,8 +178,8 @@ def patch_covariance(images_uint8: np.ndarray, mean, std, kernel: int = 2,
                      chunk: int = 500) -> np.ndarray:
     """E[p pᵀ] over all kernel×kernel patches of the normalised images (uncentred, as airbench:
     normalised images have mean ≈ 0), accumulated in float64 chunk by chunk."""
-    mean = np.asarray(mean, np.float64).reshape(1, -1, 1, 1)
-    std = np.asarray(std, np.float64).reshape(1, -1, 1, 1)
+    mean, std = (np.asarray(v, np.float64) for v in (mean, std))  # per channel or per pixel
+    mean, std = (v.reshape(1, -1, 1, 1) if v.ndim <= 1 else v[None] for v in (mean, std))
     d = images_uint8.shape[1] * kernel * kernel
     cov = np.zeros((d, d))
     count = 0
