@@ -264,16 +264,29 @@ _CHECKPOINT = click.option("--checkpoint", type=click.Choice(["best", "last"]), 
               help="Folder for the figures [default: the run folder; for several runs, "
                    "compare/ beside the first].")
 @click.option("--pdf", is_flag=True, help="Also write PDF versions.")
+@click.option("--filters", is_flag=True, help="Instead: the first conv's filters (filters.png).")
+@click.option("--features", type=click.Path(path_type=Path), metavar="IMAGE",
+              help="Instead: the first layers' feature maps for IMAGE (features.png).")
+@_DATA_DIR
+@_CHECKPOINT
 @user_errors
-def plot(runs, out, pdf):
-    """Training loss per iteration and accuracy per epoch of one run, or several overlaid."""
+def plot(runs, out, pdf, filters, features, data_dir, checkpoint):
+    """Training loss per iteration and accuracy per epoch of one run, or several overlaid; with
+    --filters or --features IMAGE (or both), what the first layers of one run learned."""
     from .plots import plot_runs
+    from .plots_filters import plot_first_layers
 
-    for run in runs:
-        RunDir.open(run)  # a readable run folder; plot_runs reads every history before drawing
-    if out is None:
-        out = runs[0] if len(runs) == 1 else runs[0].parent / "compare"
-    for path in plot_runs(runs, out, pdf=pdf):
+    given = click.get_current_context().get_parameter_source("checkpoint")
+    if filters or features:
+        paths = plot_first_layers(runs, out, filters, features, data_dir, checkpoint, pdf)
+    elif data_dir or given != ParameterSource.DEFAULT:
+        raise PartrainError("--data-dir and --checkpoint go with --filters or --features")
+    else:
+        for run in runs:
+            RunDir.open(run)  # a readable run folder; plot_runs reads every history before drawing
+        paths = plot_runs(runs, out or (runs[0] if len(runs) == 1 else runs[0].parent / "compare"),
+                          pdf=pdf)
+    for path in paths:
         click.echo(f"wrote {path}")
 
 
