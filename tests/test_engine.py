@@ -434,3 +434,28 @@ def test_restore_puts_back_every_slice_whose_backup_is_complete():
     assert done == [0, 2]
     assert shm["params"].tolist() == [7.0] * 4 + [4.0, 5.0, 6.0, 7.0] + [7.0] * 4
     assert shm["opt_m"].tolist() == [8.0] * 4 + [-4.0, -5.0, -6.0, -7.0] + [8.0] * 4
+
+
+def test_sweeping_folders_tolerates_one_removed_meanwhile(tmp_path, monkeypatch):
+    """Two ranks on one machine sweep the same temp folder at once: a stale folder the other
+    one removed between the listing and the stat was a FileNotFoundError that ended rank 1
+    (seen once in test_mpi.py's full run)."""
+    from partrain.parallel import scratch
+    gone = tmp_path / "partrain-999999-deadbeef"
+    gone.mkdir()
+    stale = tmp_path / "partrain-999998-feedface"
+    stale.mkdir()
+    real_stat, calls = os.stat, []
+
+    def racing_stat(path, *a, **kw):
+        if str(path) == str(gone):
+            calls.append(path)
+            if len(calls) == 2:  # after isdir's stat, before the owner check's
+                import shutil
+                shutil.rmtree(gone, ignore_errors=True)  # the other rank got there first
+        return real_stat(path, *a, **kw)
+
+    monkeypatch.setattr(scratch.os, "stat", racing_stat)
+    assert scratch.sweep_folders(str(tmp_path)) == 1  # the stale one; the other was gone
+    assert len(calls) == 2
+    assert not gone.exists() and not stale.exists()

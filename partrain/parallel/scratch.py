@@ -163,8 +163,11 @@ def sweep_folders(tmp: str | None = None) -> int:
     tidied = 0
     for name in names:
         path = os.path.join(tmp, name)
-        if (_tag(name) != name or os.path.islink(path) or not os.path.isdir(path)
-                or os.stat(path).st_uid != os.getuid() or not unowned(path)):
+        try:  # another partrain may tidy the same folder meanwhile (two ranks on one machine)
+            if (_tag(name) != name or os.path.islink(path) or not os.path.isdir(path)
+                    or os.stat(path).st_uid != os.getuid() or not unowned(path)):
+                continue
+        except FileNotFoundError:
             continue
         tidied += _tidy(path)
     return tidied
