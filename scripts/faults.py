@@ -81,7 +81,7 @@ def tree(root: int) -> list[int]:
 def workers(pgid: int) -> list[int]:
     """The worker processes: children of the forkserver (same command line as it)."""
     members = group(pgid)
-    servers = [p for p in members if b"forkserver" in cmdline(p)]
+    servers = [p for p in members if b"from multiprocessing.forkserver import main" in cmdline(p)]
     parents = {}
     for p in members:
         try:

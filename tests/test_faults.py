@@ -63,10 +63,14 @@ def wait_until(condition, what: str, proc: Proc, timeout: float = 120.0):
 
 
 def forkserver_of(pid: int) -> int | None:
+    """The forkserver among pid's descendants, by its own command line (`-c 'from
+    multiprocessing.forkserver import main; ...'`). Not any command line with "forkserver" in
+    it: these tests' folders are named after them, and a child forked but not yet exec'd still
+    shows the parent's arguments; stopping that one hung the parent inside vfork."""
     for p in descendants(pid):
         try:
             with open(f"/proc/{p}/cmdline", "rb") as f:
-                if b"forkserver" in f.read():
+                if b"from multiprocessing.forkserver import main" in f.read():
                     return p
         except OSError:
             pass
