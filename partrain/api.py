@@ -32,8 +32,8 @@ from .batches import split_train_val
 from .config import TrainConfig, _check_type, apply_recipe, short_repr
 from .datasets.store import FILENAME, IMAGE_SHAPE, CifarData, inspect_store, load_store
 from .errors import PartrainError
-from .evaluate import (accuracy, confusion_matrix, batched_logits, data_path, run_scale_shift,
-                       tta_accuracy)
+from .evaluate import (accuracy, batched_logits, confusion_matrix, data_path, per_class_accuracy,
+                       run_scale_shift, tta_accuracy)
 from .evaluate import load_run as _load_checkpointed
 from .nn.models import build_model as _build_model
 from .parallel.engine import usable_cores
@@ -237,15 +237,11 @@ class Run:
         images, labels = self._split(split)
         acc, preds = accuracy(self.model, images, labels, self.scale, self.shift)
         matrix = confusion_matrix(labels, preds, len(self.class_names))
-        totals = matrix.sum(axis=1)
         result = {"split": split, "checkpoint": self.checkpoint["path"],
                   "epoch": self.checkpoint["epoch"], "accuracy": acc, "n": int(len(labels)),
                   "n_correct": int(np.trace(matrix)), "confusion": matrix,
                   "class_names": list(self.class_names),
-                  "per_class": {name: {"correct": int(matrix[i, i]), "total": int(totals[i]),
-                                       "accuracy": (float(matrix[i, i] / totals[i]) if totals[i]
-                                                    else float("nan"))}
-                                for i, name in enumerate(self.class_names)}}
+                  "per_class": per_class_accuracy(matrix, self.class_names)}
         if tta != "none":
             result.update(tta=tta, accuracy_tta=tta_accuracy(
                 self.model, images, labels, self.scale, self.shift, tta)[1])

@@ -96,6 +96,14 @@ def run_scale_shift(config: dict, path, data) -> tuple[np.ndarray, np.ndarray]:
     return run_normaliser(cfg, load_store(path, splits=("train",)))
 
 
+def per_class_accuracy(matrix: np.ndarray, class_names) -> dict:
+    """{name: {"correct", "total", "accuracy"}} from a confusion matrix (rows: true class)."""
+    totals = matrix.sum(axis=1)
+    return {name: {"correct": int(matrix[i, i]), "total": int(totals[i]),
+                   "accuracy": float(matrix[i, i] / totals[i]) if totals[i] else float("nan")}
+            for i, name in enumerate(class_names)}
+
+
 def confusion_matrix(labels: np.ndarray, preds: np.ndarray, k: int) -> np.ndarray:
     """counts[i, j] = number of samples of true class i predicted as class j."""
     m = np.zeros((k, k), np.int64)
@@ -128,12 +136,8 @@ def evaluate_run(run: str | Path, data_dir: str | Path | None = None, checkpoint
     acc, preds = accuracy(model, data.test_images, data.test_labels, scale, shift)
     acc_tta = (tta_accuracy(model, data.test_images, data.test_labels, scale, shift, tta)[1]
                if tta != "none" else None)
-    k = len(data.class_names)
-    matrix = confusion_matrix(data.test_labels, preds, k)
-    totals = matrix.sum(axis=1)
-    per_class = {name: {"correct": int(matrix[i, i]), "total": int(totals[i]),
-                        "accuracy": float(matrix[i, i] / totals[i]) if totals[i] else float("nan")}
-                 for i, name in enumerate(data.class_names)}
+    matrix = confusion_matrix(data.test_labels, preds, len(data.class_names))
+    per_class = per_class_accuracy(matrix, data.class_names)
     out = Path(out_dir) if out_dir is not None else run
     out.mkdir(parents=True, exist_ok=True)
     figure = plot_confusion(matrix, data.class_names, out / CONFUSION_FILE)
