@@ -17,7 +17,8 @@ Faults: worker SIGKILL / SIGSTOP / exception (an out-of-range label written into
 labels block, so the worker's own code raises), parent SIGINT / SIGTERM / SIGKILL, group SIGINT
 (a terminal's Ctrl-C) / SIGKILL, /dev/shm full (a 1 MiB tmpfs in a private mount namespace) and
 disk full while checkpointing (the runs folder on a small tmpfs there). With --backend mpi: rank
-SIGKILL / SIGSTOP, mpiexec SIGINT / SIGTERM, group SIGKILL.
+SIGKILL / SIGSTOP, mpiexec SIGINT / SIGTERM, group SIGKILL. worker-kill-restart: a worker
+SIGKILLed in a run with --on-worker-failure restart, which must finish (rc 0) bit-identical.
 
     python scripts/faults.py --trials 200            # prints a table and the one-line total
     python scripts/faults.py --trials 30 --json out.json
@@ -49,12 +50,14 @@ from synthetic import make_tiny_store  # noqa: E402
 from partrain.checkpoint import load_checkpoint  # noqa: E402
 from partrain.errors import PartrainError  # noqa: E402
 
-LOCAL_FAULTS = ["worker-kill", "worker-stop", "worker-exception", "parent-int", "parent-term",
+LOCAL_FAULTS = ["worker-kill", "worker-kill-restart", "worker-stop", "worker-exception",
+                "parent-int", "parent-term",
                 "parent-kill", "group-int", "group-kill", "shm-full", "disk-full"]
 MPI_FAULTS = ["rank-kill", "rank-stop", "launcher-int", "launcher-term", "group-kill"]
 HANG_S = 60.0       # local: a run still there this long after its fault hangs
 HANG_S_MPI = 150.0  # MPI: the watchdog's start-up and exit deadline is 120 s
 EXPECTED = {"worker-kill": {1}, "worker-stop": {1}, "worker-exception": {1},
+            "worker-kill-restart": set(),  # --on-worker-failure restart: the run must finish
             # -2 / -15: the signal came while Python itself was starting, before any line of
             # partrain ran (the first ~10 ms): the default action, as for any program
             "parent-int": {130, -2}, "parent-term": {143, -15}, "parent-kill": {-9},
@@ -166,7 +169,8 @@ class Harness:
             size = rng.randint(100, 1500)  # KiB: room for some checkpoints, not for all
             namespace = (f'mount -t tmpfs -o size={size}k tmpfs {runs} && "$@"; rc=$?; '
                          f'cp -a {runs} {runs}.out 2>/dev/null; exit $rc')
-        p = self.start(self.argv(runs, "r"), namespace)
+        extra = ["--on-worker-failure", "restart"] if fault.endswith("-restart") else []
+        p = self.start(self.argv(runs, "r", *extra), namespace)
         t_fault = self.inject(p, fault, delay)
         gone_s, hung = self.wait_gone(p, t_fault)
         out, err = p.communicate()
@@ -210,7 +214,7 @@ class Harness:
             target = random.choice(found)
         t = time.monotonic()
         try:
-            if fault in ("worker-kill", "rank-kill"):
+            if fault in ("worker-kill", "rank-kill", "worker-kill-restart"):
                 os.kill(target, signal.SIGKILL)
             elif fault in ("worker-stop", "rank-stop"):
                 os.kill(target, signal.SIGSTOP)

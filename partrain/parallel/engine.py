@@ -34,9 +34,8 @@ import numpy as np
 
 from ..errors import PartrainError, WorkerLost
 from ..interrupt import StopFlag, catch_signals
-from ..step import (active_augment, init_model, merge_stats, n_micro, split_shards, sum_results,
-                    sum_stats)
-from . import scratch
+from ..step import active_augment, init_model, merge_stats, n_micro, split_shards
+from . import rows, scratch
 from . import worker as W
 from .pool import WorkerPool, usable_cores
 from .recovery import MAX_TRIES, backup_names, restore_step_start
@@ -119,7 +118,7 @@ class ParallelRunner:
                        augment=active_augment(augment), micro_batch=self.micro,
                        step_copy=self._restart)
             self._start_args = (start_method, cfg, log_dir, startup_timeout)
-            self._start(*self._start_args)
+            self._start_workers()
         except BaseException as e:
             self.close(graceful=False)
             if (isinstance(e, PartrainError) and self._stop.asked
@@ -242,12 +241,13 @@ class ParallelRunner:
         self._wait(self._pool.send_all, b"S" + W.STEP.pack(lo, hi, batch, float(lr), t,
                                                            self._epoch, then_reduce, step_lo))
         if micro and cross is not None:  # while the workers compute their rows
-            self._blank_other_rows(step_lo, lo, hi, k)
+            rows.blank_other_rows(self._shm, self.micro, step_lo, lo, hi, k)
         self._wait(self._pool.collect, b"r" if then_reduce else b"c")
         ctl = self._ctl
         compute = ctl[:, W.T_COMPUTE].copy()
         if micro:
-            loss, correct = self._micro_results(k, batch)
+            loss, correct = rows.micro_results(self._shm, self.model, k, batch, self._cross,
+                                               self._stop)
         else:
             loss, correct = 0.0, 0
             for w in range(self.n_workers):  # fixed order: bit-reproducible
@@ -256,7 +256,8 @@ class ParallelRunner:
         if sharded and not then_reduce:
             self._wait(self._pool.send_all, b"R")  # lr and t came with b"S"
         if cross is not None and not micro:  # while the workers sum their slices
-            loss, correct = self._agree_across_machines(loss, correct, batch)
+            loss, correct = rows.agree_across_machines(self._cross, self._stop, self.model,
+                                                       self._stats, loss, correct, batch)
         elif not micro:
             merge_stats(self.model, self._stats, batch)
         if sharded and not then_reduce:
@@ -277,47 +278,6 @@ class ParallelRunner:
         self.last_times = StepTimes(time.perf_counter() - t0, compute, red, opt)
         self._slowest_step = max(self._slowest_step, self.last_times.wall)
         return loss, correct
-
-    def _agree_across_machines(self, loss: float, correct: int, batch: int) -> tuple[float, int]:
-        """One small all-reduce: the global loss and correct count, and whether any rank was
-        asked to stop, so every rank takes the same branch after this step; then the batch-norm
-        statistics of the whole global batch (in their own dtype, so 2 ranks x N workers sum
-        exactly as 1 rank x 2N workers)."""
-        cross = self._cross
-        ctrl = np.array([loss, correct, float(self._stop.asked)], np.float64)
-        cross.allreduce(ctrl)
-        if ctrl[2] > 0:
-            self._stop.requested = True
-        if self.model.stats_size:
-            total = sum_stats(self._stats)
-            cross.allreduce(total)
-            merge_stats(self.model, total[None, :], batch)
-        return float(ctrl[0]), int(round(ctrl[1]))
-
-    def _blank_other_rows(self, step_lo: int, lo: int, hi: int, k: int) -> None:
-        """Under MPI with micro-batches: the rows this machine does not compute set to -0.0, so
-        the all-reduce adds only exact zeros to each row's owner (x + -0.0 == x for every x;
-        +0.0 would turn a -0.0 into +0.0)."""
-        mine = range((lo - step_lo) // self.micro, n_micro(hi - step_lo, self.micro))
-        for name in ("rows", "results", "mstats"):
-            for r in set(range(k)) - set(mine):
-                self._shm[name][r] = -0.0
-
-    def _micro_results(self, k: int, batch: int) -> tuple[float, int]:
-        """After the compute phase with micro-batches: the rows made whole across machines (one
-        all-reduce each, and whether any rank was asked to stop), then the loss, correct count
-        and batch-norm statistics summed over rows k = 0, 1, ..., exactly as one process does."""
-        shm, cross = self._shm, self._cross
-        if cross is not None:
-            for name in ("rows", "results", "mstats"):
-                cross.allreduce(shm[name][:k].reshape(-1))
-            ctrl = np.array([float(self._stop.asked)], np.float64)
-            cross.allreduce(ctrl)
-            if ctrl[0] > 0:
-                self._stop.requested = True
-        if self.model.stats_size:
-            merge_stats(self.model, shm["mstats"][:k], batch)
-        return sum_results(shm["results"][:k])
 
     def close(self, graceful: bool = True) -> None:
         """Stop the workers, copy params/state/opt_state out, unlink all shared memory.
@@ -403,7 +363,7 @@ class ParallelRunner:
                                           self._ctl[:, W.PHASE])
             self.state[...] = self._state_at_start
             self._ctl[:] = 0
-            self._start(*self._start_args)
+            self._start_workers()
         except BaseException:
             self._failed = True
             self.close(graceful=False)
@@ -412,6 +372,23 @@ class ParallelRunner:
                f"{self.startup_s:.1f} s, step {t} again from its start"
                + (f" (slices of worker(s) {', '.join(map(str, restored))} put back)"
                   if restored else ""))
+        self._note_restart(msg)
+
+    def _start_workers(self) -> None:
+        """Start the workers; with restart on, one lost while starting is replaced too (nothing
+        was computed yet): fresh workers, up to MAX_TRIES starts."""
+        for attempt in range(1, MAX_TRIES + 1):
+            try:
+                return self._start(*self._start_args)
+            except WorkerLost as e:
+                if not self._restart or self._closed or attempt == MAX_TRIES:
+                    raise
+                self._pool.kill()
+                self._pool.stop(graceful=False)
+                self._note_restart(f"{e} while the workers started; starting "
+                                   f"{self.n_workers} fresh one(s)")
+
+    def _note_restart(self, msg: str) -> None:
         self.restarts.append(msg)
         if self._on_restart is not None:
             self._on_restart(msg)
@@ -428,7 +405,7 @@ class ParallelRunner:
             talk(*args)
         except PartrainError as e:
             if isinstance(e, WorkerLost) and self._restart and not self._aborted \
-                    and not self._closed and hasattr(self, "_state_at_start"):
+                    and not self._closed:
                 raise
             self._failed = True
             self.close(graceful=False)
