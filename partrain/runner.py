@@ -68,7 +68,7 @@ class LocalRunner:
         self._xbuf = micro_gradients(m, self.images, self.labels, self.order, lo, lo, hi,
                                      self.micro, grads, results, stats, self.scale, self.shift,
                                      1.0 / (hi - lo), self._xbuf, self.augment, self.epoch)
-        m.bind_grads(self.grads)  # zeroes what no backward pass writes
+        m.bind_grads(self.grads)  # the model's gradient views back on the summed vector
         sum_into(list(grads[:k]), self.grads, 0, m.layout.size)
         if stats is not None:
             merge_stats(m, stats[:k], hi - lo)

@@ -120,13 +120,19 @@ class Model:
                 raise ValueError(f"flat vector dtype {arr.dtype} does not match model {self.dtype}")
         self.params, self.grads = params, grads
         self.state = state if state is not None else np.zeros(self.state_layout.size, self.dtype)
-        pv = self.layout.views(params)
-        gv = self.layout.views(grads) if grads is not None else {}
-        sv = self.state_layout.views(self.state)
+        pv = self._by_layer(self.layout.views(params))
+        gv = self._by_layer(self.layout.views(grads) if grads is not None else {})
+        sv = self._by_layer(self.state_layout.views(self.state))
         for n, layer in zip(self.layer_names, self.layers):
-            sub = lambda views: {k.split(".", 1)[1]: v for k, v in views.items()  # noqa: E731
-                                 if k.split(".", 1)[0] == n}
-            layer.bind(sub(pv), sub(gv), sub(sv))
+            layer.bind(pv[n], gv[n], sv[n])
+
+    def _by_layer(self, views: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
+        """{"layer.tensor": view} -> {layer: {tensor: view}} (every layer, maybe empty)."""
+        out: dict[str, dict[str, np.ndarray]] = {n: {} for n in self.layer_names}
+        for key, v in views.items():
+            layer, tensor = key.split(".", 1)
+            out[layer][tensor] = v
+        return out
 
     def bind_grads(self, grads: np.ndarray) -> None:
         """Point the layers' gradient views at `grads` (same layout), keeping the other bindings,
@@ -137,9 +143,9 @@ class Model:
             raise ValueError(f"gradient vector {grads.dtype} {grads.shape} does not match model "
                              f"{self.dtype} ({self.layout.size},)")
         self.grads = grads
-        gv = self.layout.views(grads)
+        gv = self._by_layer(self.layout.views(grads))
         for n, layer in zip(self.layer_names, self.layers):
-            layer.g = {k.split(".", 1)[1]: v for k, v in gv.items() if k.split(".", 1)[0] == n}
+            layer.g = gv[n]
         for i in range(min(self._backward_from, len(self.layers))):
             for v in layer_grads(self.layers[i]):
                 v[...] = 0
