@@ -178,16 +178,12 @@ def _new_config(given: dict, recipe) -> TrainConfig:
 
 
 def _new_run_folder(cfg: TrainConfig, runs_dir, name) -> Path:
-    """A new run folder as the command line makes it (cli._run_to_train): the store is checked
-    first, so bad data leaves no folder; `RunDir.create` names it and refuses a used one."""
+    """A new run folder as the command line makes it (`RunDir.create_for`: the store checked
+    first, so bad data leaves no folder; a used name refused)."""
     if name is not None and not isinstance(name, str):
         raise PartrainError(f"name must be text, got {short_repr(name)}")
-    runs_dir = _path(runs_dir, "runs_dir")
-    if not Path(cfg.data).exists():
-        raise PartrainError(f"{cfg.data} not found; run `partrain prepare` first, or give "
-                            f"data_dir=")
-    inspect_store(cfg.data)
-    return RunDir.create(runs_dir, name, cfg.model).path
+    return RunDir.create_for(cfg, _path(runs_dir, "runs_dir"), name,
+                             missing_hint=", or give data_dir=").path
 
 
 def _path(value, key: str):

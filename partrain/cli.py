@@ -22,7 +22,6 @@ from .bench_kernels import run_kernel_bench
 from .config import (RECIPES, TrainConfig, apply_recipe, flag_spelling,
                      parse_model_options)
 from .datasets import cifar10
-from .datasets.store import inspect_store
 from .errors import PartrainError
 from .evaluate import evaluate_run, format_report
 from .interrupt import Interrupted
@@ -210,10 +209,7 @@ def _run_to_train(settings, explicit, resume, runs_dir, name) -> tuple[TrainConf
         return RunDir.open(resume).resume_config({k: settings[k] for k in explicit}), resume
     cfg = TrainConfig(**settings)
     cfg.check()  # settings and model options: before anything is created
-    if not Path(cfg.data).exists():
-        raise PartrainError(f"{cfg.data} not found; run `partrain prepare` first")
-    inspect_store(cfg.data)  # a store fit can read: no run folder for one it cannot
-    return cfg, RunDir.create(runs_dir, name, cfg.model).path
+    return cfg, RunDir.create_for(cfg, runs_dir, name).path
 
 
 def _fit_until_stopped(ctx, cfg, run, resume, quiet, max_steps, cross=None, step_timeout=None):
