@@ -18,7 +18,7 @@ from .nn.models import build_model
 from .optim import make_optimizer
 
 
-def _median_ms(fn, repeats: int, warmup: int = 2) -> float:
+def median_ms(fn, repeats: int, warmup: int = 2) -> float:
     for _ in range(warmup):
         fn()
     ts = []
@@ -35,7 +35,7 @@ def gemm_rate(n: int = 1024, repeats: int = 10) -> float:
     a = rng.standard_normal((n, n), dtype=np.float32)
     b = rng.standard_normal((n, n), dtype=np.float32)
     c = np.empty((n, n), np.float32)
-    ms = _median_ms(lambda: np.matmul(a, b, out=c), repeats)
+    ms = median_ms(lambda: np.matmul(a, b, out=c), repeats)
     return 2 * n ** 3 / (ms * 1e-3) / 1e9
 
 
@@ -71,11 +71,11 @@ def bench_model(model_name: str, batch: int, repeats: int = 20, optimizer: str =
         model.train_step(x, y, 1.0 / batch, stats)
         opt_step()
 
-    fwd = _median_ms(forward, repeats)
+    fwd = median_ms(forward, repeats)
     # Backward needs a fresh forward cache each time: time forward+backward and subtract.
-    fwd_bwd = _median_ms(lambda: model.train_step(x, y, 1.0 / batch, stats), repeats)
-    optim = _median_ms(opt_step, repeats)
-    step = _median_ms(full_step, repeats)
+    fwd_bwd = median_ms(lambda: model.train_step(x, y, 1.0 / batch, stats), repeats)
+    optim = median_ms(opt_step, repeats)
+    step = median_ms(full_step, repeats)
     flops = model.flops_per_image()["train"]
     row = {"model": model_name, "batch": batch, "forward_ms": fwd, "backward_ms": fwd_bwd - fwd,
            "optimizer_ms": optim, "step_ms": step, "images_per_s": batch / (step * 1e-3),

@@ -14,24 +14,19 @@ Both options make the gradient a function of fixed micro-batches, whoever comput
 """
 from __future__ import annotations
 
-import time
-
 import numpy as np
 from threadpoolctl import threadpool_limits
+
+from partrain.bench_kernels import median_ms as _median
 
 MODELS = {"three-layer": 4_204_682, "airbench": 1_971_352}  # flat parameter counts
 SCALE = 2.0 ** 40   # lsb 2^-40: ~9e-13; |sum| < 2^23 fits int64 with room for 2^-40 steps
 BLOCK = 1 << 15     # elements per block of the conversion (256 KiB of float64: in L2)
 
 
-def median_ms(fn, repeats: int = 7) -> float:
-    fn()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts) * 1e3)
+def median_ms(fn) -> float:
+    """Median of 7 timed calls after one untimed one (bench_kernels' timer)."""
+    return _median(fn, 7, warmup=1)
 
 
 def sum_rows(rows: list[np.ndarray], out: np.ndarray) -> None:

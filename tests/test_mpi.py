@@ -261,6 +261,22 @@ def test_two_ranks_equal_one_rank_with_two_workers(tmp_path, store, run):
     assert json.loads((dump / "rank1-last.json").read_text())["t"] == meta["t"]
 
 
+def _two_ranks_and_local(tmp_path, store, args, rank_workers: int, local_workers: int) -> Path:
+    """`fit ARGS` as 2 ranks x rank_workers (run "mpi") and in one process group with
+    local_workers (run "local"), both finished; returns their runs folder."""
+    runs = tmp_path / "runs"
+    job = mpi_job(tmp_path, *[[*CLI, *_fit_args(store, runs, "mpi", *args, "--backend", "mpi",
+                                                 "--workers", rank_workers)]] * 2, cwd=tmp_path)
+    rc, out = job.finish(180)
+    assert rc == 0, out
+    local = subprocess.run([*CLI, *_fit_args(store, runs, "local", *args, "--workers",
+                                             local_workers)],
+                           cwd=tmp_path, env=_env(tmp_path / "tmp"), capture_output=True,
+                           text=True, timeout=180)
+    assert local.returncode == 0, local.stderr
+    return runs
+
+
 def test_two_ranks_of_two_workers_agree_with_four_workers(tmp_path, store):
     """2 x 2 sums (g0 + g1) + (g2 + g3), 1 x 4 sums ((g0 + g1) + g2) + g3: not the same bits,
     so the engine tests' tolerance across N (tests/test_engine.py: max |p_K - p_1| <= 1e-4 *
@@ -268,16 +284,8 @@ def test_two_ranks_of_two_workers_agree_with_four_workers(tmp_path, store):
     rounding into ~1e-3 relative moves of single weights (1 x 1 against 1 x 2 workers locally
     differ as much here: 8e-6 of max |p| 0.01 after 8 steps). 6 processes on 2 cores: slow but
     tiny."""
-    runs = tmp_path / "runs"
     args = [*RUNS["three-layer"][:-1], "1", "--optimizer", "sgd", "--lr", "0.05"]
-    job = mpi_job(tmp_path, *[[*CLI, *_fit_args(store, runs, "mpi", *args, "--backend", "mpi",
-                                                 "--workers", 2)]] * 2, cwd=tmp_path)
-    rc, out = job.finish(180)
-    assert rc == 0, out
-    local = subprocess.run([*CLI, *_fit_args(store, runs, "local", *args, "--workers", 4)],
-                           cwd=tmp_path, env=_env(tmp_path / "tmp"), capture_output=True,
-                           text=True, timeout=180)
-    assert local.returncode == 0, local.stderr
+    runs = _two_ranks_and_local(tmp_path, store, args, rank_workers=2, local_workers=4)
     a, b = arrays(runs / "mpi" / "checkpoint.h5"), arrays(runs / "local" / "checkpoint.h5")
     tol = 1e-4 * np.abs(b["params"]).max()
     assert np.abs(a["params"] - b["params"]).max() <= tol  # measured: 3e-9 against 1.3e-6
@@ -288,16 +296,8 @@ def test_micro_batches_make_two_ranks_the_bits_of_one_worker(tmp_path, store, wo
     """With --micro-batch the sum is over micro-batch rows in one order whoever computes them:
     2 ranks x 1 or 2 workers (rows all-reduced across the ranks) give the bits of 1 worker,
     with batch norm, ghost batches and augmentation (vgg), and the same history."""
-    runs = tmp_path / "runs"
     args = [*RUNS["vgg"], "--micro-batch", 8]
-    job = mpi_job(tmp_path, *[[*CLI, *_fit_args(store, runs, "mpi", *args, "--backend", "mpi",
-                                                 "--workers", workers)]] * 2, cwd=tmp_path)
-    rc, out = job.finish(180)
-    assert rc == 0, out
-    local = subprocess.run([*CLI, *_fit_args(store, runs, "local", *args, "--workers", 1)],
-                           cwd=tmp_path, env=_env(tmp_path / "tmp"), capture_output=True,
-                           text=True, timeout=180)
-    assert local.returncode == 0, local.stderr
+    runs = _two_ranks_and_local(tmp_path, store, args, rank_workers=workers, local_workers=1)
     for which in ("checkpoint", "best"):
         assert_same_bits(arrays(runs / "mpi" / f"{which}.h5"),
                          arrays(runs / "local" / f"{which}.h5"), which)

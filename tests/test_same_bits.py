@@ -8,16 +8,14 @@ bits move with N (the check that these tests can fail). Two ranks: tests/test_mp
 """
 from __future__ import annotations
 
-import hashlib
 import subprocess
 import sys
 
-import h5py
-import numpy as np
 import pytest
 
 from procs import untimed_history
 from synthetic import make_tiny_store
+from test_digests import digest  # sha256 of a checkpoint's parameters, then its BN state
 
 RUNS = {
     "three-layer": ["--model", "three-layer", "--model-option", "num_filters=8",
@@ -44,15 +42,6 @@ def fit(data, runs, name, *args, check=True) -> subprocess.CompletedProcess:
     if check:
         assert p.returncode == 0, p.stderr
     return p
-
-
-def digest(path) -> str:
-    """sha256 of the parameters, then the batch-norm state, of a checkpoint file."""
-    with h5py.File(path, "r") as f:
-        h = hashlib.sha256()
-        for name in ("params", "state"):
-            h.update(np.ascontiguousarray(f["arrays"][name][...]).tobytes())
-        return h.hexdigest()
 
 
 @pytest.mark.parametrize("run", list(RUNS))
