@@ -2,13 +2,12 @@
 
 Every command turns a PartrainError, an OSError (the user's files, a full disk, a read-only
 folder) or a MemoryError into one line on stderr and exit 1, and a Ctrl-C or SIGTERM into one line
-and 130 / 143 (`user_errors`, the one error boundary); tracebacks are for bugs only.
+and 130 / 143 (`user_errors` in cli_support.py, the one error boundary); tracebacks are for bugs
+only. Commands that live in their own module (cli_bench.py, ...) are added to `main` at the end.
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
-import json
 import sys
 import textwrap
 from pathlib import Path
@@ -16,11 +15,9 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from . import __version__
-from .bench import BenchConfig, format_table, run_scaling, write_results
-from .bench_kernels import run_kernel_bench
-from .config import (RECIPES, TrainConfig, apply_recipe, flag_spelling,
-                     parse_model_options)
+from . import __version__, cli_bench
+from .cli_support import CHECKPOINT, DATA_DIR, RUN, SETTINGS, setting_option, user_errors
+from .config import RECIPES, TrainConfig, apply_recipe
 from .datasets import cifar10
 from .errors import PartrainError
 from .evaluate import evaluate_run, format_report
@@ -31,38 +28,6 @@ from .predict import format_predictions, predict_run
 from .prepare import prepare as run_prepare
 from .rundir import RunDir
 from .train import fit as run_fit
-
-
-MAX_MESSAGE = 600  # characters of one error line; the rest of an echoed input is cut
-
-
-def user_errors(fn):
-    """Run a command body: every expected exception becomes one line (see the module doc)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except PartrainError as e:
-            raise click.ClickException(one_line(str(e))) from None
-        except OSError as e:
-            where = f": {e.filename}" if e.filename else ""
-            raise click.ClickException(one_line(f"{e.strerror or e}{where}")) from None
-        except MemoryError:
-            raise click.ClickException("out of memory; use a smaller --batch-size, fewer "
-                                       "--workers, or a machine with more memory") from None
-        except KeyboardInterrupt as e:  # click would say "Aborted!" and exit 1
-            click.echo(one_line(str(e)) if isinstance(e, Interrupted) else "interrupted",
-                       err=True)
-            sys.exit(e.exit_code if isinstance(e, Interrupted) else 130)
-
-    return wrapper
-
-
-def one_line(text: str) -> str:
-    """The message on one line of at most MAX_MESSAGE characters."""
-    text = " ".join(text.split())
-    return text if len(text) <= MAX_MESSAGE else text[:MAX_MESSAGE - 25] + " ... (message cut)"
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -88,34 +53,11 @@ def prepare(data_dir, source, force, url, md5):
                 echo=click.echo)
 
 
-_SETTINGS = {f.name: f for f in dataclasses.fields(TrainConfig)}
-
-
-def _setting_option(name: str, **override):
-    """The click option of TrainConfig field `name`, made from the field's metadata (`override`
-    replaces some of it). The parameter is named as the field, so values need no renaming."""
-    f = _SETTINGS[name]
-    meta = {**f.metadata, **override}
-    kw = dict(help=meta["help"], metavar=meta.get("metavar"))
-    if meta.get("multiple"):
-        kw["multiple"] = True
-    else:
-        kind = meta.get("type", type(f.default))
-        kw.update(default=meta.get("cli_default", f.default),
-                  show_default="[default:" not in (meta["help"] or ""),  # unless it says its own
-                  is_flag=kind is bool)
-        if "choices" in meta:
-            kw["type"] = click.Choice(meta["choices"])
-        elif not kw["is_flag"]:
-            kw["type"] = click.Path(path_type=Path) if kind is Path else kind
-    return click.option(flag_spelling(f), name, **kw)
-
-
 def _settings(options: dict) -> dict:
     """TrainConfig fields from fit's option values, each parsed as its field's metadata says."""
     out = {}
     for name, value in options.items():
-        parse = _SETTINGS[name].metadata.get("parse")
+        parse = SETTINGS[name].metadata.get("parse")
         out[name] = parse(value) if parse else value
     if out["workers"] is None:  # a default that depends on the machine (0 is an error)
         out["workers"] = usable_cores()
@@ -137,16 +79,16 @@ def _fit_options(fn):
     options = [click.option("--recipe", default=None, metavar="NAME",
                             help=f"A preset of the settings below ({', '.join(RECIPES)}); options "
                                  "given on the command line win over it. See --dry-run.")]
-    options += [_setting_option(f.name) for f in dataclasses.fields(TrainConfig)
+    options += [setting_option(f.name) for f in dataclasses.fields(TrainConfig)
                 if f.metadata.get("cli", True) and f.name not in grouped]
     options += [
-        _setting_option("data"),
+        setting_option("data"),
         click.option("--runs-dir", default="runs", show_default=True,
                      type=click.Path(path_type=Path)),
         click.option("--name", default=None, help="Run folder name [default: MODEL-DATE-TIME]."),
         click.option("--resume", type=click.Path(path_type=Path), default=None,
                      help="Continue the run in this folder exactly where it stopped."),
-        _setting_option("log_every"),
+        setting_option("log_every"),
         click.option("--quiet", is_flag=True, help="Print only the final summary."),
         click.option("--dry-run", is_flag=True,
                      help="Print the settings and the model's parameters and exit."),
@@ -246,14 +188,6 @@ def _print_settings(cfg: TrainConfig) -> None:
     click.echo("  (* differs from the default)")
 
 
-_RUN = click.argument("run", type=click.Path(path_type=Path))
-_DATA_DIR = click.option("--data-dir", type=click.Path(path_type=Path), default=None,
-                         help="Folder holding cifar10.h5 [default: the file the run was trained on].")
-_CHECKPOINT = click.option("--checkpoint", type=click.Choice(["best", "last"]), default="best",
-                           show_default=True,
-                           help="best.h5 (best validation accuracy) or checkpoint.h5 (latest).")
-
-
 @main.command()
 @click.argument("runs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), default=None,
@@ -263,8 +197,8 @@ _CHECKPOINT = click.option("--checkpoint", type=click.Choice(["best", "last"]), 
 @click.option("--filters", is_flag=True, help="Instead: the first conv's filters (filters.png).")
 @click.option("--features", type=click.Path(path_type=Path), metavar="IMAGE",
               help="Instead: the first layers' feature maps for IMAGE (features.png).")
-@_DATA_DIR
-@_CHECKPOINT
+@DATA_DIR
+@CHECKPOINT
 @user_errors
 def plot(runs, out, pdf, filters, features, data_dir, checkpoint):
     """Training loss per iteration and accuracy per epoch of one run, or several overlaid; with
@@ -287,9 +221,9 @@ def plot(runs, out, pdf, filters, features, data_dir, checkpoint):
 
 
 @main.command()
-@_RUN
-@_DATA_DIR
-@_CHECKPOINT
+@RUN
+@DATA_DIR
+@CHECKPOINT
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Folder for confusion.png and evaluation.json [default: the run folder].")
 @click.option("--tta", type=click.Choice(["none", "flip", "flip_translate"]), default="none",
@@ -305,14 +239,14 @@ def evaluate(run, data_dir, checkpoint, out, tta):
 
 
 @main.command()
-@_RUN
+@RUN
 @click.argument("inputs", nargs=-1, metavar="IMAGE...")
 @click.option("--test-index", is_flag=True,
               help="The arguments are indices into the test set, not image files (needs no Pillow).")
 @click.option("--top", type=click.IntRange(1, 10), default=3, show_default=True,
               help="How many classes to show.")
-@_DATA_DIR
-@_CHECKPOINT
+@DATA_DIR
+@CHECKPOINT
 @user_errors
 def predict(run, inputs, test_index, top, data_dir, checkpoint):
     """Top classes with probabilities for PNG/JPEG files, or test images by index.
@@ -346,95 +280,8 @@ def _print_model(name: str, options: dict) -> None:
 
 
 
-def _int_list(text: str | None, what: str) -> list[int] | None:
-    if text is None:
-        return None
-    try:
-        return [int(x) for x in text.replace(" ", "").split(",") if x]
-    except ValueError:
-        raise PartrainError(f"{what} wants comma-separated integers, got {text!r}") from None
-
-
-@main.command()
-@click.option("--workers", default=None, metavar="N,N,...",
-              help="Worker counts to measure [default: 1, 2, 4, ... up to the usable cores].")
-@click.option("--batch-size", "batch_sizes", default="50,200", show_default=True,
-              metavar="B,B,...", help="Global batch sizes to measure.")
-@click.option("--reduction", type=click.Choice(["both", "sharded", "parent"]), default="both",
-              show_default=True, help="Which reductions to measure.")
-@_setting_option("model", help="Model name.")
-@_setting_option("model_options")
-@_setting_option("optimizer")
-@_setting_option("micro_batch")
-@_setting_option("on_worker_failure")
-@click.option("--steps", type=int, default=30, show_default=True, help="Timed steps per point.")
-@click.option("--warmup", type=int, default=5, show_default=True,
-              help="Untimed steps before each point.")
-@click.option("--data-dir", default="data", show_default=True, type=click.Path(path_type=Path),
-              help="Folder holding cifar10.h5; random images are used if it has none.")
-@click.option("--synthetic", type=int, default=None, metavar="N",
-              help="Use N random images instead of the data set.")
-@click.option("--out-dir", default="bench-out", show_default=True,
-              type=click.Path(path_type=Path), help="Where scaling.csv/.json/.png go.")
-@click.option("--kernels", is_flag=True,
-              help="Instead: time one training step in this process on one BLAS thread "
-                   "(forward, backward, optimizer) against the machine's GEMM rate.")
-@click.option("--layers", is_flag=True, help="With --kernels: also time every layer.")
-@click.option("--backend", type=click.Choice(["local", "mpi"]), default="local", show_default=True,
-              help="mpi: under mpiexec, the cross-machine time per step of every rank (with "
-                   "the first --workers count each) and an estimate for more machines.")
-@click.option("--bandwidth", default="1.25,0.125", show_default=True, metavar="GB/s,...",
-              help="With --backend mpi: network bandwidths for the estimate (10 and 1 GbE).")
-@user_errors
-def bench(workers, batch_sizes, reduction, model, model_options, optimizer, micro_batch,
-          on_worker_failure, steps, warmup,
-          data_dir, synthetic, out_dir, kernels, layers, backend, bandwidth):
-    """Scaling benchmark: images/s, speed-up and efficiency against the number of workers."""
-
-    if kernels:
-
-        res = run_kernel_bench(model, tuple(_int_list(batch_sizes, "--batch-size")), steps,
-                               per_layer=layers, echo=click.echo,
-                               model_options=parse_model_options(model_options), optimizer=optimizer)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "kernels.json").write_text(json.dumps(res, indent=2) + "\n")
-        click.echo(f"wrote {out_dir / 'kernels.json'}")
-        return
-    store = data_dir / "cifar10.h5"
-    cfg = BenchConfig(model=model, model_options=parse_model_options(model_options),
-                      optimizer=optimizer, workers=_int_list(workers, "--workers"),
-                      batches=_int_list(batch_sizes, "--batch-size"),
-                      reductions=["sharded", "parent"] if reduction == "both" else [reduction],
-                      steps=steps, warmup=warmup, micro_batch=micro_batch,
-                      on_worker_failure=on_worker_failure,
-                      data=None if synthetic or not store.exists() else str(store),
-                      synthetic=synthetic or 10000)
-    if backend == "mpi":
-        _bench_on_ranks(cfg, bandwidth, out_dir)
-        return
-    rows, meta = run_scaling(cfg, echo=click.echo)
-    click.echo(format_table(rows))
-    for path in write_results(rows, meta, out_dir):
-        click.echo(f"wrote {path}")
-
-
-def _bench_on_ranks(cfg: BenchConfig, bandwidth: str, out_dir: Path) -> None:
-    from . import bench_mpi
-    from .parallel import mpi
-    try:
-        bandwidths = [float(x) for x in bandwidth.split(",") if x]
-    except ValueError:
-        raise PartrainError(f"--bandwidth wants comma-separated GB/s, got {bandwidth!r}") from None
-    with mpi.job() as cross:
-        rows, meta = bench_mpi.run_across(cfg, cross, echo=click.echo)
-        if cross.rank == 0:
-            est = bench_mpi.estimates(rows, bandwidths)
-            click.echo(bench_mpi.format_rows(rows, est))
-            out_dir.mkdir(parents=True, exist_ok=True)
-            path = out_dir / "mpi.json"
-            path.write_text(json.dumps({"meta": meta, "rows": rows, "estimates": est},
-                                       indent=1) + "\n")
-            click.echo(f"wrote {path}")
+main.add_command(cli_bench.bench)
+# Commands of other modules are added here, one line each.
 
 
 if __name__ == "__main__":  # pragma: no cover
