@@ -1,16 +1,18 @@
-"""The Python API: what a notebook calls instead of `partrain fit | evaluate | predict`.
+"""The Python API: what a notebook calls instead of `partrain prepare | fit | evaluate | predict`.
 
     from partrain import api
-    data = api.open_store("data")
+    data = api.open_store(api.prepare("data"))
     result = api.fit(model="three-layer", epochs=1, workers=4)
     run = api.load_run(result.run)
     labels, probabilities = run.predict(data.test_images[:8])
     run.evaluate()["accuracy"]
 
-Nothing here trains, reads a checkpoint or normalises by itself, so that a notebook and the command
-line cannot drift apart: `fit` is `train.fit` with the command line's defaults, recipe handling,
-checks (`TrainConfig.check`) and run folder (`RunDir.create`), so a run made here is the run
-`partrain fit` makes with the same settings, bit for bit, and `partrain plot | evaluate | predict |
+Nothing here prepares, trains, reads a checkpoint or normalises by itself, so that a notebook and
+the command line cannot drift apart: both are thin layers over the same functions (cli.py only
+parses and prints). `prepare` is the command's own function; `fit` is `train.fit` with the
+command line's defaults, recipe handling, checks (`TrainConfig.check`) and new run folder
+(`new_run.create_run`: the model fitted to the store), so a run made here is the run `partrain
+fit` makes with the same settings, bit for bit, and `partrain plot | evaluate | predict |
 fit --resume` take it as theirs. `Run` is `RunDir.load_for_eval` with the run's own normalisation
 and the one inference loop (`evaluate.batched_logits`). Every bad input is one `PartrainError`, as
 on the command line; a Ctrl-C (a notebook's interrupt) during `fit` stops at the next step with a
@@ -29,21 +31,23 @@ from pathlib import Path
 import numpy as np
 
 from .batches import split_train_val
-from .config import TrainConfig, _check_type, apply_recipe, short_repr
+from .config import TrainConfig, _check_type, short_repr
+from .recipes import apply_recipe
 from .datasets.store import FILENAME, IMAGE_SHAPE, CifarData, inspect_store, load_store
 from .errors import PartrainError
-from .evaluate import (accuracy, batched_logits, confusion_matrix, data_path, per_class_accuracy,
-                       run_scale_shift, tta_accuracy)
+from .evaluate import (accuracy, batched_logits, check_store_fits, confusion_matrix, data_path,
+                       per_class_accuracy, run_scale_shift, tta_accuracy)
 from .evaluate import load_run as _load_checkpointed
 from .nn.models import build_model as _build_model
 from .parallel.engine import usable_cores
 from .predict import softmax
+from .new_run import create_run, fit_options
 from .rundir import RunDir, file_sha256
 from .train import fit as _train_fit
 from .tta import MODES
 
 __all__ = ["SETTINGS", "FitResult", "PartrainError", "Run", "build_model", "fit", "history",
-           "load_run", "make_config", "open_store"]
+           "load_run", "make_config", "open_store", "prepare"]
 
 # The keyword settings of `fit`: TrainConfig's fields but two, which `fit` names as the command
 # line does: the store is `data_dir` (--data-dir), and `recipe` is applied before the others.
@@ -64,14 +68,39 @@ def store_file(path_or_dir) -> Path:
 
 def open_store(path_or_dir="data") -> CifarData:
     """The store `partrain prepare` made (the folder holding cifar10.h5, or the file), checked
-    and read into memory by `store.load_store`: test_images, uint8 (N, 3, 32, 32), are what
-    `Run.predict` takes; class_names name its labels."""
+    and read into memory by `store.load_store`: test_images, uint8 (N, 3, H, W) (32 x 32 for
+    CIFAR), are what `Run.predict` takes; class_names name its labels."""
     return load_store(store_file(path_or_dir))
 
 
-def build_model(name: str, **options):
+def prepare(data_dir="data", source=None, *, images=None, csv=None, images_test=None,
+            csv_test=None, test_fraction=None, size: int = 32, seed: int = 0,
+            skip_bad: bool = False, labels: str = "fine", force: bool = False,
+            quiet: bool = True) -> Path:
+    """`partrain prepare` (the same function the command runs): DATA_DIR/cifar10.h5 from
+    CIFAR-10 (downloaded, or `source`), CIFAR-100 (`source`, `labels` fine or coarse), or your
+    own images (`images`: a folder of class subfolders, or `csv`: path,label rows; the test split
+    from `images_test` / `csv_test` or `test_fraction` of each class, centre-cropped and resized
+    to `size`). Returns the store's path, for `open_store`. quiet: print nothing but notes."""
+    echo = (lambda text: None) if quiet else print
+    own = (images, csv, images_test, csv_test, test_fraction)
+    if any(v is not None for v in own):
+        if source is not None:
+            raise PartrainError("source reads CIFAR; images / csv read your own: give one")
+        from .prepare_images import prepare_images
+        return prepare_images(data_dir, images, csv, images_test, csv_test, test_fraction, size,
+                              seed, skip_bad, force, quiet, echo=echo)
+    from .prepare import prepare as _prepare
+    return _prepare(data_dir, source, force, echo=echo, labels=labels, progress=not quiet)
+
+
+def build_model(name: str, data: CifarData | None = None, **options):
     """`nn.models.build_model` (the model `fit(model=name, model_options=options)` trains, with
-    fresh parameters), with a bad name or option as the one PartrainError of the command line."""
+    fresh parameters), with a bad name or option as the one PartrainError of the command line.
+    data: a store (`open_store`) whose image size and class count the model is built for, as
+    `fit` builds it (`new_run.fit_options`)."""
+    if data is not None:
+        options = fit_options(name, options, data)
     try:
         return _build_model(name, **options)
     except (TypeError, ValueError) as e:
@@ -98,7 +127,7 @@ def fit(*, recipe: str | None = None, data_dir=None, runs_dir="runs", name: str 
 
     settings: TrainConfig fields (`SETTINGS`: model, model_options, epochs, batch_size, workers,
     lr, ...) as Python values; what is not given takes the command line's default (workers: the
-    usable cores). recipe: a preset (`config.RECIPES`) applied first; settings given win over it.
+    usable cores). recipe: a preset (`recipes.RECIPES`) applied first; settings given win over it.
     data_dir: the folder holding cifar10.h5, or the file [default: data; a resumed run: its own].
     runs_dir, name: the run folder RUNS_DIR/NAME [default name: MODEL-DATE-TIME]. resume: a run
     folder to continue exactly where it stopped; settings given then must keep the run exact
@@ -107,8 +136,7 @@ def fit(*, recipe: str | None = None, data_dir=None, runs_dir="runs", name: str 
     """
     given = _given(settings, data_dir)
     if resume is None:
-        cfg = _new_config(given, recipe)
-        run = _new_run_folder(cfg, runs_dir, name)
+        cfg, run = _new_run_folder(_new_config(given, recipe), runs_dir, name)
     else:
         run = Path(_path(resume, "resume"))
         extra = {} if recipe is None else {"recipe": recipe}
@@ -166,7 +194,7 @@ def _as_saved(key: str, value):
 
 def _new_config(given: dict, recipe) -> TrainConfig:
     """The command line's resolution (cli.fit): its defaults (workers: the usable cores), the
-    recipe filled in where a setting is not given (`config.apply_recipe`), then `check`."""
+    recipe filled in where a setting is not given (`recipes.apply_recipe`), then `check`."""
     settings = {**TrainConfig().to_dict(), "workers": usable_cores(), **given}
     if recipe is not None:
         if not isinstance(recipe, str):
@@ -177,13 +205,15 @@ def _new_config(given: dict, recipe) -> TrainConfig:
     return cfg
 
 
-def _new_run_folder(cfg: TrainConfig, runs_dir, name) -> Path:
-    """A new run folder as the command line makes it (`RunDir.create_for`: the store checked
-    first, so bad data leaves no folder; a used name refused)."""
+def _new_run_folder(cfg: TrainConfig, runs_dir, name) -> tuple[TrainConfig, Path]:
+    """(settings fitted to the store, a new run folder) as the command line makes them
+    (`new_run.create_run`: the store checked first, so bad data leaves no folder; a used name
+    refused)."""
     if name is not None and not isinstance(name, str):
         raise PartrainError(f"name must be text, got {short_repr(name)}")
-    return RunDir.create_for(cfg, _path(runs_dir, "runs_dir"), name,
-                             missing_hint=", or give data_dir=").path
+    cfg, rd = create_run(cfg, _path(runs_dir, "runs_dir"), name,
+                         missing_hint=", or give data_dir=")
+    return cfg, rd.path
 
 
 def _path(value, key: str):
@@ -211,10 +241,10 @@ class Run:
     def predict(self, images) -> tuple:
         """(labels, probabilities): each image's most probable class (its name:
         class_names[label]) and the softmax of the model's outputs, float64 (N, classes), the
-        numbers of `partrain predict`. images: uint8 pixels (N, 3, 32, 32) as in the store, or
-        (N, 32, 32, 3) as PIL and matplotlib hold them, or one image of either shape (then one
-        int label and one row of probabilities)."""
-        x, single = as_images(images)
+        numbers of `partrain predict`. images: uint8 pixels (N, 3, S, S) as in the store (S:
+        the model's input size, 32 for CIFAR), or (N, S, S, 3) as PIL and matplotlib hold them,
+        or one image of either shape (then one int label and one row of probabilities)."""
+        x, single = as_images(images, tuple(self.model.input_shape))
         logits = [z for _, z, _ in batched_logits(self.model, x, np.arange(len(x)), self.scale,
                                                   self.shift)]
         probs = (softmax(np.concatenate(logits)) if logits
@@ -267,16 +297,15 @@ def load_run(path, checkpoint: str = "best", data_dir=None) -> Run:
     model, config, meta = _load_checkpointed(path, checkpoint)
     store = data_path(config, None) if data_dir is None else store_file(data_dir)
     header = inspect_store(store)
-    names = list(meta.get("class_names", header.class_names))
-    if list(header.class_names) != names:
-        raise PartrainError(f"{store} has other class names than the run {path} was trained with")
+    check_store_fits(header, meta, model, store, path)
+    names = list(header.class_names)
     scale, shift = run_scale_shift(config, store, header)  # run_normaliser, as fit trained
     return Run(path, TrainConfig.from_dict(config), names, model, meta["checkpoint"], store,
                meta.get("data_sha256"), scale, shift)
 
 
-def as_images(images) -> tuple[np.ndarray, bool]:
-    """(uint8 (N, 3, 32, 32), whether it was one image) from any layout `Run.predict` takes.
+def as_images(images, shape=IMAGE_SHAPE) -> tuple[np.ndarray, bool]:
+    """(uint8 (N, *shape), whether it was one image) from any layout `Run.predict` takes.
     Only uint8 is taken: floats would be a guess (0..1, or 0..255?), and a wrong guess predicts
     quietly wrong classes."""
     try:
@@ -288,10 +317,11 @@ def as_images(images) -> tuple[np.ndarray, bool]:
                             f"in 0..1: (x * 255).round().astype(np.uint8))")
     single = x.ndim == 3
     x = x[None] if single else x
-    hwc = IMAGE_SHAPE[1:] + IMAGE_SHAPE[:1]
+    hwc = shape[1:] + shape[:1]
     if x.ndim == 4 and x.shape[1:] == hwc:
         x = x.transpose(0, 3, 1, 2)
-    if x.ndim != 4 or x.shape[1:] != IMAGE_SHAPE:
-        raise PartrainError(f"images must be (N, 3, 32, 32) or (N, 32, 32, 3), or one image "
-                            f"(3, 32, 32) or (32, 32, 3); got shape {np.shape(images)}")
+    if x.ndim != 4 or x.shape[1:] != shape:
+        c, h, w = shape
+        raise PartrainError(f"images must be (N, {c}, {h}, {w}) or (N, {h}, {w}, {c}), or one image "
+                            f"({c}, {h}, {w}) or ({h}, {w}, {c}); got shape {np.shape(images)}")
     return np.ascontiguousarray(x), single

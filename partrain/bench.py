@@ -34,7 +34,8 @@ from typing import Callable
 import h5py
 import numpy as np
 
-from .datasets.store import channel_stats, inspect_store
+from .datasets.store import channel_stats, inspect_store, label_dtype
+from .nn.models import build_model
 from .errors import PartrainError
 from .memory import usage
 from .config import TrainConfig
@@ -96,8 +97,12 @@ def open_images(cfg: BenchConfig, echo: Callable[[str], None]):
     rng = np.random.default_rng(cfg.seed)
     with tempfile.TemporaryDirectory(prefix="partrain-bench-") as tmp:
         path = Path(tmp) / "synthetic.h5"
-        images = rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)
-        labels = rng.integers(0, 10, n).astype(np.uint8)
+        try:  # images and classes of the shape the model takes (CIFAR's unless its options say)
+            model = build_model(cfg.model, **cfg.model_options)
+        except (TypeError, ValueError) as e:
+            raise PartrainError(f"cannot build {cfg.model}: {e}") from None
+        images = rng.integers(0, 256, (n,) + tuple(model.input_shape), dtype=np.uint8)
+        labels = rng.integers(0, model.n_classes, n).astype(label_dtype(model.n_classes))
         mean, std = channel_stats(images)
         with h5py.File(path, "w") as f:
             f.create_dataset("images", data=images)
@@ -124,6 +129,9 @@ def run_scaling(cfg: BenchConfig, echo: Callable[[str], None] = print) -> tuple[
             "python": platform.python_version(), "numpy": np.__version__,
             "config": asdict(cfg), "workers": workers}
     rows: list[dict] = []
+    if cfg.data is not None:  # the model fitted to the store's images and classes, as fit does
+        from .new_run import fit_options
+        cfg.model_options = fit_options(cfg.model, cfg.model_options, inspect_store(cfg.data))
     model_spec = (cfg.model, dict(cfg.model_options))
     micro = TrainConfig(model=cfg.model, model_options=dict(cfg.model_options),
                         micro_batch=cfg.micro_batch).micro_batch_of()

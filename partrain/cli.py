@@ -16,8 +16,11 @@ import click
 from click.core import ParameterSource
 
 from . import __version__, cli_bench
+from . import cli_export
+from . import cli_lrfind
 from .cli_support import CHECKPOINT, DATA_DIR, RUN, SETTINGS, setting_option, user_errors
-from .config import RECIPES, TrainConfig, apply_recipe
+from .config import TrainConfig
+from .recipes import RECIPES, apply_recipe
 from .datasets import cifar10
 from .errors import PartrainError
 from .evaluate import evaluate_run, format_report
@@ -26,6 +29,7 @@ from .nn.models import build_model
 from .parallel.engine import usable_cores
 from .predict import format_predictions, predict_run
 from .prepare import prepare as run_prepare
+from .new_run import create_run
 from .rundir import RunDir
 from .train import fit as run_fit
 
@@ -38,19 +42,60 @@ def main():
 
 @main.command()
 @click.option("--data-dir", default="data", show_default=True, type=click.Path(path_type=Path),
-              help="Folder for cifar10.h5 (and the downloaded archive).")
+              help="Folder for the store, cifar10.h5 (and the downloaded archive).")
 @click.option("--source", type=click.Path(path_type=Path), default=None,
-              help="Local cifar-10-binary.tar.gz or cifar-10-python.tar.gz, or an extracted "
-                   "folder of either; skips the download.")
-@click.option("--force", is_flag=True, help="Rebuild cifar10.h5 even if a valid one exists.")
+              help="Local cifar-10-binary.tar.gz, cifar-10-python.tar.gz or "
+                   "cifar-100-python.tar.gz, or an extracted folder of one; skips the download.")
+@click.option("--labels", type=click.Choice(["fine", "coarse"]), default="fine",
+              show_default=True, help="CIFAR-100: its 100 fine classes or 20 coarse ones.")
+@click.option("--images", type=click.Path(path_type=Path), default=None, metavar="DIR",
+              help="Instead: your images, one subfolder per class (PNG, JPEG, ...; needs Pillow).")
+@click.option("--csv", type=click.Path(path_type=Path), default=None, metavar="FILE",
+              help="Instead: a CSV or TSV of path,label rows (paths relative to the file).")
+@click.option("--images-test", type=click.Path(path_type=Path), default=None, metavar="DIR",
+              help="Test images, laid out as --images [default: hold out --test-fraction].")
+@click.option("--csv-test", type=click.Path(path_type=Path), default=None, metavar="FILE",
+              help="Test images, listed as --csv.")
+@click.option("--test-fraction", type=float, default=None, metavar="F",
+              help="Hold out this fraction of each class for test, chosen with --seed "
+                   "[default: 0.2].")
+@click.option("--size", type=int, default=32, show_default=True, metavar="N",
+              help="Images are centre-cropped to square and resized to N x N.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the held-out test split.")
+@click.option("--skip-bad", is_flag=True,
+              help="Leave out images that cannot be decoded (listed at the end) instead of stopping.")
+@click.option("--quiet", is_flag=True, help="No progress bar or lines while images are decoded.")
+@click.option("--force", is_flag=True, help="Rebuild the store even if a valid one exists.")
 @click.option("--url", default=None, hidden=True, help="Archive URL (tests use a local server).")
 @click.option("--md5", default=None, hidden=True, help="Expected md5 of the downloaded archive.")
 @user_errors
-def prepare(data_dir, source, force, url, md5):
-    """Download or read CIFAR-10 and write DATA_DIR/cifar10.h5 (verified, atomic)."""
+def prepare(data_dir, source, labels, images, csv, images_test, csv_test, test_fraction, size,
+            seed, skip_bad, quiet, force, url, md5):
+    """Write DATA_DIR/cifar10.h5 (verified, atomic): CIFAR-10 (downloaded, or --source),
+    CIFAR-100 (--source), or your own images (--images DIR or --csv FILE).
 
+    \b
+    partrain prepare                                   # CIFAR-10, downloaded
+    partrain prepare --source cifar-100-python.tar.gz --data-dir data/c100
+    partrain prepare --images photos/ --size 64 --data-dir data/photos
+    """
+    own = (images, csv, images_test, csv_test, test_fraction)
+    if any(v is not None for v in own):
+        if source is not None:
+            raise PartrainError("--source reads CIFAR; --images/--csv read your own images: "
+                                "give one of them")
+        from .prepare_images import prepare_images
+        prepare_images(data_dir, images, csv, images_test, csv_test, test_fraction, size, seed,
+                       skip_bad, force, quiet, echo=click.echo,
+                       warn=lambda text: click.echo(text, err=True))
+        return
+    given = click.get_current_context().get_parameter_source
+    extra = [f"--{n.replace('_', '-')}" for n in ("size", "seed", "skip_bad")
+             if given(n) != ParameterSource.DEFAULT]
+    if extra:
+        raise PartrainError(f"{', '.join(extra)} go with --images or --csv")
     run_prepare(data_dir, source, force, url=url or cifar10.URL, md5=md5 or cifar10.MD5,
-                echo=click.echo)
+                echo=click.echo, labels=labels, progress=not quiet)
 
 
 def _settings(options: dict) -> dict:
@@ -151,7 +196,8 @@ def _run_to_train(settings, explicit, resume, runs_dir, name) -> tuple[TrainConf
         return RunDir.open(resume).resume_config({k: settings[k] for k in explicit}), resume
     cfg = TrainConfig(**settings)
     cfg.check()  # settings and model options: before anything is created
-    return cfg, RunDir.create_for(cfg, runs_dir, name).path
+    cfg, rd = create_run(cfg, runs_dir, name)
+    return cfg, rd.path
 
 
 def _fit_until_stopped(ctx, cfg, run, resume, quiet, max_steps, cross=None, step_timeout=None):
@@ -281,6 +327,8 @@ def _print_model(name: str, options: dict) -> None:
 
 
 main.add_command(cli_bench.bench)
+main.add_command(cli_export.export)
+main.add_command(cli_lrfind.lr_find)
 # Commands of other modules are added here, one line each.
 
 

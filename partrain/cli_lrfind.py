@@ -14,7 +14,8 @@ import click
 from click.core import ParameterSource
 
 from .cli_support import SETTINGS, setting_option, user_errors
-from .config import RECIPES, TrainConfig, apply_recipe
+from .config import TrainConfig
+from .recipes import RECIPES, apply_recipe
 from .errors import PartrainError
 from .lr_find import Sweep, run_sweep, write_outputs
 from .parallel.engine import usable_cores

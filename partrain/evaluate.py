@@ -78,6 +78,17 @@ def data_path(config: dict, data_dir: str | Path | None) -> Path:
     return path
 
 
+def check_store_fits(data, meta_run: dict, model, path, run) -> None:
+    """PartrainError unless store `data` (at `path`) is one run `run` can read: the class names
+    it was trained with, and images of its model's input size."""
+    if list(data.class_names) != list(meta_run.get("class_names", data.class_names)):
+        raise PartrainError(f"{path} has other class names than the run {run} was trained with")
+    if tuple(data.image_shape) != tuple(model.input_shape):
+        _, h, w = data.image_shape
+        raise PartrainError(f"{path} holds {h}x{w} images; the model of run {run} takes "
+                            f"{'x'.join(map(str, model.input_shape[1:]))}")
+
+
 def load_run(run: str | Path, checkpoint: str = "best"):
     """(model, config dict, meta_run) of a run with the chosen checkpoint's parameters bound."""
     if checkpoint not in CHECKPOINTS:
@@ -130,8 +141,7 @@ def evaluate_run(run: str | Path, data_dir: str | Path | None = None, checkpoint
     data = load_store(path, splits=("test",))
     if file_sha256(path) != meta_run.get("data_sha256"):
         warn(f"warning: {path} is not the file this run was trained on (its sha256 differs)")
-    if list(data.class_names) != list(meta_run.get("class_names", data.class_names)):
-        raise PartrainError(f"{path} has other class names than the run {run} was trained with")
+    check_store_fits(data, meta_run, model, path, run)
     scale, shift = run_scale_shift(config, path, data)
     acc, preds = accuracy(model, data.test_images, data.test_labels, scale, shift)
     acc_tta = (tta_accuracy(model, data.test_images, data.test_labels, scale, shift, tta)[1]

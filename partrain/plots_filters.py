@@ -22,7 +22,7 @@ import numpy as np
 from .batches import make_batch
 from .datasets.store import inspect_store
 from .errors import PartrainError
-from .evaluate import data_path, load_run, run_scale_shift
+from .evaluate import check_store_fits, data_path, load_run, run_scale_shift
 from .nn.airbench import WhiteningConv
 from .nn.layers import (BatchNorm, ChannelBias, Conv, GELU, ReLU, StepContext,
                         ToChannelsFirst)
@@ -175,15 +175,11 @@ def plot_features(run: str | os.PathLike, image: str | os.PathLike,
     """features.png (and .pdf): `image` (a file, read as `partrain predict` reads it) and the
     feature maps of the first stages of the run's network, in out_dir (default: the run folder)."""
     run = Path(run)
-    pixels = load_image(image)  # (3, 32, 32) uint8
     model, config, meta_run = load_run(run, checkpoint)
+    pixels = load_image(image, model.input_shape[1])  # (3, S, S) uint8, as the model reads
     path = data_path(config, data_dir)
     data = inspect_store(path)
-    if list(data.class_names) != list(meta_run.get("class_names", data.class_names)):
-        raise PartrainError(f"{path} has other class names than the run {run} was trained with")
-    if pixels.shape != tuple(model.input_shape):
-        raise PartrainError(f"model {model.name} reads {model.input_shape} images, not "
-                            f"{pixels.shape}")
+    check_store_fits(data, meta_run, model, path, run)
     scale, shift = run_scale_shift(config, path, data)  # as the run's training did
     x, _ = make_batch(pixels[None], np.zeros(1, np.uint8), np.arange(1), scale, shift,
                       dtype=model.dtype)

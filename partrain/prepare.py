@@ -13,10 +13,12 @@ from .errors import PartrainError
 
 def prepare(data_dir="data", source=None, force: bool = False, *, url: str = cifar10.URL,
             md5: str | None = cifar10.MD5, progress: bool = True,
-            echo: Callable[[str], None] = print) -> Path:
-    """Build `data_dir/cifar10.h5`; returns its path. Raises PartrainError on bad input."""
+            echo: Callable[[str], None] = print, labels: str = "fine") -> Path:
+    """Build `data_dir/cifar10.h5` from CIFAR-10 (downloaded, or the archive or folder `source`)
+    or CIFAR-100 (`source`; `labels` fine or coarse); returns its path. Raises PartrainError on
+    bad input."""
     try:
-        return _prepare(data_dir, source, force, url, md5, progress, echo)
+        return _prepare(data_dir, source, force, url, md5, progress, echo, labels)
     except OSError as e:  # anything the modules below did not already put into words
         where = f"{e.filename}: " if e.filename else ""
         raise PartrainError(f"{where}{e.strerror or e}") from None
@@ -25,8 +27,24 @@ def prepare(data_dir="data", source=None, force: bool = False, *, url: str = cif
                             "free)") from None
 
 
-def _prepare(data_dir, source, force, url, md5, progress, echo) -> Path:
+def _prepare(data_dir, source, force, url, md5, progress, echo, labels) -> Path:
     t0 = time.perf_counter()
+    out = output_path(data_dir, force, echo)
+    if out is None:
+        return Path(data_dir) / store.FILENAME
+    if source is None:
+        source = _downloaded_archive(Path(data_dir), url, md5, progress, echo)
+    raw = cifar10.read_source(source, labels)
+    t_read = time.perf_counter() - t0
+    data = store.write_store(out, raw.train_images, raw.train_labels, raw.test_images,
+                             raw.test_labels, raw.class_names, raw.source_name, raw.source_sha256)
+    echo(summary(data, raw.layout, out, t_read, time.perf_counter() - t0))
+    return out
+
+
+def output_path(data_dir, force: bool, echo) -> Path | None:
+    """DATA_DIR/cifar10.h5 to write (the folder made), or None when a valid store is there
+    and not `force`d (said with `echo`); a damaged one there is an error unless forced."""
     data_dir = Path(data_dir)
     out = data_dir / store.FILENAME
     if out.exists() and not force:
@@ -36,18 +54,11 @@ def _prepare(data_dir, source, force, url, md5, progress, echo) -> Path:
             raise PartrainError(f"{out} exists but is not a valid dataset ({e}); "
                                 "pass --force to replace it") from None
         echo(f"{out} already exists and is valid ({d.source_name}); pass --force to rebuild it")
-        return out
+        return None
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise PartrainError(f"cannot create {data_dir}: {e.strerror or e}") from None
-    if source is None:
-        source = _downloaded_archive(data_dir, url, md5, progress, echo)
-    raw = cifar10.read_source(source)
-    t_read = time.perf_counter() - t0
-    data = store.write_store(out, raw.train_images, raw.train_labels, raw.test_images,
-                             raw.test_labels, raw.class_names, raw.source_name, raw.source_sha256)
-    echo(summary(data, raw.layout, out, t_read, time.perf_counter() - t0))
     return out
 
 
@@ -65,15 +76,35 @@ def _downloaded_archive(data_dir: Path, url: str, md5: str | None, progress: boo
 
 
 def summary(data: store.CifarData, layout: str, out: Path, t_read: float, t_total: float) -> str:
-    train = np.bincount(data.train_labels, minlength=10)
-    test = np.bincount(data.test_labels, minlength=10)
-    width = max(len(n) for n in data.class_names)
-    lines = [f"read {data.source_name} ({layout} layout, sha256 {data.source_sha256[:16]}...)",
-             f"  {'class':<{width}}  {'train':>6}  {'test':>6}"]
-    lines += [f"  {n:<{width}}  {a:>6}  {b:>6}" for n, a, b in zip(data.class_names, train, test)]
-    lines += [f"  {'total':<{width}}  {len(data.train_labels):>6}  {len(data.test_labels):>6}",
-              "  train mean (R, G, B) " + " ".join(f"{v:.2f}" for v in data.mean)
-              + "   std " + " ".join(f"{v:.2f}" for v in data.std),
-              f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB) in {t_total:.1f} s "
-              f"(reading {t_read:.1f} s)"]
+    layout = layout if "layout" in layout else f"{layout} layout"
+    lines = [f"read {data.source_name} ({layout}, sha256 {data.source_sha256[:16]}...)"]
+    lines += class_table(data.class_names, data.train_labels, data.test_labels)
+    lines.append(statistics_line(data))
+    lines.append(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB) in {t_total:.1f} s "
+                 f"(reading {t_read:.1f} s)")
     return "\n".join(lines)
+
+
+def statistics_line(data: store.CifarData) -> str:
+    _, h, w = data.image_shape
+    return (f"  {h}x{w} RGB; train mean (R, G, B) " + " ".join(f"{v:.2f}" for v in data.mean)
+            + "   std " + " ".join(f"{v:.2f}" for v in data.std))
+
+
+def class_table(class_names, train_labels, test_labels, limit: int = 20) -> list[str]:
+    """Images per class and split: up to `limit` classes a row each; more: the classes with the
+    fewest and the most training images."""
+    k = len(class_names)
+    train = np.bincount(np.asarray(train_labels, np.int64), minlength=k)
+    test = np.bincount(np.asarray(test_labels, np.int64), minlength=k)
+    width = min(max(len(n) for n in class_names), 24)
+    lines = [f"  {'class':<{width}}  {'train':>6}  {'test':>6}"]
+    if k <= limit:
+        lines += [f"  {n:<{width}}  {a:>6}  {b:>6}" for n, a, b in zip(class_names, train, test)]
+    else:
+        for what, i in (("fewest", int(np.argmin(train))), ("most", int(np.argmax(train)))):
+            lines.append(f"  {class_names[i]:<{width}}  {train[i]:>6}  {test[i]:>6}   "
+                         f"(the class with the {what} training images)")
+    lines.append(f"  {'total':<{width}}  {len(train_labels):>6}  {len(test_labels):>6}   "
+                 f"({k} classes)")
+    return lines

@@ -84,3 +84,47 @@ def format_duration(seconds: float) -> str:
         return f"{m} min {s:02d} s"
     h, m = divmod(m, 60)
     return f"{h} h {m:02d} min"
+
+
+class Phase:
+    """Progress of one long phase that is not an epoch (decoding an image folder, a test pass):
+    a tqdm bar on a terminal, a plain line at most every `plain_every` seconds elsewhere, nothing
+    with quiet. `desc` says what is being done ("decoding images"); `update(n)` adds n items.
+    Use as a context manager: the bar is closed however the phase ends."""
+
+    def __init__(self, desc: str, total: int, unit: str = "item", quiet: bool = False,
+                 stream=None, tty: bool | None = None, plain_every: float = 10.0):
+        self.desc, self.total, self.unit, self.quiet = desc, total, unit, quiet
+        self.stream = stream or sys.stderr
+        self.tty = (hasattr(self.stream, "isatty") and self.stream.isatty()) if tty is None else tty
+        self.plain_every, self.done, self.bar = plain_every, 0, None
+        self.t0 = self.last = time.perf_counter()
+
+    def __enter__(self) -> "Phase":
+        if not self.quiet and self.tty:
+            from tqdm import tqdm
+            self.bar = tqdm(total=self.total, desc=self.desc, unit=self.unit, file=self.stream,
+                            leave=False, dynamic_ncols=True)
+        return self
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif not self.quiet and not self.tty and self.done < self.total:
+            now = time.perf_counter()
+            if now - self.last >= self.plain_every:
+                self.last = now
+                eta = (now - self.t0) / self.done * (self.total - self.done)
+                print(f"{self.desc}: {self.done:,}/{self.total:,} {self.unit}s, ETA "
+                      f"{format_duration(eta)}", file=self.stream, flush=True)
+
+    def __exit__(self, *exc) -> bool:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        return False
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.t0

@@ -24,7 +24,6 @@ import numpy as np
 from . import __version__
 from .checkpoint import is_stale_temp, load_checkpoint, save_checkpoint
 from .config import TrainConfig, resumed, short_repr
-from .datasets.store import inspect_store
 from .errors import PartrainError
 
 CONFIG, HISTORY, SUMMARY = "config.json", "history.csv", "summary.json"
@@ -66,18 +65,6 @@ class RunDir:
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"
-
-    @classmethod
-    def create_for(cls, cfg, root: str | os.PathLike, name: str | None,
-                   missing_hint: str = "") -> "RunDir":
-        """The new run folder of checked settings `cfg` (`create`), once its store is known to be
-        there and readable, so bad data leaves no folder (partrain fit and api.fit alike).
-        missing_hint: appended to the "not found" message (the API names its argument)."""
-        if not Path(cfg.data).exists():
-            raise PartrainError(f"{cfg.data} not found; run `partrain prepare` first"
-                                + missing_hint)
-        inspect_store(cfg.data)  # a store fit can read: no run folder for one it cannot
-        return cls.create(root, name, cfg.model)
 
     @classmethod
     def create(cls, root: str | os.PathLike, name: str | None, model: str) -> "RunDir":

@@ -19,7 +19,8 @@ from threadpoolctl import threadpool_limits
 
 from . import __version__
 from .batches import normalization, split_train_val
-from .config import TrainConfig, optimizer_spec
+from .config import TrainConfig
+from .recipes import optimizer_spec
 from .datasets.store import load_store
 from .errors import PartrainError
 from .interrupt import catch_signals

@@ -23,7 +23,7 @@ import pytest
 from partrain import api
 from partrain.batches import normaliser
 from partrain.checkpoint import load_checkpoint
-from partrain.config import RECIPES, airbench_lr
+from partrain.recipes import RECIPES, airbench_lr
 from partrain.errors import PartrainError
 from partrain.evaluate import evaluate_run
 from partrain.predict import predict_run
@@ -284,3 +284,24 @@ def test_the_readme_example_runs(tmp_path):
     assert p.returncode == 0, (p.stdout, p.stderr)
     assert "test accuracy" in p.stdout and "parameters" in p.stdout
     assert len(list((tmp_path / "runs").iterdir())) == 1
+
+
+def test_own_images_from_python(tmp_path):
+    """prepare (an image folder) -> open_store -> build_model for its shape -> fit -> predict."""
+    from image_folders import make_folder
+    make_folder(tmp_path / "imgs", per_class=10)
+    path = api.prepare(tmp_path / "data", images=tmp_path / "imgs", size=20)
+    data = api.open_store(path)
+    assert data.image_shape == (3, 20, 20) and data.class_names == ["blue", "green", "red"]
+    model = api.build_model("vgg", data, widths=[4, 4, 4], ghost_batch=4)
+    assert model.input_shape == (3, 20, 20) and model.n_classes == 3
+    result = api.fit(model="three-layer", model_options={"num_filters": 4, "hidden_dim": 8},
+                     epochs=1, batch_size=8, val_size=4, workers=1, data_dir=tmp_path / "data",
+                     runs_dir=tmp_path / "runs", name="own")
+    assert result.config.model_options["input_size"] == 20
+    labels, probs = api.load_run(result.run).predict(data.test_images.transpose(0, 2, 3, 1))
+    assert probs.shape == (len(data.test_labels), 3) and labels.shape == data.test_labels.shape
+    with pytest.raises(PartrainError, match=r"images must be \(N, 3, 20, 20\)"):
+        api.load_run(result.run).predict(np.zeros((2, 3, 32, 32), np.uint8))
+    with pytest.raises(PartrainError, match="give one"):
+        api.prepare(tmp_path / "x", source="a.tar.gz", images=tmp_path / "imgs")

@@ -40,7 +40,7 @@ CASES = {
     "option unknown": (["--model-option", "nope=3"], "model three-layer has no option nope"),
     "option misspelt": (["--model-option", "hiden_dim=3"], "has no option hiden_dim"),
     "even filter": (["--model-option", "filter_size=4"], "filter_size must be odd"),
-    "input size": (["--model-option", "input_size=7"], "it takes 3x7x7 images, not CIFAR-10's"),
+    "input size": (["--model-option", "input_size=7"], r"input_size=7, but .*cifar10.h5 holds 32x32 images of 10 classes"),
     "vgg width": (["--model", "vgg", "--model-option", "widths=[8,0]"], r"widths\[1\] must be"),
     "name escapes": (["--name", "../outside"], "must be a plain folder name"),
     "name absolute": (["--name", "/tmp/partrain-absolute-name"], "must be a plain folder name"),

@@ -13,8 +13,8 @@ from click.testing import CliRunner
 
 from partrain import cli
 from partrain.checkpoint import load_checkpoint
-from partrain.config import (RECIPES, TrainConfig, apply_recipe, flag_spelling, optimizer_spec,
-                             parse_freeze_after, parse_model_options)
+from partrain.config import TrainConfig, flag_spelling, parse_freeze_after, parse_model_options
+from partrain.recipes import RECIPES, apply_recipe, optimizer_spec
 from partrain.errors import PartrainError
 from partrain.nn.models import build_model
 from partrain.optim import OPTIMIZERS, SCHEDULES, Adam
@@ -67,7 +67,7 @@ def test_choices_are_the_codes_own():
     assert meta["schedule"]["choices"] == SCHEDULES and "triangular" in SCHEDULES
     assert meta["tta"]["choices"] == MODES
     assert meta["reduction"]["choices"] == tuple(REDUCTIONS)
-    bench = _options(cli.bench)
+    bench = _options(cli.main.commands["bench"])
     assert tuple(bench["optimizer"].type.choices) == OPTIMIZERS
     assert bench["model"].default == TrainConfig.model
     assert set(TrainConfig.FREE_ON_RESUME) <= {f.name for f in FIELDS}

@@ -172,7 +172,7 @@ def test_softmax_is_stable():
 def test_image_over_the_pixel_limit_is_refused_from_its_header(tmp_path):
     """D13: 25 Mpixel is more than a 32 x 32 classifier needs; refused before decoding."""
     png = write_gray_png(tmp_path / "wide.png", 5000, 5000)
-    with pytest.raises(PartrainError, match=r"5000 x 5000 pixels, more than predict reads "
+    with pytest.raises(PartrainError, match=r"5000 x 5000 pixels, more than partrain reads "
                                             r"\(16 Mpixel"):
         load_image(png)
     ok = write_gray_png(tmp_path / "ok.png", 4096, 64, 90)

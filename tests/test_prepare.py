@@ -25,7 +25,7 @@ import pytest
 from click.testing import CliRunner
 
 from partrain.cli import main
-from partrain.datasets import cifar10, safepickle, store
+from partrain.datasets import cifar10, safepickle, store, store_writer
 from partrain.errors import PartrainError
 from readonly import run_read_only
 from synthetic import (BIN_TOP, CLASS_NAMES, PY_TOP, binary_members, expected_arrays,
@@ -257,7 +257,7 @@ BAD_SOURCES = {
     "class name with a terminal escape": (tar_of(lambda t: with_member(
         BIN(t), f"{BIN_TOP}/batches.meta.txt",
         "\n".join(["\x1b[2Jcat"] + CLASS_NAMES[1:]).encode())),
-        r"expected 10 class names \(printable, at most 64 characters\)"),
+        r"expected 10 class names \(2 to 65535, printable, at most 64 characters\)"),
     "python data wrong shape": (tar_of(lambda t: with_member(
         PY(t), f"{PY_TOP}/test_batch",
         py2_pickle({b"data": np.zeros((4, 100), np.uint8), b"labels": [0] * 4}))),
@@ -467,10 +467,10 @@ def prepared(tmp_path):
 def test_disk_full_while_writing(prepared, monkeypatch):
     data, src, before = prepared
 
-    def full(tmp, d):
-        Path(tmp).write_bytes(b"partial")
+    def full(f, d):
+        Path(f.filename).write_bytes(b"partial")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    monkeypatch.setattr(store, "_write_h5", full)
+    monkeypatch.setattr(store_writer, "_write_attrs", full)
     assert_clean_failure(run("--data-dir", data, "--source", src, "--force"), "no space left")
     assert sha256(data / "cifar10.h5") == before
     assert sorted(p.name for p in data.iterdir()) == ["cifar10.h5"]
@@ -479,10 +479,10 @@ def test_disk_full_while_writing(prepared, monkeypatch):
 def test_ctrl_c_while_writing(prepared, monkeypatch):
     data, src, before = prepared
 
-    def interrupted(tmp, d):
-        Path(tmp).write_bytes(b"partial")
+    def interrupted(f, d):
+        Path(f.filename).write_bytes(b"partial")
         raise KeyboardInterrupt
-    monkeypatch.setattr(store, "_write_h5", interrupted)
+    monkeypatch.setattr(store_writer, "_write_attrs", interrupted)
     r = run("--data-dir", data, "--source", src, "--force")
     assert r.exit_code == 130 and r.stderr.strip() == "interrupted", r.output  # cli.user_errors
     assert sha256(data / "cifar10.h5") == before
@@ -494,7 +494,7 @@ def test_unwritable_output_folder(prepared, monkeypatch):
 
     def denied(*a, **k):
         raise PermissionError(errno.EACCES, "Permission denied")
-    monkeypatch.setattr(store.tempfile, "mkstemp", denied)
+    monkeypatch.setattr(store_writer.tempfile, "mkstemp", denied)
     assert_clean_failure(run("--data-dir", data, "--source", src, "--force"), "permission denied")
     assert sha256(data / "cifar10.h5") == before
 

@@ -17,7 +17,8 @@ from threadpoolctl import threadpool_limits
 from partrain.augment import AugmentSpec
 from partrain.checkpoint import load_checkpoint
 from partrain.cli import main
-from partrain.config import RECIPES, TrainConfig, airbench_lr
+from partrain.config import TrainConfig
+from partrain.recipes import RECIPES, airbench_lr
 from partrain.datasets.store import channel_stats
 from partrain.nn.airbench import whitening_weights
 from partrain.nn.models import build_model

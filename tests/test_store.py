@@ -11,7 +11,7 @@ import h5py
 import numpy as np
 import pytest
 
-from partrain.datasets import store
+from partrain.datasets import store, store_writer
 from partrain.errors import PartrainError
 from readonly import run_read_only
 from synthetic import CLASS_NAMES, make_tiny_store, random_split
@@ -50,7 +50,7 @@ def test_round_trip(tmp_path):
     np.testing.assert_allclose(d.mean, x.mean(axis=(0, 2, 3)), rtol=1e-6)
     np.testing.assert_allclose(d.std, x.std(axis=(0, 2, 3)), rtol=1e-6)
     assert leftovers(tmp_path) == []
-    assert path.stat().st_mode & 0o777 == 0o666 & ~store._umask()  # not mkstemp's private 0600
+    assert path.stat().st_mode & 0o777 == 0o666 & ~store_writer._umask()  # not mkstemp's private 0600
 
 
 def test_load_only_test_split(tmp_path):
@@ -113,7 +113,7 @@ def test_hdf5_from_elsewhere(tmp_path):
     with h5py.File(path, "w") as f:
         f["train/images"] = np.zeros((2, 3, 32, 32), np.uint8)
         f["train/labels"] = np.zeros(2, np.uint8)
-    with pytest.raises(PartrainError, match="not a partrain CIFAR-10 store"):
+    with pytest.raises(PartrainError, match="not a partrain store"):
         store.load_store(path)
 
 
@@ -160,8 +160,13 @@ def test_write_refuses_invalid_arrays(tmp_path):
     path = tmp_path / "cifar10.h5"
     with pytest.raises(PartrainError, match="0..9"):
         write(path, train_labels=np.full(30, 10, np.uint8))
+    with pytest.raises(PartrainError, match="0..8"):
+        write(path, class_names=CLASS_NAMES[:9])  # labels 0..9 for 9 classes
     with pytest.raises(PartrainError, match="class names"):
-        write(path, class_names=CLASS_NAMES[:9])
+        write(path, class_names=CLASS_NAMES[:1], train_labels=np.zeros(30, np.uint8),
+              test_labels=np.zeros(20, np.uint8))
+    with pytest.raises(PartrainError, match="must differ"):
+        write(path, class_names=CLASS_NAMES[:9] + ["cat"])
     assert list(tmp_path.iterdir()) == []
 
 
@@ -176,15 +181,15 @@ def good_file(tmp_path):
 
 def half_written_then(exc):
     """A stand-in for the h5 writer that writes some bytes, then fails with `exc`."""
-    def fake(tmp, data):
-        Path(tmp).write_bytes(b"\x89HDF partial" * 1000)
+    def fake(f, data):
+        Path(f.filename).write_bytes(b"\x89HDF partial" * 1000)
         raise exc
     return fake
 
 
 def test_disk_full_leaves_old_file_and_no_temp(good_file, monkeypatch):
     path, before = good_file
-    monkeypatch.setattr(store, "_write_h5",
+    monkeypatch.setattr(store_writer, "_write_attrs",
                         half_written_then(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))))
     with pytest.raises(PartrainError, match="no space left"):
         write(path, seed=2)
@@ -194,7 +199,7 @@ def test_disk_full_leaves_old_file_and_no_temp(good_file, monkeypatch):
 
 def test_ctrl_c_while_writing_leaves_old_file_and_no_temp(good_file, monkeypatch):
     path, before = good_file
-    monkeypatch.setattr(store, "_write_h5", half_written_then(KeyboardInterrupt()))
+    monkeypatch.setattr(store_writer, "_write_attrs", half_written_then(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
         write(path, seed=2)
     assert digest(path) == before and leftovers(path.parent) == []
@@ -205,7 +210,7 @@ def test_unwritable_folder(good_file, monkeypatch):
 
     def no_temp(*a, **k):
         raise PermissionError(errno.EACCES, "Permission denied")
-    monkeypatch.setattr(store.tempfile, "mkstemp", no_temp)
+    monkeypatch.setattr(store_writer.tempfile, "mkstemp", no_temp)
     with pytest.raises(PartrainError, match="cannot write to .*permission denied"):
         write(path, seed=2)
     assert digest(path) == before and leftovers(path.parent) == []
@@ -250,8 +255,13 @@ def overwrite_middle(path, dataset, n=4096):
     HDF5's back (a bad disk)."""
     with h5py.File(path, "r") as f:
         ds = f[dataset]
-        n = min(n, ds.nbytes // 2)
-        offset = ds.id.get_offset() + ds.nbytes // 2 - n // 2
+        if ds.chunks is None:
+            start, size = ds.id.get_offset(), ds.nbytes
+        else:  # the first chunk: full of real rows (a last chunk may be mostly padding)
+            info = ds.id.get_chunk_info(0)
+            start, size = info.byte_offset, min(info.size, ds.nbytes)
+        n = min(n, size // 2)
+        offset = start + size // 2 - n // 2
     with open(path, "r+b") as f:
         f.seek(offset)
         f.write(bytes(n))

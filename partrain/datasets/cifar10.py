@@ -9,6 +9,8 @@ an already-extracted folder:
 - python (`cifar-10-python.tar.gz`): `cifar-10-batches-py/data_batch_{1..5}`, `test_batch`,
   `batches.meta`: pickled dicts. Pickles can run code when loaded, so they are read by
   `SafeUnpickler`, which resolves only the three numpy names an array needs.
+- CIFAR-100's python layout (`cifar-100-python.tar.gz`) goes through the same reading; its
+  pickles are decoded by cifar100.py.
 
 Everything that can go wrong with the user's input becomes a one-line `PartrainError`.
 """
@@ -29,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import PartrainError
+from . import cifar100
 from .safepickle import unpickle
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
@@ -43,6 +46,7 @@ LAYOUTS = {  # layout -> (top folder, {role: file name})
         "meta": "batches.meta.txt"}),
     "python": ("cifar-10-batches-py", {
         **{b: b for b in TRAIN_BATCHES}, "test_batch": "test_batch", "meta": "batches.meta"}),
+    "cifar100": (cifar100.TOP, cifar100.FILES),  # CIFAR-100's python layout (cifar100.py)
 }
 MAX_MEMBER_BYTES = 1 << 26  # CIFAR-10's largest file is 31 MB; a gzip bomb's are refused unread
 OFFLINE_HINT = ("on a machine without internet, copy cifar-10-binary.tar.gz (or "
@@ -134,21 +138,32 @@ def _check_names(names: list[str], where: str) -> list[str]:
 
 # ------------------------------------------------------------------------- reading a whole source
 
-def read_source(path) -> RawCifar:
-    """Read a CIFAR-10 `.tar.gz` (either layout) or an extracted folder of either layout."""
+def read_source(path, labels: str = "fine") -> RawCifar:
+    """Read a CIFAR-10 `.tar.gz` (either layout), a CIFAR-100 python `.tar.gz` (its `labels`:
+    fine or coarse), or an extracted folder of any of them."""
     path = Path(path)
     if not path.exists():
         raise PartrainError(f"source {path} does not exist")
     layout, files, digest = (_read_folder if path.is_dir() else _read_archive)(path)
-    return _assemble(layout, files, path.resolve().name, digest, str(path))
+    return _assemble(layout, files, path.resolve().name, digest, str(path), labels)
 
 
 def _assemble(layout: str, files: dict[str, bytes], source_name: str, digest: str,
-              where: str) -> RawCifar:
+              where: str, labels: str = "fine") -> RawCifar:
     top, names = LAYOUTS[layout]
+    loc = {role: f"{where}: {top}/{name}" for role, name in names.items()}
+    if layout == "cifar100":
+        class_names = cifar100.decode_meta(files.pop("meta"), loc["meta"], labels)
+        test_images, test_labels = cifar100.decode_batch(files.pop("test_batch"),
+                                                         loc["test_batch"], labels)
+        train_images, train_labels = cifar100.decode_batch(files.pop("train"), loc["train"],
+                                                           labels)
+        return RawCifar(train_images, train_labels, test_images, test_labels, class_names,
+                        f"CIFAR-100 python layout, {labels} labels", source_name, digest)
+    if labels != "fine":
+        raise PartrainError(f"--labels {labels} is for CIFAR-100; {where} is CIFAR-10")
     decode_batch = decode_binary_batch if layout == "binary" else decode_python_batch
     decode_meta = decode_binary_meta if layout == "binary" else decode_python_meta
-    loc = {role: f"{where}: {top}/{name}" for role, name in names.items()}
     class_names = decode_meta(files.pop("meta"), loc["meta"])
     test_images, test_labels = decode_batch(files.pop("test_batch"), loc["test_batch"])
     parts = [decode_batch(files.pop(b), loc[b]) for b in TRAIN_BATCHES]  # raw bytes freed as we go
@@ -159,17 +174,22 @@ def _assemble(layout: str, files: dict[str, bytes], source_name: str, digest: st
                     source_name, digest)
 
 
+def _limit(layout: str) -> int:
+    """The largest member (or file) a layout may have: CIFAR-100's train pickle is 155 MB."""
+    return cifar100.MAX_MEMBER_BYTES if layout == "cifar100" else MAX_MEMBER_BYTES
+
+
 def _read_folder(path: Path) -> tuple[str, dict[str, bytes], str]:
     """A folder that is (or contains) cifar-10-batches-bin/ or cifar-10-batches-py/."""
     for layout, (top, names) in LAYOUTS.items():
         for folder in (path / top, path):
-            if folder.is_dir() and (folder / names["data_batch_1"]).is_file():
+            if folder.is_dir() and (folder / next(iter(names.values()))).is_file():
                 files, h = {}, hashlib.sha256()
                 for role, name in names.items():
                     f = folder / name
                     if not f.is_file():
                         raise PartrainError(f"{folder} has no {name} (incomplete {layout} layout)")
-                    if f.stat().st_size > MAX_MEMBER_BYTES:  # a link to some huge file
+                    if f.stat().st_size > _limit(layout):  # a link to some huge file
                         raise PartrainError(f"{f} is {f.stat().st_size} bytes, far too large")
                     try:
                         files[role] = f.read_bytes()
@@ -180,7 +200,8 @@ def _read_folder(path: Path) -> tuple[str, dict[str, bytes], str]:
                     h.update(files[role])
                 return layout, files, h.hexdigest()
     raise PartrainError(f"{path} holds no CIFAR-10 batches (expected cifar-10-batches-bin/ or "
-                        "cifar-10-batches-py/ with data_batch_1..5, test_batch and the meta file)")
+                        "cifar-10-batches-py/ with data_batch_1..5, test_batch and the meta file, "
+                        "or CIFAR-100's cifar-100-python/)")
 
 
 class _HashingReader(io.RawIOBase):
@@ -233,7 +254,7 @@ def _read_archive(path: Path) -> tuple[str, dict[str, bytes], str]:
 def _collect_members(stream, where: str) -> tuple[str, dict[str, bytes]]:
     wanted = {f"{top}/{name}": (layout, role)
               for layout, (top, names) in LAYOUTS.items() for role, name in names.items()}
-    found: dict[str, dict[str, bytes]] = {"binary": {}, "python": {}}
+    found: dict[str, dict[str, bytes]] = {layout: {} for layout in LAYOUTS}
     with tarfile.open(fileobj=stream, mode="r|") as tar:
         for m in tar:
             name = m.name[2:] if m.name.startswith("./") else m.name
@@ -244,7 +265,7 @@ def _collect_members(stream, where: str) -> tuple[str, dict[str, bytes]]:
                 raise PartrainError(f"{where}: {name} is not a regular file")
             if role in found[layout]:
                 raise PartrainError(f"{where}: {name} appears twice")
-            if m.size > MAX_MEMBER_BYTES:
+            if m.size > _limit(layout):
                 raise PartrainError(f"{where}: {name} is {m.size} bytes, far too large")
             if layout == "binary" and role != "meta" and (m.size == 0 or m.size % RECORD_BYTES):
                 raise PartrainError(f"{where}: {name}: {m.size} bytes is not a whole number of "
@@ -258,7 +279,7 @@ def _collect_members(stream, where: str) -> tuple[str, dict[str, bytes]]:
         raise PartrainError(f"{where} holds no CIFAR-10 batches (expected cifar-10-batches-bin/ "
                             "or cifar-10-batches-py/ with data_batch_1..5, test_batch and meta)")
     if len(present) > 1:
-        raise PartrainError(f"{where} mixes the binary and python layouts; use one of them")
+        raise PartrainError(f"{where} mixes the {' and '.join(present)} layouts; use one of them")
     layout = present[0]
     top, names = LAYOUTS[layout]
     missing = [f"{top}/{names[r]}" for r in names if r not in found[layout]]

@@ -1,16 +1,22 @@
-"""The HDF5 file made by `partrain prepare`: its schema, an atomic writer and a validating reader.
+"""The HDF5 file made by `partrain prepare`: its schema and a validating reader (the writer is
+store_writer.py).
 
-Layout of `cifar10.h5` (schema version 1)::
+Layout (schema version 2; version 1, CIFAR-10 only, is still read)::
 
-    /train/images  (N, 3, 32, 32) uint8   NCHW, channels R, G, B
-    /train/labels  (N,)           uint8   0..9
-    /test/images   (M, 3, 32, 32) uint8
-    /test/labels   (M,)           uint8
-    attrs: format="partrain-cifar10", schema_version=1, class_names (10 str),
+    /train/images  (N, 3, H, W) uint8   NCHW, channels R, G, B
+    /train/labels  (N,)         uint8   0..K-1 (uint16 when K > 256)
+    /test/images   (M, 3, H, W) uint8
+    /test/labels   (M,)         uint8
+    attrs: format="partrain-images" (version 1: "partrain-cifar10"), schema_version=2,
+           image_shape (3,) = (3, H, W), num_classes = K   version 1: (3, 32, 32) and 10, implied
+           class_names (K str)
            mean, std (3,) float32   per-channel statistics of the train images, pixel units 0..255
            source_name, source_sha256   what the file was built from
            {split}_{images,labels}_sha256   sha256 of each array's C-order bytes (a store
                                             written before these existed loads unverified)
+
+The file is DATA_DIR/cifar10.h5 whatever the source (CIFAR-10, CIFAR-100, an image folder): the
+name predates the other sources, and every command finds the store of --data-dir by it.
 
 Every later command opens the file through `load_store`, which checks all of the above and raises
 `PartrainError` (one line) on any problem. HDF5 keeps no checksum of contiguous data, so without
@@ -23,9 +29,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
-import os
 import reprlib
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,12 +38,19 @@ import numpy as np
 
 from ..errors import PartrainError
 
-SCHEMA_VERSION = 1
-FORMAT = "partrain-cifar10"
+SCHEMA_VERSION = 2
+FORMATS = {1: "partrain-cifar10", 2: "partrain-images"}  # schema version -> format attribute
 FILENAME = "cifar10.h5"
 SPLITS = ("train", "test")
-IMAGE_SHAPE = (3, 32, 32)
+IMAGE_SHAPE = (3, 32, 32)  # CIFAR's; version 1 stores hold only these
 NUM_CLASSES = 10
+MAX_CLASSES = 65535        # labels are uint16 at most
+MIN_SIDE, MAX_SIDE = 4, 1024  # image height and width a store may hold
+
+
+def label_dtype(num_classes: int) -> np.dtype:
+    """uint8 labels up to 256 classes (every CIFAR store), uint16 beyond."""
+    return np.dtype(np.uint8 if num_classes <= 256 else np.uint16)
 
 
 @dataclass
@@ -58,6 +69,11 @@ class CifarData:
     schema_version: int
     path: Path | None = None
     digests: dict[str, str] | None = None  # "train_images" -> sha256 hex; None: an older store
+    image_shape: tuple[int, int, int] = IMAGE_SHAPE  # (3, H, W) of every image
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
 
 
 def array_sha256(array: np.ndarray) -> str:
@@ -84,114 +100,43 @@ def excerpt(value, limit: int = 80) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-def channel_stats(images: np.ndarray, chunk: int = 1000) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel mean and (population) std of uint8 NCHW images, in pixel units, as float32.
+class ChannelSums:
+    """Per-channel sums of pixels and of squared pixels of uint8 NCHW images, added chunk by
+    chunk as exact integers: the statistics are the same whatever the chunking."""
 
-    Sums of pixels and of squared pixels are exact integers, so the result is the float64 value
-    rounded once to float32, whatever the chunking. Memory stays at a few chunks' worth.
-    """
-    n_pix = images.shape[0] * images.shape[2] * images.shape[3]
-    if n_pix == 0:
-        raise PartrainError("cannot compute channel statistics of an empty image set")
-    s = [0] * images.shape[1]
-    ss = [0] * images.shape[1]
-    for lo in range(0, images.shape[0], chunk):
-        block = images[lo:lo + chunk]
+    def __init__(self, channels: int):
+        self.s = [0] * channels
+        self.ss = [0] * channels
+        self.n_pix = 0
+
+    def add(self, block: np.ndarray) -> None:
+        if not len(block):
+            return
         sums = np.sum(block, axis=(0, 2, 3), dtype=np.int64)
-        sq = np.square(block, dtype=np.uint32)
-        sqsums = np.sum(sq, axis=(0, 2, 3), dtype=np.int64)
-        for c in range(len(s)):
-            s[c] += int(sums[c])
-            ss[c] += int(sqsums[c])
-    mean = np.array([sc / n_pix for sc in s], np.float64)
-    var = np.array([(n_pix * q - sc * sc) / (n_pix * n_pix) for sc, q in zip(s, ss)], np.float64)
-    return mean.astype(np.float32), np.sqrt(var).astype(np.float32)
+        sqsums = np.sum(np.square(block, dtype=np.uint32), axis=(0, 2, 3), dtype=np.int64)
+        for c in range(len(self.s)):
+            self.s[c] += int(sums[c])
+            self.ss[c] += int(sqsums[c])
+        self.n_pix += block.shape[0] * block.shape[2] * block.shape[3]
+
+    def result(self) -> tuple[np.ndarray, np.ndarray]:
+        """(mean, population std) in pixel units as float32: the float64 values rounded once."""
+        n = self.n_pix
+        if n == 0:
+            raise PartrainError("cannot compute channel statistics of an empty image set")
+        mean = np.array([sc / n for sc in self.s], np.float64)
+        var = np.array([(n * q - sc * sc) / (n * n) for sc, q in zip(self.s, self.ss)],
+                       np.float64)
+        return mean.astype(np.float32), np.sqrt(var).astype(np.float32)
 
 
-# --------------------------------------------------------------------------------------- writing
-
-def _write_h5(path: Path, data: CifarData) -> None:
-    """Write every dataset and attribute of `data` into a new HDF5 file at `path`."""
-
-    with h5py.File(path, "w") as f:
-        for split in SPLITS:
-            g = f.create_group(split)
-            g.create_dataset("images", data=getattr(data, f"{split}_images"))
-            g.create_dataset("labels", data=getattr(data, f"{split}_labels"))
-        f.attrs["format"] = FORMAT
-        f.attrs["schema_version"] = np.int64(data.schema_version)
-        f.attrs["class_names"] = np.array(data.class_names, dtype=h5py.string_dtype())
-        f.attrs["mean"] = np.asarray(data.mean, np.float32)
-        f.attrs["std"] = np.asarray(data.std, np.float32)
-        f.attrs["source_name"] = data.source_name
-        f.attrs["source_sha256"] = data.source_sha256
-        for name, digest in data.digests.items():
-            f.attrs[f"{name}_sha256"] = digest
-
-
-def write_store(path, train_images: np.ndarray, train_labels: np.ndarray,
-                test_images: np.ndarray, test_labels: np.ndarray, class_names: list[str],
-                source_name: str, source_sha256: str) -> CifarData:
-    """Write a store atomically: a temp file in the same folder, then `os.replace`.
-
-    Computes mean/std from the train images. On any failure (disk full, read-only folder,
-    Ctrl-C) the temp file is removed and an existing file at `path` is left as it was.
-    """
-    path = Path(path)
-    arrays = dict(train_images=np.asarray(train_images), train_labels=np.asarray(train_labels),
-                  test_images=np.asarray(test_images), test_labels=np.asarray(test_labels))
-    for split in SPLITS:  # never write a file that load_store would refuse
-        images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
-        _check_split(images.shape, images.dtype, labels.shape, labels.dtype, split, "data to write")
-        _check_labels(labels, split, "data to write")
-    mean, std = channel_stats(arrays["train_images"])
-    arrays = {name: np.ascontiguousarray(a) for name, a in arrays.items()}
-    data = CifarData(**arrays, class_names=[str(n) for n in class_names], mean=mean, std=std,
-                     source_name=printable(str(source_name)), source_sha256=str(source_sha256),
-                     schema_version=SCHEMA_VERSION, path=path,
-                     digests={name: array_sha256(a) for name, a in arrays.items()})
-    _check_header(data, "data to write")
-    folder = path.parent
-    try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    except OSError as e:
-        raise PartrainError(f"cannot write to {folder}: {_reason(e)}") from None
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        _write_h5(tmp, data)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp made it private; give it a normal file's mode
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())  # the bytes are on disk before the name points at them
-        os.replace(tmp, path)
-        _fsync_dir(folder)
-    except OSError as e:
-        _remove_quietly(tmp)
-        raise PartrainError(f"cannot write {path}: {_reason(e)}") from None
-    except BaseException:  # KeyboardInterrupt, bugs: still leave nothing half-written behind
-        _remove_quietly(tmp)
-        raise
-    return data
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _fsync_dir(folder: Path) -> None:
-    with contextlib.suppress(OSError):  # not every platform or filesystem allows this
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _remove_quietly(p: Path) -> None:
-    with contextlib.suppress(OSError):
-        p.unlink()
+def channel_stats(images: np.ndarray, chunk: int = 1000) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and (population) std of uint8 NCHW images, in pixel units, as float32
+    (`ChannelSums` over chunks of `chunk` images: memory stays at a few chunks' worth)."""
+    sums = ChannelSums(images.shape[1])
+    for lo in range(0, images.shape[0], chunk):
+        sums.add(images[lo:lo + chunk])
+    return sums.result()
 
 
 def _reason(e: OSError) -> str:
@@ -232,12 +177,12 @@ def _open(path, splits, read_images: bool) -> CifarData:
     try:
         with f:
             data = _read_attrs(f, path)
-            found = {split: _datasets(f, split, path) for split in splits}
+            found = {split: _datasets(f, split, path, data) for split in splits}
             _check_sizes(found, path, read_images)
             arrays = {}
             for split, (images, labels) in found.items():
                 labels = labels[()]
-                _check_labels(labels, split, str(path))
+                check_labels(labels, split, str(path), data.num_classes)
                 arrays[f"{split}_labels"] = _verified(labels, f"{split}_labels", data, path)
                 arrays[f"{split}_images"] = (_verified(images[()], f"{split}_images", data, path)
                                              if read_images else None)
@@ -253,13 +198,15 @@ def _open(path, splits, read_images: bool) -> CifarData:
 def _read_attrs(f, path: Path) -> CifarData:
     a = f.attrs
     fmt = a.get("format")
-    if not isinstance(fmt, str) or fmt != FORMAT:
-        raise PartrainError(f"{path} is an HDF5 file but not a partrain CIFAR-10 store "
-                            "(made elsewhere?); rebuild it with `partrain prepare --force`")
+    if not isinstance(fmt, str) or fmt not in FORMATS.values():
+        raise PartrainError(f"{path} is an HDF5 file but not a partrain store (made elsewhere?); "
+                            "rebuild it with `partrain prepare --force`")
     version = a.get("schema_version")
-    if not isinstance(version, (int, np.integer)) or int(version) != SCHEMA_VERSION:
+    if (not isinstance(version, (int, np.integer)) or int(version) not in FORMATS
+            or FORMATS[int(version)] != fmt):
         raise PartrainError(f"{path} has schema version {excerpt(version)}, this partrain reads "
-                            f"version {SCHEMA_VERSION}; rebuild it with `partrain prepare --force`")
+                            f"versions {', '.join(map(str, FORMATS))}; rebuild it with "
+                            "`partrain prepare --force`")
     try:
         names = a["class_names"]
         if not isinstance(names, np.ndarray) or names.ndim != 1:
@@ -268,13 +215,25 @@ def _read_attrs(f, path: Path) -> CifarData:
         mean, std = _numbers(a["mean"], "mean"), _numbers(a["std"], "std")
         source_name, source_sha256 = printable(str(a["source_name"])), str(a["source_sha256"])
         digests = _digests(a)
+        shape, classes = (_shape_attrs(a) if int(version) >= 2 else (IMAGE_SHAPE, NUM_CLASSES))
     except (KeyError, TypeError, ValueError, UnicodeDecodeError) as e:
         raise PartrainError(f"{path} lacks a valid attribute ({excerpt(str(e))}); rebuild it "
                             "with `partrain prepare --force`") from None
     data = CifarData(None, None, None, None, names, mean, std, source_name, source_sha256,
-                     int(version), path, digests)
-    _check_header(data, str(path))
+                     int(version), path, digests, image_shape=shape)
+    check_header(data, str(path), classes)
+    check_image_shape(shape, str(path))
     return data
+
+
+def _shape_attrs(attrs) -> tuple[tuple[int, int, int], int]:
+    """Version 2's image_shape (3 whole numbers) and num_classes (a whole number)."""
+    shape, classes = np.asarray(attrs["image_shape"]), np.asarray(attrs["num_classes"])
+    if shape.shape != (3,) or shape.dtype.kind not in "iu":
+        raise ValueError(f"image_shape is {excerpt(shape.tolist())}, not 3 whole numbers")
+    if classes.shape != () or classes.dtype.kind not in "iu":
+        raise ValueError(f"num_classes is {excerpt(classes.tolist())}, not a whole number")
+    return tuple(int(v) for v in shape), int(classes)
 
 
 def _numbers(value, name: str) -> np.ndarray:
@@ -299,7 +258,7 @@ def _digests(attrs) -> dict[str, str] | None:
     return found
 
 
-def _datasets(f, split: str, path: Path):
+def _datasets(f, split: str, path: Path, data: CifarData):
     """The split's two datasets, as hard links inside this file (an external link, or a virtual
     or external dataset, would read some other file)."""
     group = f.get(split, getlink=True)
@@ -310,7 +269,8 @@ def _datasets(f, split: str, path: Path):
         raise PartrainError(f"{path} has no {split}/images and {split}/labels; rebuild it with "
                             "`partrain prepare --force`")
     images, labels = f[split]["images"], f[split]["labels"]
-    _check_split(images.shape, images.dtype, labels.shape, labels.dtype, split, str(path))
+    check_split(images.shape, images.dtype, labels.shape, labels.dtype, split, str(path),
+                data.image_shape, label_dtype(data.num_classes))
     return images, labels
 
 
@@ -362,11 +322,18 @@ def _verified(array: np.ndarray, name: str, data: CifarData, path: Path) -> np.n
 
 # ------------------------------------------------------------------------------------ validation
 
-def _check_header(d: CifarData, where: str) -> None:
+def check_header(d: CifarData, where: str, num_classes: int | None = None) -> None:
+    """Class names (as many as `num_classes` declares, where a file declares it: 2 to
+    MAX_CLASSES, printable, at most 64 characters, all different), mean and std."""
     names = d.class_names  # printed in tables by prepare, evaluate and predict
-    if len(names) != NUM_CLASSES or not all(0 < len(n) <= 64 and n.isprintable() for n in names):
-        raise PartrainError(f"{where}: expected {NUM_CLASSES} class names (printable, at most 64 "
-                            f"characters), got {len(names)}: {excerpt(names)}")
+    want = len(names) if num_classes is None else num_classes
+    if (len(names) != want or not 2 <= want <= MAX_CLASSES
+            or not all(0 < len(n) <= 64 and n.isprintable() for n in names)):
+        raise PartrainError(f"{where}: expected {want} class names (2 to {MAX_CLASSES}, "
+                            f"printable, at most 64 characters), got {len(names)}: "
+                            f"{excerpt(names)}")
+    if len(set(names)) != len(names):
+        raise PartrainError(f"{where}: class names must differ, got {excerpt(names)}")
     for name in ("mean", "std"):
         v = getattr(d, name)
         if v.shape != (3,) or not np.all(np.isfinite(v)):
@@ -376,19 +343,43 @@ def _check_header(d: CifarData, where: str) -> None:
         raise PartrainError(f"{where}: every channel's std must be positive, got {d.std}")
 
 
-def _check_split(ishape, idtype, lshape, ldtype, split: str, where: str) -> None:
+def check_image_shape(shape, where: str) -> None:
+    """RGB images of MIN_SIDE to MAX_SIDE pixels a side."""
+    shape = tuple(shape)
+    if (len(shape) != 3 or shape[0] != 3
+            or not all(MIN_SIDE <= s <= MAX_SIDE for s in shape[1:])):
+        raise PartrainError(f"{where}: images must be 3 x H x W with H and W from {MIN_SIDE} to "
+                            f"{MAX_SIDE}, got {excerpt(shape)}")
+
+
+def check_split(ishape, idtype, lshape, ldtype, split: str, where: str,
+                image_shape=IMAGE_SHAPE, want_ldtype=None, allow_empty: bool = False) -> None:
+    """Shapes and dtypes of a split's arrays: images (N, *image_shape) uint8 (any 3 x H x W
+    when image_shape is None), labels (N,) of `want_ldtype` (a file's: uint8 or uint16 by its
+    class count), or of any integer dtype when None (data to write: converted when written)."""
     n = ishape[0] if len(ishape) else 0
-    if len(ishape) != 4 or tuple(ishape[1:]) != IMAGE_SHAPE or idtype != np.uint8:
-        raise PartrainError(f"{where}: {split}/images must be (N, 3, 32, 32) uint8, "
+    want = "(N, 3, H, W)" if image_shape is None else "(N, " + ", ".join(map(str, image_shape)) + ")"
+    if (len(ishape) != 4 or idtype != np.uint8
+            or (image_shape is not None and tuple(ishape[1:]) != tuple(image_shape))):
+        raise PartrainError(f"{where}: {split}/images must be {want} uint8, "
                             f"got {excerpt(tuple(ishape))} {excerpt(str(idtype), 40)}")
-    if tuple(lshape) != (n,) or ldtype != np.uint8:
-        raise PartrainError(f"{where}: {split}/labels must be ({n},) uint8, got "
+    ok = ldtype == want_ldtype if want_ldtype is not None else np.dtype(ldtype).kind in "iu"
+    if tuple(lshape) != (n,) or not ok:
+        kind = "integers" if want_ldtype is None else str(np.dtype(want_ldtype))
+        raise PartrainError(f"{where}: {split}/labels must be ({n},) {kind}, got "
                             f"{excerpt(tuple(lshape))} {excerpt(str(ldtype), 40)}")
-    if n == 0:
+    if n == 0 and not allow_empty:
         raise PartrainError(f"{where}: the {split} split is empty")
 
 
-def _check_labels(labels: np.ndarray, split: str, where: str) -> None:
-    if labels.size and int(labels.max()) >= NUM_CLASSES:
-        raise PartrainError(f"{where}: {split} labels must lie in 0..{NUM_CLASSES - 1}, "
-                            f"found {int(labels.max())}")
+def check_labels(labels: np.ndarray, split: str, where: str, num_classes: int = NUM_CLASSES):
+    if labels.size and (int(labels.max()) >= num_classes or int(labels.min()) < 0):
+        bad = int(labels.max()) if int(labels.max()) >= num_classes else int(labels.min())
+        raise PartrainError(f"{where}: {split} labels must lie in 0..{num_classes - 1}, "
+                            f"found {bad}")
+
+
+from .store_writer import StoreWriter, write_store  # noqa: E402  (the writer builds on the above)
+
+__all__ = ["CifarData", "ChannelSums", "StoreWriter", "channel_stats", "inspect_store",
+           "load_store", "write_store"]

@@ -136,10 +136,12 @@ class AirbenchModel(Model):
 
 def airbench(dtype=np.float32, widths=(64, 256, 256), ghost_batch=64, whiten_kernel=2,
              whiten_bias=True, head_scale=1 / 9, label_smoothing=0.2, bn_momentum=0.4,
-             bn_eps=1e-12, bias_lr_scale=64.0, **_):
+             bn_eps=1e-12, bias_lr_scale=64.0, num_classes=10, input_size=32, **_):
     """airbench94's network (see the module docstring). bn_momentum is the weight of the new batch
     statistics (airbench's batchnorm_momentum 0.6 is PyTorch's momentum 1 - 0.6 = 0.4);
     bias_lr_scale multiplies the BN biases' learning rate (airbench's bias_scaler 64)."""
+    from .models import _positive_ints, _shape_options  # models.py imports this module
+    _positive_ints(num_classes=num_classes, input_size=input_size)
     c_whiten = 2 * 3 * whiten_kernel ** 2
     layers = [ToChannelsFirst(), WhiteningConv("whiten", 3, c_whiten, whiten_kernel)]
     if whiten_bias:
@@ -154,16 +156,18 @@ def airbench(dtype=np.float32, widths=(64, 256, 256), ghost_batch=64, whiten_ker
         c_in = w
     # PyTorch's default Linear init, uniform(±1/√fan_in), has this standard deviation.
     layers += [GlobalMaxPool(),
-               Affine("head", c_in, 10, bias=False, init_std=1.0 / np.sqrt(3.0 * c_in),
+               Affine("head", c_in, num_classes, bias=False, init_std=1.0 / np.sqrt(3.0 * c_in),
                       scale=head_scale)]
-    return AirbenchModel("airbench", layers, dtype=dtype, group_size=ghost_batch,
+    return AirbenchModel("airbench", layers, input_shape=(3, input_size, input_size),
+                         n_classes=num_classes, dtype=dtype, group_size=ghost_batch,
                          label_smoothing=label_smoothing,
                          chunk_size=ghost_batch * -(-CHUNK_IMAGES // ghost_batch),
                          options=dict(widths=list(widths), ghost_batch=ghost_batch,
                                       whiten_kernel=whiten_kernel, whiten_bias=whiten_bias,
                                       head_scale=head_scale, label_smoothing=label_smoothing,
                                       bn_momentum=bn_momentum, bn_eps=bn_eps,
-                                      bias_lr_scale=bias_lr_scale))
+                                      bias_lr_scale=bias_lr_scale,
+                                      **_shape_options(num_classes, input_size)))
 
 
 # ------------------------------------------------------------------------------- whitening

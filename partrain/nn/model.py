@@ -65,8 +65,12 @@ class Model:
         self._frozen: set[str] = set()
         self._set_backward_from()
         shape = self.input_shape
-        for l in layers:
+        for layer_name, l in named:
             shape = l.output_shape(shape)
+            if min(shape) < 1:  # e.g. 8 x 8 images through airbench's three pools
+                raise ValueError(f"{'x'.join(map(str, self.input_shape[1:]))} images are too "
+                                 f"small for {name}: its layer {layer_name} would output "
+                                 f"{'x'.join(map(str, shape))}")
         if shape != (n_classes,):
             raise ValueError(f"model {name} ends in shape {shape}, expected ({n_classes},)")
         self.params = self.grads = self.state = None

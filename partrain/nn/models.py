@@ -15,21 +15,26 @@ from .layers import (Affine, BatchNorm, ChannelBias, Conv, Flatten, GlobalAvgPoo
 from .model import Model
 
 
-def linear(dtype=np.float32, weight_decay=0.0, **_):
+def linear(dtype=np.float32, weight_decay=0.0, num_classes=10, input_size=32, **_):
     """Softmax regression on raw pixels: the smallest model, for tests of the machinery."""
-    layers = [ToChannelsFirst(), Flatten(), Affine("fc", 3 * 32 * 32, 10, init_std=1e-3)]
-    return Model("linear", layers, dtype=dtype, weight_decay=weight_decay)
+    _positive_ints(num_classes=num_classes, input_size=input_size)
+    layers = [ToChannelsFirst(), Flatten(),
+              Affine("fc", 3 * input_size * input_size, num_classes, init_std=1e-3)]
+    return Model("linear", layers, input_shape=(3, input_size, input_size),
+                 n_classes=num_classes, dtype=dtype, weight_decay=weight_decay,
+                 options=_shape_options(num_classes, input_size))
 
 
 def three_layer(dtype=np.float32, num_filters=32, filter_size=7, hidden_dim=512,
-                weight_scale=1e-3, reg=1e-3, input_size=32, **_):
+                weight_scale=1e-3, reg=1e-3, input_size=32, num_classes=10, **_):
     """The cs231n course model: conv - relu - 2x2 max pool - affine - relu - affine - softmax.
 
     Pooling runs before the conv bias and the ReLU: a per-channel constant and a monotone function
     both commute with a max, so the result and the gradient are identical, and bias and ReLU then
     touch a quarter of the data (one fused pass).
     """
-    _positive_ints(num_filters=num_filters, filter_size=filter_size, hidden_dim=hidden_dim)
+    _positive_ints(num_filters=num_filters, filter_size=filter_size, hidden_dim=hidden_dim,
+                   input_size=input_size, num_classes=num_classes)
     if filter_size % 2 == 0:  # "same" padding needs an odd size
         raise ValueError(f"filter_size must be odd (the conv keeps the image size), got "
                          f"{filter_size}")
@@ -43,19 +48,21 @@ def three_layer(dtype=np.float32, num_filters=32, filter_size=7, hidden_dim=512,
         Flatten(),
         Affine("fc1", num_filters * half * half, hidden_dim, init_std=weight_scale),
         ReLU(),
-        Affine("fc2", hidden_dim, 10, init_std=weight_scale),
+        Affine("fc2", hidden_dim, num_classes, init_std=weight_scale),
     ]
     return Model("three-layer", layers, input_shape=(3, input_size, input_size), dtype=dtype,
-                 weight_decay=reg,
+                 n_classes=num_classes, weight_decay=reg,
                  options=dict(num_filters=num_filters, filter_size=filter_size,
-                              hidden_dim=hidden_dim, weight_scale=weight_scale, reg=reg))
+                              hidden_dim=hidden_dim, weight_scale=weight_scale, reg=reg,
+                              **_shape_options(num_classes, input_size)))
 
 
 def vgg(dtype=np.float32, widths=(64, 128, 256), ghost_batch=32, weight_decay=5e-4,
-        label_smoothing=0.0, **_):
+        label_smoothing=0.0, num_classes=10, input_size=32, **_):
     """A VGG-style stack with batch norm: [conv3x3-BN-ReLU ×2, max-pool] per width, global
     average pool, linear head. Batch statistics per ghost batch of `ghost_batch` samples."""
-    _positive_ints(ghost_batch=ghost_batch, **{f"widths[{i}]": w for i, w in enumerate(widths)})
+    _positive_ints(ghost_batch=ghost_batch, num_classes=num_classes, input_size=input_size,
+                   **{f"widths[{i}]": w for i, w in enumerate(widths)})
     layers: list[Layer] = [ToChannelsFirst()]
     c_in = 3
     for i, w in enumerate(widths):
@@ -63,10 +70,12 @@ def vgg(dtype=np.float32, widths=(64, 128, 256), ghost_batch=32, weight_decay=5e
             layers += [Conv(f"conv{i}{j}", c_in, w, 3, bias=False), BatchNorm(f"bn{i}{j}", w), ReLU()]
             c_in = w
         layers.append(MaxPool(2))
-    layers += [GlobalAvgPool(), Affine("fc", c_in, 10, init_std=0.01)]
-    return Model("vgg", layers, dtype=dtype, group_size=ghost_batch, weight_decay=weight_decay,
+    layers += [GlobalAvgPool(), Affine("fc", c_in, num_classes, init_std=0.01)]
+    return Model("vgg", layers, input_shape=(3, input_size, input_size), n_classes=num_classes,
+                 dtype=dtype, group_size=ghost_batch, weight_decay=weight_decay,
                  label_smoothing=label_smoothing,
-                 options=dict(widths=list(widths), ghost_batch=ghost_batch))
+                 options=dict(widths=list(widths), ghost_batch=ghost_batch,
+                              **_shape_options(num_classes, input_size)))
 
 
 MODELS: dict[str, Callable[..., Model]] = {
@@ -75,6 +84,16 @@ MODELS: dict[str, Callable[..., Model]] = {
     "vgg": vgg,
     "airbench": airbench,
 }
+
+
+SHAPE_OPTIONS = ("input_size", "num_classes")  # every model has them; fit sets them from the store
+
+
+def _shape_options(num_classes: int, input_size: int) -> dict:
+    """The shape options a model records where they differ from CIFAR's 10 classes of 32 x 32
+    (a CIFAR-10 model's options, and so its run's config.json, stay as they were)."""
+    return {k: v for k, v, d in (("num_classes", num_classes, 10), ("input_size", input_size, 32))
+            if v != d}
 
 
 def _positive_ints(**values) -> None:
