@@ -69,28 +69,42 @@ def plot_runs(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
     return paths
 
 
+ANNOTATE_UP_TO, LABEL_UP_TO = 20, 40  # classes: cells get their counts, ticks every name
+
+
 def plot_confusion(matrix: np.ndarray, class_names: Sequence[str],
                    out_path: str | os.PathLike) -> Path:
-    """Heatmap of counts (rows: true class, columns: predicted), each cell annotated."""
+    """Heatmap of counts (rows: true class, columns: predicted). Up to ANNOTATE_UP_TO classes
+    each cell shows its count; up to LABEL_UP_TO every class is named; beyond (CIFAR-100), every
+    k-th name so that the labels stay legible."""
     m = np.asarray(matrix)
     k = len(class_names)
     if m.shape != (k, k):
         raise ValueError(f"confusion matrix has shape {m.shape}, expected ({k}, {k})")
     from matplotlib.figure import Figure
-    fig = Figure(figsize=(6.4, 5.6), dpi=DPI, layout="constrained")
+    side = 6.4 if k <= ANNOTATE_UP_TO else 8.0
+    fig = Figure(figsize=(side, side - 0.8), dpi=DPI, layout="constrained")
     ax = fig.subplots()
     image = ax.imshow(m, cmap="Blues", interpolation="nearest")
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.03, label="samples")
     threshold = m.max() / 2 if m.size else 0
-    for i in range(k):
-        for j in range(k):
-            ax.text(j, i, f"{m[i, j]:g}", ha="center", va="center", fontsize=7 if k > 10 else 8,
-                    color="white" if m[i, j] > threshold else "black")
-    ax.set_xticks(range(k), class_names, rotation=45, ha="right", rotation_mode="anchor")
-    ax.set_yticks(range(k), class_names)
+    if k <= ANNOTATE_UP_TO:
+        for i in range(k):
+            for j in range(k):
+                ax.text(j, i, f"{m[i, j]:g}", ha="center", va="center",
+                        fontsize=7 if k > 10 else 8,
+                        color="white" if m[i, j] > threshold else "black")
+    every = 1 if k <= LABEL_UP_TO else -(-k // LABEL_UP_TO)
+    ticks = list(range(0, k, every))
+    names = [class_names[i] for i in ticks]
+    size = 8 if k <= ANNOTATE_UP_TO else 6
+    ax.set_xticks(ticks, names, rotation=45 if k <= ANNOTATE_UP_TO else 90, ha="right",
+                  rotation_mode="anchor", fontsize=size)
+    ax.set_yticks(ticks, names, fontsize=size)
     total = m.sum()
     acc = f" (accuracy {100 * np.trace(m) / total:.1f}%)" if total else ""
-    ax.set(title=f"Confusion matrix{acc}", xlabel="predicted", ylabel="true")
+    shown = "" if every == 1 else f"; one class name in {every} shown"
+    ax.set(title=f"Confusion matrix{acc}{shown}", xlabel="predicted", ylabel="true")
     return _save(fig, Path(out_path), pdf=False)[0]
 
 
