@@ -237,3 +237,23 @@ def test_plot_filters_features_bad_input_is_one_line(tiny_runs):
         assert BAD_PLOTS[case][1] in lines[0], (case, lines[0])
     for folder in (lin, bare):
         assert not list(folder.glob("*.png")), folder
+
+
+def test_confusion_of_many_classes_stays_legible(tmp_path, monkeypatch):
+    """CIFAR-100: no per-cell counts past 20 classes, at most 40 tick names (every k-th)."""
+    from partrain import plots
+    seen = {}
+    real_save = plots._save
+
+    def keep(fig, path, pdf):
+        ax = fig.axes[0]
+        seen.update(texts=len(ax.texts), xticks=len(ax.get_xticks()), title=ax.get_title())
+        return real_save(fig, path, pdf)
+    monkeypatch.setattr(plots, "_save", keep)
+    names = [f"c{i}" for i in range(100)]
+    m = np.random.default_rng(0).integers(0, 3, (100, 100))
+    path = plots.plot_confusion(m, names, tmp_path / "c.png")
+    assert path.stat().st_size > 0
+    assert seen["texts"] == 0 and seen["xticks"] == 34 and "one class name in 3" in seen["title"]
+    plots.plot_confusion(m[:10, :10], names[:10], tmp_path / "d.png")
+    assert seen["texts"] == 100 and seen["xticks"] == 10
