@@ -16,6 +16,7 @@ import click
 from click.core import ParameterSource
 
 from . import __version__, cli_bench
+from . import cli_runs
 from . import cli_export
 from . import cli_lrfind
 from .cli_support import CHECKPOINT, DATA_DIR, RUN, SETTINGS, setting_option, user_errors
@@ -327,6 +328,8 @@ def _print_model(name: str, options: dict) -> None:
 
 
 main.add_command(cli_bench.bench)
+main.add_command(cli_runs.runs)
+main.add_command(cli_runs.report)
 main.add_command(cli_export.export)
 main.add_command(cli_lrfind.lr_find)
 # Commands of other modules are added here, one line each.

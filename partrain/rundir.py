@@ -25,6 +25,7 @@ from . import __version__
 from .checkpoint import is_stale_temp, load_checkpoint, save_checkpoint
 from .config import TrainConfig, resumed, short_repr
 from .errors import PartrainError
+from .run_lock import LOCK, read_lock
 
 CONFIG, HISTORY, SUMMARY = "config.json", "history.csv", "summary.json"
 CHECKPOINTS = {"last": "checkpoint.h5", "best": "best.h5"}
@@ -307,7 +308,7 @@ def _finite_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-UNSAVED = {CONFIG, HISTORY, "logs"}  # all that a run killed before its first checkpoint leaves
+UNSAVED = {CONFIG, HISTORY, "logs", LOCK}  # all a run killed before its first checkpoint leaves
 
 
 def _reuse_unsaved(run: Path) -> bool:
@@ -323,7 +324,9 @@ def _reuse_unsaved(run: Path) -> bool:
              if name == CONFIG + ".tmp" or is_stale_temp(run / name)}
     if not entries - temps <= UNSAVED or not run.is_dir():
         return False
-    for name in (CONFIG, HISTORY, *temps):
+    if read_lock(run).state == "running":  # a live fit in its first epoch: not to be emptied
+        return False
+    for name in (CONFIG, HISTORY, LOCK, *temps):
         (run / name).unlink(missing_ok=True)
     print(f"note: reusing run folder {run}: the run there stopped before its first checkpoint",
           file=sys.stderr)

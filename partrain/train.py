@@ -28,6 +28,7 @@ from .nn.models import build_model
 from .optim import make_schedule
 from .progress import Progress
 from .rundir import MutedRunDir, RunDir, file_sha256
+from .run_lock import RunLock
 from .runner import make_runner
 from .session import Session
 
@@ -220,17 +221,24 @@ def fit(cfg: TrainConfig, run: Path, resume: bool = False, quiet: bool = False,
     cfg.check()
     writer = cross is None or cross.rank == 0
     rd = (RunDir if writer else MutedRunDir)(run)
+    # `partrain runs` sees the run as running while this is held (run_lock.py)
+    lock = RunLock.take(run, 1 if cross is None else cross.size) if writer else None
     try:
         plan = Plan.of(cfg, load_store(cfg.data))
         _open_run_folder(rd, plan, resume, cross)
         # a loss that overflows to NaN is one line (in the loop), not numpy warnings before it
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-            return _train(rd, plan, resume, quiet, evaluate_test, max_steps, cross,
-                          step_timeout)
-    except BaseException:
+            summary = _train(rd, plan, resume, quiet, evaluate_test, max_steps, cross,
+                             step_timeout)
+    except BaseException as e:
+        if lock is not None:
+            lock.release(e)
         if not resume and writer:
             _discard_unsaved(rd)
         raise
+    if lock is not None:
+        lock.release()
+    return summary
 
 
 def _discard_unsaved(rd: RunDir) -> None:
@@ -295,7 +303,23 @@ def _train(rd, plan, resume, quiet, evaluate_test, max_steps, cross, step_timeou
                 session.checkpoint(state)
                 break
             session.end_epoch(state)
-        return session.finish(state, stopped, steps_done, evaluate_test, stop)
+        summary = session.finish(state, stopped, steps_done, evaluate_test, stop)
+    if writer and stopped is None:
+        _write_report(rd.path, progress)
+    return summary
+
+
+def _write_report(run: Path, progress: Progress) -> None:
+    """report.html of the finished run (report.write_report, without a second test pass): a
+    report that cannot be drawn is a warning line, never a failed run."""
+    try:
+        from .report import write_report  # matplotlib: imported only when a report is drawn
+        path = write_report(run, evaluate=False)
+    except Exception as e:  # noqa: BLE001 - the run itself is done and saved
+        progress.warn(f"no report.html: {' '.join(str(e).split()) or type(e).__name__}")
+        return
+    progress.line(f"report: {path}")
+
 
 
 def _open_run_folder(rd: RunDir, plan: Plan, resume: bool, cross=None) -> None:
