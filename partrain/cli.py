@@ -30,6 +30,7 @@ from .nn.models import build_model
 from .parallel.engine import usable_cores
 from .predict import format_predictions, predict_run
 from .prepare import prepare as run_prepare
+from .config_file import merge, read_config_file
 from .new_run import create_run
 from .rundir import RunDir
 from .train import fit as run_fit
@@ -124,7 +125,11 @@ def _fit_options(fn):
     grouped = ("data", "log_every")  # listed beside the run folder and the output options
     options = [click.option("--recipe", default=None, metavar="NAME",
                             help=f"A preset of the settings below ({', '.join(RECIPES)}); options "
-                                 "given on the command line win over it. See --dry-run.")]
+                                 "given on the command line win over it. See --dry-run."),
+               click.option("--config", "config_file", default=None, metavar="FILE",
+                            type=click.Path(path_type=Path),
+                            help="Settings from a TOML file (the keys of these options) or a "
+                                 "run's config.json (to run it again); options given win.")]
     options += [setting_option(f.name) for f in dataclasses.fields(TrainConfig)
                 if f.metadata.get("cli", True) and f.name not in grouped]
     options += [
@@ -160,8 +165,8 @@ def _fit_options(fn):
 @_fit_options
 @click.pass_context
 @user_errors
-def fit(ctx, runs_dir, name, resume, quiet, dry_run, max_steps, backend, step_timeout,
-        **options):
+def fit(ctx, config_file, runs_dir, name, resume, quiet, dry_run, max_steps, backend,
+        step_timeout, **options):
     """Train a model on DATA_DIR/cifar10.h5 with N worker processes.
 
     \b
@@ -172,6 +177,16 @@ def fit(ctx, runs_dir, name, resume, quiet, dry_run, max_steps, backend, step_ti
     settings = _settings(options)
     explicit = {k for k in settings
                 if ctx.get_parameter_source(k) == ParameterSource.COMMANDLINE}
+    if config_file is not None:
+        if resume is not None:
+            raise PartrainError("--config starts a new run; --resume continues one with the "
+                                "settings in its own config.json")
+        from_file = read_config_file(config_file)
+        settings, explicit = merge(settings, explicit, from_file)
+        given = ctx.get_parameter_source
+        runs_dir = Path(from_file.get("runs_dir", runs_dir)) if given(
+            "runs_dir") == ParameterSource.DEFAULT else runs_dir
+        name = from_file.get("name", name) if name is None else name
     if settings["recipe"] is not None and resume is None:
         settings = apply_recipe(settings["recipe"], settings, explicit)
     if dry_run:
