@@ -41,6 +41,7 @@ from .memory import usage
 from .config import TrainConfig
 from .parallel.engine import ParallelRunner, usable_cores
 from .parallel.timing import step_breakdown
+from .progress import Phase
 
 PARTS = ("compute", "wait", "reduction", "optimizer", "signalling", "between_steps")
 
@@ -158,7 +159,10 @@ def run_scaling(cfg: BenchConfig, echo: Callable[[str], None] = print) -> tuple[
                     runner.set_order(np.random.default_rng(cfg.seed).permutation(n_images))
                     t = 0
                     for batch in cfg.batches:
-                        row, t = _measure(runner, batch, n_images, cfg, t)
+                        what = (f"{reduction} N={n} batch {batch}: {cfg.warmup} warm-up + "
+                                f"{cfg.steps} timed steps")
+                        with Phase(what, cfg.warmup + cfg.steps, "step") as phase:
+                            row, t = _measure(runner, batch, n_images, cfg, t, phase=phase)
                         mem = usage(runner.worker_pids)
                         row.update(model=cfg.model, reduction=reduction, workers=n,
                                    micro_batch=micro, on_worker_failure=cfg.on_worker_failure,
@@ -178,15 +182,18 @@ def run_scaling(cfg: BenchConfig, echo: Callable[[str], None] = print) -> tuple[
 
 def _measure(runner: ParallelRunner, batch: int, n_images: int, cfg: BenchConfig,
              t: int, clock: Callable[[], float] = time.perf_counter,
-             on_start: Callable[[], None] | None = None) -> tuple[dict, int]:
+             on_start: Callable[[], None] | None = None, phase=None) -> tuple[dict, int]:
     """Time cfg.steps steps after cfg.warmup; the row's *_ms parts add up to its step_ms.
-    on_start is called between the warm-up and the timed steps."""
+    on_start is called between the warm-up and the timed steps; phase (a progress.Phase) is told
+    of every step (its cost falls in between_steps, outside the steps' own parts)."""
     starts = list(range(0, n_images - batch + 1, batch))
     k = 0
+    tick = phase.update if phase is not None else (lambda n=1: None)
     for _ in range(cfg.warmup):
         t += 1
         runner.step(starts[k % len(starts)], starts[k % len(starts)] + batch, cfg.lr, t)
         k += 1
+        tick()
     if on_start is not None:
         on_start()
     parts = dict.fromkeys(PARTS, 0.0)
@@ -197,6 +204,7 @@ def _measure(runner: ParallelRunner, batch: int, n_images: int, cfg: BenchConfig
         lo = starts[k % len(starts)]
         runner.step(lo, lo + batch, cfg.lr, t)
         k += 1
+        tick()
         lt = runner.last_times
         inside += lt.wall
         for key, v in step_breakdown(lt.wall, lt.compute, lt.reduce, lt.optim).items():

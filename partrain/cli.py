@@ -291,12 +291,13 @@ def plot(runs, out, pdf, filters, features, data_dir, checkpoint):
 @click.option("--tta", type=click.Choice(["none", "flip", "flip_translate"]), default="none",
               show_default=True,
               help="Also the test accuracy with test-time augmentation (one pass per view).")
+@click.option("--quiet", is_flag=True, help="No progress bar or lines during the test pass.")
 @user_errors
-def evaluate(run, data_dir, checkpoint, out, tta):
+def evaluate(run, data_dir, checkpoint, out, tta, quiet):
     """Test accuracy, accuracy per class and a confusion-matrix PNG of a run."""
 
     result = evaluate_run(run, data_dir=data_dir, checkpoint=checkpoint, out_dir=out,
-                          warn=lambda text: click.echo(text, err=True), tta=tta)
+                          warn=lambda text: click.echo(text, err=True), tta=tta, quiet=quiet)
     click.echo("\n".join(format_report(result)))
 
 
@@ -307,10 +308,11 @@ def evaluate(run, data_dir, checkpoint, out, tta):
               help="The arguments are indices into the test set, not image files (needs no Pillow).")
 @click.option("--top", type=click.IntRange(1, 10), default=3, show_default=True,
               help="How many classes to show.")
+@click.option("--quiet", is_flag=True, help="No progress bar or lines while images are read.")
 @DATA_DIR
 @CHECKPOINT
 @user_errors
-def predict(run, inputs, test_index, top, data_dir, checkpoint):
+def predict(run, inputs, test_index, top, quiet, data_dir, checkpoint):
     """Top classes with probabilities for PNG/JPEG files, or test images by index.
 
     \b
@@ -319,7 +321,7 @@ def predict(run, inputs, test_index, top, data_dir, checkpoint):
     """
 
     out = predict_run(run, inputs, test_index=test_index, data_dir=data_dir,
-                      checkpoint=checkpoint, top=top)
+                      checkpoint=checkpoint, top=top, quiet=quiet)
     click.echo("\n".join(format_predictions(out)))
 
 

@@ -15,17 +15,20 @@ from .batches import make_batch, normaliser, run_normaliser
 from .datasets.store import FILENAME, load_store
 from .errors import PartrainError
 from .rundir import CHECKPOINTS, RunDir, file_sha256, write_json_atomic
-from .tta import MODES, tta_logits
+from .progress import Phase
+from .tta import MODES, describe, tta_logits
 
 CONFUSION_FILE, EVALUATION_FILE = "confusion.png", "evaluation.json"
 
 
-def batched_logits(model, images, idx, scale, shift, tta: str = "none", batch: int = 500):
+def batched_logits(model, images, idx, scale, shift, tta: str = "none", batch: int = 500,
+                   phase=None):
     """Yield (lo, logits, tta_logits) for images[idx[lo:lo + batch]], batch after batch: the
     model's evaluation-mode logits and their weighted mean over the TTA views of `tta` (the same
     array when tta is "none"), both float64. The one inference loop: every accuracy, TTA accuracy
     and confusion matrix is an argmax of it. The first TTA view is the image itself, so the plain
     logits come with the TTA ones at no extra pass; one batch buffer is reused throughout.
+    phase: a `progress.Phase` told of every batch's images (what the user sees meanwhile).
     """
     labels = np.zeros(len(images), np.uint8)  # make_batch's labels; inference needs none
     buf = None
@@ -34,34 +37,37 @@ def batched_logits(model, images, idx, scale, shift, tta: str = "none", batch: i
                           dtype=model.dtype)
         buf = x if buf is None else buf
         plain = np.asarray(model.logits(x), np.float64)
-        yield lo, plain, (plain if tta == "none" else tta_logits(model, x, tta, logits=plain))
+        mixed = plain if tta == "none" else tta_logits(model, x, tta, logits=plain)
+        if phase is not None:
+            phase.update(len(plain))
+        yield lo, plain, mixed
 
 
 def predictions(model, images, idx, scale, shift, tta: str = "none",
-                batch: int = 500) -> tuple[np.ndarray, np.ndarray]:
+                batch: int = 500, phase=None) -> tuple[np.ndarray, np.ndarray]:
     """(plain, with TTA) predicted classes of images[idx]: argmaxes of `batched_logits`."""
     plain = np.empty(len(idx), np.int64)
     mixed = np.empty(len(idx), np.int64)
-    for lo, z, z_tta in batched_logits(model, images, idx, scale, shift, tta, batch):
+    for lo, z, z_tta in batched_logits(model, images, idx, scale, shift, tta, batch, phase):
         plain[lo:lo + len(z)] = z.argmax(axis=1)
         mixed[lo:lo + len(z)] = z_tta.argmax(axis=1)
     return plain, mixed
 
 
 def accuracy(model, images, labels, scale, shift, idx=None,
-             batch: int = 1000) -> tuple[float, np.ndarray]:
+             batch: int = 1000, phase=None) -> tuple[float, np.ndarray]:
     """Top-1 accuracy of `model` (eval mode) on images[idx]; also returns the predictions."""
     idx = np.arange(len(labels)) if idx is None else idx
-    preds = predictions(model, images, idx, scale, shift, batch=batch)[0]
+    preds = predictions(model, images, idx, scale, shift, batch=batch, phase=phase)[0]
     return _fraction_right(preds, labels[idx]), preds
 
 
 def tta_accuracy(model, images, labels, scale, shift, mode: str, batch: int = 500,
-                 idx=None) -> tuple[float, float]:
+                 idx=None, phase=None) -> tuple[float, float]:
     """(plain accuracy, accuracy with test-time augmentation `mode`) on images[idx], from one
     pass per view."""
     idx = np.arange(len(labels)) if idx is None else idx
-    plain, mixed = predictions(model, images, idx, scale, shift, mode, batch)
+    plain, mixed = predictions(model, images, idx, scale, shift, mode, batch, phase)
     return _fraction_right(plain, labels[idx]), _fraction_right(mixed, labels[idx])
 
 
@@ -123,12 +129,14 @@ def confusion_matrix(labels: np.ndarray, preds: np.ndarray, k: int) -> np.ndarra
 
 
 def evaluate_run(run: str | Path, data_dir: str | Path | None = None, checkpoint: str = "best",
-                 out_dir: str | Path | None = None, warn=None, tta: str = "none") -> dict:
+                 out_dir: str | Path | None = None, warn=None, tta: str = "none",
+                 quiet: bool = True) -> dict:
     """Evaluate a run on the test set; writes confusion.png and evaluation.json into out_dir
     (default: the run folder) and returns the numbers (see `format_report`).
 
     tta: a `tta.MODES` name; unless "none", also the accuracy with test-time augmentation
     ("test_accuracy_tta"); the per-class numbers and the confusion matrix stay without it.
+    quiet: no progress bar (or plain lines, off a terminal) during the test pass.
     """
     from .plots import plot_confusion  # matplotlib: imported only when a figure is made
 
@@ -143,9 +151,12 @@ def evaluate_run(run: str | Path, data_dir: str | Path | None = None, checkpoint
         warn(f"warning: {path} is not the file this run was trained on (its sha256 differs)")
     check_store_fits(data, meta_run, model, path, run)
     scale, shift = run_scale_shift(config, path, data)
-    acc, preds = accuracy(model, data.test_images, data.test_labels, scale, shift)
-    acc_tta = (tta_accuracy(model, data.test_images, data.test_labels, scale, shift, tta)[1]
-               if tta != "none" else None)
+    n = len(data.test_labels)
+    with Phase(describe("test set", n, tta), n, "image", quiet) as phase:  # one pass, TTA or not
+        preds, preds_tta = predictions(model, data.test_images, np.arange(n), scale, shift, tta,
+                                       phase=phase)
+    acc = _fraction_right(preds, data.test_labels)
+    acc_tta = _fraction_right(preds_tta, data.test_labels) if tta != "none" else None
     matrix = confusion_matrix(data.test_labels, preds, len(data.class_names))
     per_class = per_class_accuracy(matrix, data.class_names)
     out = Path(out_dir) if out_dir is not None else run

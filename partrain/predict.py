@@ -15,6 +15,7 @@ import numpy as np
 from .datasets.images import read_image
 from .datasets.store import excerpt, inspect_store, load_store
 from .errors import PartrainError
+from .progress import Phase
 from .evaluate import batched_logits, check_store_fits, data_path, load_run, run_scale_shift
 
 
@@ -48,7 +49,8 @@ def parse_indices(inputs: Sequence[str], n_test: int | None = None) -> list[int]
 
 
 def predict_run(run: str | Path, inputs: Sequence[str], test_index: bool = False,
-                data_dir: str | Path | None = None, checkpoint: str = "best", top: int = 3) -> dict:
+                data_dir: str | Path | None = None, checkpoint: str = "best", top: int = 3,
+                quiet: bool = True) -> dict:
     """Top-`top` predictions for each input: {"checkpoint", "results": [{"input", "top": [(class,
     probability), ...], and for test samples "true"}]}. Every input is checked before any work."""
     if not inputs:
@@ -66,10 +68,15 @@ def predict_run(run: str | Path, inputs: Sequence[str], test_index: bool = False
         labels, names = None, [str(p) for p in inputs]
     check_store_fits(data, meta_run, model, path, run)
     if not test_index:
-        images = np.stack([load_image(p, model.input_shape[1]) for p in inputs])
+        with Phase(f"reading {len(inputs):,} images", len(inputs), "image", quiet) as phase:
+            images = np.empty((len(inputs),) + tuple(model.input_shape), np.uint8)
+            for i, p in enumerate(inputs):
+                images[i] = load_image(p, model.input_shape[1])
+                phase.update()
     scale, shift = run_scale_shift(config, path, data)
-    probs = softmax(np.concatenate([z for _, z, _ in batched_logits(
-        model, images, np.arange(len(images)), scale, shift)]))
+    with Phase(f"predicting {len(images):,} images", len(images), "image", quiet) as phase:
+        probs = softmax(np.concatenate([z for _, z, _ in batched_logits(
+            model, images, np.arange(len(images)), scale, shift, phase=phase)]))
     k = min(top, probs.shape[1])
     results = []
     for n, p in enumerate(probs):

@@ -15,6 +15,13 @@ from __future__ import annotations
 import numpy as np
 
 MODES = ("none", "flip", "flip_translate")
+VIEWS = {"none": 1, "flip": 2, "flip_translate": 6}  # forward passes per image
+
+
+def describe(what: str, n: int, mode: str = "none") -> str:
+    """A pass's progress label: "test set, 10,000 images, 6 TTA views"."""
+    views = "" if mode == "none" else f", {VIEWS[mode]} TTA views"
+    return f"{what}, {n:,} images{views}"
 
 
 def tta_views(x: np.ndarray, mode: str = "flip_translate") -> list[tuple[float, np.ndarray]]:
