@@ -97,11 +97,28 @@ class TrainConfig:
     weight_decay: float | None = setting(
         None, "L2 regularisation strength [default: the model's own; 1e-3 for three-layer].",
         type=float, minimum=0)
+    clip_norm: float | None = setting(
+        None, "Clip each step's gradient to global L2 norm C: g *= C / max(|g|, C), on the "
+              "mean gradient before weight decay; history logs the norm (grad_norm) and the "
+              "share of steps clipped (clipped_frac). The same bits for any --workers with "
+              "--micro-batch [default: off].", type=float, above=0, metavar="C")
     schedule: str = setting("constant", "Learning-rate schedule.", choices=SCHEDULES)
     warmup_epochs: float = setting(0.0, minimum=0)
     batch_size: int = setting(50, "Global minibatch size (the same whatever --workers is).",
                               minimum=1)
+    accumulate: int = setting(1, "Optimizer steps of K batches of --batch-size, their gradients "
+                                 "summed (the mean over K x B samples), computed one batch at a "
+                                 "time: a large batch in the memory of a small one. Steps, "
+                                 "--log-every and the schedule count optimizer steps; an epoch "
+                                 "has ceil(batches / K) of them.", minimum=1, metavar="K")
     epochs: int = setting(3, minimum=1)
+    early_stop: int | None = setting(
+        None, "Stop when the --early-stop-on value has not improved for PATIENCE epochs "
+              "[default: off].", type=int, minimum=1, metavar="PATIENCE")
+    early_stop_on: str = setting("val_acc", "What --early-stop watches and best.h5 keeps the "
+                                            "best epoch of: the validation accuracy (higher is "
+                                            "better) or loss (lower).",
+                                 choices=("val_acc", "val_loss"))
     seed: int = setting(0, minimum=0)
     val_size: int = setting(1000, "Training images held out for validation.", minimum=0)
     workers: int = setting(1, "Worker processes [default: usable cores]; 1 trains in this "
@@ -179,6 +196,9 @@ class TrainConfig:
             _check_value(f, getattr(self, f.name))
         if self.workers > self.batch_size:
             raise PartrainError(f"--workers {self.workers} exceeds --batch-size {self.batch_size}")
+        if self.early_stop and not self.val_size:
+            raise PartrainError("--early-stop needs a validation set: --val-size must be more "
+                                "than 0")
         if self.warmup_epochs > self.epochs:  # 1e308 epochs of steps overflowed the schedule
             raise PartrainError(f"--warmup-epochs {self.warmup_epochs:g} exceeds --epochs "
                                 f"{self.epochs}")

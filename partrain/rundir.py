@@ -31,10 +31,14 @@ CONFIG, HISTORY, SUMMARY = "config.json", "history.csv", "summary.json"
 CHECKPOINTS = {"last": "checkpoint.h5", "best": "best.h5"}
 
 # Column order of history.csv. kind is "step" (epoch, step, loss, lr, images_per_s) or "epoch"
-# (epoch, step, train_acc, val_acc, time_s, loss = mean training loss of the epoch); columns that
-# do not apply to a row are empty. Accuracies are fractions in [0, 1]; step is 1-based global.
+# (epoch, step, train_acc, val_acc, time_s, loss = mean training loss of the epoch, val_loss =
+# mean cross-entropy of the validation images); columns that do not apply to a row are empty.
+# With --clip-norm both kinds also have grad_norm (the mean over the row's steps of the gradient
+# norm before clipping) and clipped_frac (the share of those steps that were clipped).
+# Accuracies are fractions in [0, 1]; step is 1-based global (optimizer steps). The last columns
+# came later: an older file's header is a prefix of these and is widened when a row is added.
 HISTORY_FIELDS = ("kind", "epoch", "step", "loss", "lr", "images_per_s", "train_acc", "val_acc",
-                  "time_s")
+                  "time_s", "val_loss", "grad_norm", "clipped_frac")
 _INT_FIELDS = ("epoch", "step")
 
 
@@ -153,13 +157,26 @@ class RunDir:
         if not new:
             with open(path, newline="") as f:
                 header = next(csv.reader(f), [])
-            if tuple(header) != HISTORY_FIELDS:
+            if tuple(header) != HISTORY_FIELDS[:len(header)] or len(header) < 9:
                 raise PartrainError(f"{path} has columns {header}, not partrain's history columns")
+            if len(header) < len(HISTORY_FIELDS):  # a run of an older partrain, resumed
+                self._widen_history(path)
         with open(path, "a", newline="") as f:
             writer = csv.writer(f)
             if new:
                 writer.writerow(HISTORY_FIELDS)
             writer.writerow([_format(row.get(k)) for k in HISTORY_FIELDS])
+
+    def _widen_history(self, path: Path) -> None:
+        """Rewrite an older history.csv (fewer columns) with today's header, atomically."""
+        with open(path, newline="") as f:
+            rows = list(csv.reader(f))[1:]
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(HISTORY_FIELDS)
+            writer.writerows(r + [""] * (len(HISTORY_FIELDS) - len(r)) for r in rows)
+        os.replace(tmp, path)
 
     def truncate_history(self, t: int) -> None:
         """Drop rows logged after step t, the checkpoint we resume from (a crash can leave some)."""
@@ -276,7 +293,8 @@ def check_progress(meta: dict, path) -> None:
     """PartrainError unless a checkpoint's meta says where its run is as `train.RunState` writes
     it: whole numbers epoch, position, t with t = epoch * steps per epoch + position (so a
     position past its epoch's end, which would skip the epoch silently, is refused); best_val
-    and elapsed_s numbers; the half-epoch's sums numbers."""
+    and elapsed_s numbers; the half-epoch's sums numbers; best_epoch a whole number <= epoch,
+    best_val_loss a number >= 0 (or null), early_stop a line of text (or null)."""
     def damaged(why: str) -> PartrainError:
         return PartrainError(f"checkpoint {path} is damaged: {why}")
 
@@ -302,6 +320,14 @@ def check_progress(meta: dict, path) -> None:
     if meta.get("epoch_sums") is not None and len(meta["epoch_sums"]) != 6:
         raise damaged(f"epoch_sums must hold 6 numbers, "
                       f"got {short_repr(meta['epoch_sums'])}")
+    b = meta.get("best_epoch", 0)
+    if isinstance(b, bool) or not isinstance(b, int) or not 0 <= b <= e:
+        raise damaged(f"best_epoch must be a whole number in [0, {e}], got {short_repr(b)}")
+    loss = meta.get("best_val_loss")
+    if loss is not None and not (_finite_number(loss) and loss >= 0):
+        raise damaged(f"best_val_loss must be a number >= 0, got {short_repr(loss)}")
+    if not isinstance(meta.get("early_stop") or "", str):
+        raise damaged(f"early_stop must be text, got {short_repr(meta.get('early_stop'))}")
 
 
 def _finite_number(v) -> bool:

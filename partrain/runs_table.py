@@ -136,6 +136,9 @@ def _stopped(row: dict, path: Path, lock, ck: dict | None, summary: dict) -> Non
     if lock.failed:
         row.update(status="failed", state="failed", resume=resume,
                    reason=f"{lock.info.get('error') or 'an error'}; it resumes at {where}")
+    elif ck.get("early_stop"):  # --early-stop ended it: finished, nothing to resume
+        row.update(status="finished", state="finished", epoch=None, step=None,
+                   reason=ck["early_stop"])
     elif row["epochs"] is not None and e >= row["epochs"] and p == 0:
         row.update(status="finished", state="finished", epoch=None, step=None)
         if row["test_acc"] is None:
@@ -210,7 +213,8 @@ def _checkpoint(path: Path) -> dict | None:
     meta = load_checkpoint(file)[1]
     check_progress(meta, file)
     return {"epoch": meta["epoch"], "position": meta["position"], "t": meta["t"],
-            "best_val": meta.get("best_val", -1.0), "elapsed_s": meta.get("elapsed_s")}
+            "best_val": meta.get("best_val", -1.0), "elapsed_s": meta.get("elapsed_s"),
+            "early_stop": meta.get("early_stop")}
 
 
 def _history(rd: RunDir) -> tuple[list[dict], list[dict]]:

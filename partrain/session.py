@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .batches import normaliser
+from .early_stop import observe, stop_reason, validate
 from .ema import AirbenchLookahead
 from .errors import PartrainError
 from .memory import describe as describe_memory, usage as memory_usage
@@ -62,6 +63,9 @@ class Session:
                 cross.bcast_array(arr)
             cross.same_bits(self.arrays(), "after the resume")
             state = RunState.from_meta(meta, self.plan.steps_per_epoch)
+        if state.early_stop is not None:
+            raise PartrainError(f"{rd.path} is finished: {state.early_stop} (after epoch "
+                                f"{state.epoch}); nothing to resume")
         if state.epoch >= cfg.epochs:
             raise PartrainError(f"{rd.path} has already finished its {state.epoch} epochs"
                                 + (" (--epochs N trains it further)"
@@ -106,31 +110,34 @@ class Session:
         w, ips = state.window, state.window.rate()
         self.rd.append_history({"kind": "step", "epoch": state.epoch + 1, "step": state.t,
                                 "loss": w.loss_sum / w.seen, "lr": lr,
-                                "images_per_s": round(ips, 1)})
+                                "images_per_s": round(ips, 1), **w.clip_columns()})
         self.progress.update(state.position, w.loss_sum / w.seen, state.epoch_meter.acc, ips)
         state.window = type(state.window)()
 
     def end_epoch(self, state: RunState) -> None:
-        """Validate, log the epoch, move on, checkpoint (best.h5 too when validation improved)."""
+        """Validate, log the epoch, move on, checkpoint (best.h5 too when the --early-stop-on
+        value improved; `early_stop`), and with --early-stop decide whether the run ends here
+        (state.early_stop: the reason, saved in the checkpoint)."""
         plan, m = self.plan, state.epoch_meter
         if self.cross is not None:  # a collective: still watched
             self.cross.same_bits(self.arrays(), f"after epoch {state.epoch + 1}")
         if self.watchdog is not None:  # validation and checkpoints are no step: not timed
             self.watchdog.pause()
-        val_acc = (accuracy(self.eval_model, plan.data.train_images, plan.data.train_labels,
-                            self.scale, self.shift, plan.val_idx)[0]
-                   if len(plan.val_idx) else float("nan"))
+        val_acc, val_loss = validate(self.eval_model, plan.data.train_images,
+                                     plan.data.train_labels, self.scale, self.shift, plan.val_idx)
         seconds = m.seconds()
         self.rd.append_history({"kind": "epoch", "epoch": state.epoch + 1, "step": state.t,
                                 "loss": m.loss, "train_acc": m.acc, "val_acc": val_acc,
                                 "time_s": round(seconds, 2),
-                                "images_per_s": round(m.seen / seconds, 1)})
+                                "images_per_s": round(m.seen / seconds, 1),
+                                "val_loss": val_loss if len(plan.val_idx) else None,
+                                **m.clip_columns()})
         self.progress.line(f"epoch {state.epoch + 1}/{plan.cfg.epochs}: loss {m.loss:.4f}"
                            f"  train acc {m.acc:.1%}  val acc {val_acc:.1%}  "
                            f"{seconds:.1f} s  {m.seen / seconds:.0f} img/s")
         state.epoch, state.position = state.epoch + 1, 0
-        improved = val_acc > state.best_val
-        state.best_val = max(state.best_val, val_acc)
+        improved = observe(state, plan.cfg, val_acc, val_loss)
+        state.early_stop = stop_reason(state, plan.cfg)
         self.checkpoint(state)  # first: the file a resume needs (a full disk may stop the next)
         if improved:
             self.checkpoint(state, "best")
@@ -151,7 +158,12 @@ class Session:
                    "train_time_s": round(train_time, 2),
                    "total_train_time_s": round(state.elapsed_s + train_time, 2),
                    "images_per_s": round(self.images_done / max(train_time, 1e-9), 1),
-                   "best_val_acc": state.best_val, "stopped": stopped}
+                   "best_val_acc": state.best_val, "stopped": stopped,
+                   "best_epoch": state.best_epoch or None}
+        if state.best_val_loss is not None:
+            summary["best_val_loss"] = state.best_val_loss
+        if state.early_stop is not None and stopped is None:  # finished, by --early-stop
+            summary.update(stopped="early_stop", early_stop=state.early_stop)
         where = f"epoch {state.epoch + 1}, step {state.position}/{spe}"
         if stopped == "interrupted":
             raise stop.interrupted(f"interrupted at {where}; checkpoint saved — continue "
@@ -179,11 +191,13 @@ class Session:
                 tested += f", with TTA ({cfg.tta}) {summary['test_acc_tta']:.2%}"
             tested += f" (test {format_duration(summary['test_time_s'])})"
         self.progress.line(
-            f"done: {state.epoch} epochs in {format_duration(state.elapsed_s + train_time)} "
+            f"done: {state.epoch}" + (f" of {cfg.epochs}" if state.early_stop else "")
+            + f" epochs in {format_duration(state.elapsed_s + train_time)} "
             f"({summary['images_per_s']:,.0f} img/s), best val acc {state.best_val:.1%}" + tested
             + (f"\n{describe_memory(summary['memory'])}" if describe_memory(summary["memory"])
                else "")
-            + f"\nnext: partrain plot {rd.path}; partrain evaluate {rd.path}")
+            + f"\nnext: partrain plot {rd.path}; partrain evaluate {rd.path}"
+            + (f"\n{state.early_stop}" if state.early_stop is not None else ""))
         return summary
 
     def test(self) -> dict:

@@ -111,6 +111,64 @@ def shard_gradient(model, images, labels, idx, scale, shift, loss_scale, stats_o
     return loss_sum, correct, (xbuf if xbuf is not None and xbuf.shape[0] >= len(idx) else x)
 
 
+# ------------------------------------------------------- accumulation (--accumulate K, no rows)
+# An optimizer step of K batches of --batch-size B, computed one batch ("pass") at a time so that
+# activations are held for one pass only: each pass is cut into shards as a step is (by machine,
+# then by worker), and each process adds its shards' gradients in pass order. With micro-batches
+# none of this is needed: a step of K·B samples is a run of micro-batches, each its own pass.
+
+def pass_shards(lo: int, hi: int, chunk: int, group: int,
+                parts: Sequence[tuple[int, int]] = ()) -> list[tuple[int, int]]:
+    """This process's [a, b) of each pass of `chunk` samples of the step [lo, hi): every pass cut
+    by `split_shards` level by level, parts = [(n, i), ...] (e.g. [(ranks, rank), (workers, w)];
+    none: the whole pass)."""
+    out = []
+    for start in range(lo, hi, chunk):
+        a, b = start, min(hi, start + chunk)
+        for n, i in parts:
+            a, b = split_shards(a, b, n, group)[i]
+        out.append((a, b))
+    return out
+
+
+def stats_batch(batch: int, chunk: int | None, group: int) -> int:
+    """The sample count whose `n_groups` is the number of batch-norm groups of a step of `batch`
+    samples in passes of `chunk` (each pass ends its last group): what `merge_stats` divides by."""
+    if not chunk or chunk >= batch:
+        return batch
+    return group * sum(n_groups(min(chunk, batch - a), group) for a in range(0, batch, chunk))
+
+
+def accumulated_gradient(model, images, labels, order, passes, scale, shift, loss_scale,
+                         stats_out=None, xbuf=None, augment=None, epoch: int = 0,
+                         aside: dict | None = None) -> tuple[float, int, np.ndarray | None]:
+    """`shard_gradient` of the samples order[a:b] of each pass (a, b), summed in pass order into
+    the bound grads (and stats_out): before each later pass the sum so far is put aside (into
+    `aside`, the caller's buffers, kept between steps) and added back after it, as
+    `Model.train_step` does with its chunks. One pass is exactly `shard_gradient`."""
+    loss, correct = 0.0, 0
+    aside = {} if aside is None else aside
+    for j, (a, b) in enumerate(passes):
+        sums = [v for v in (model.grads, stats_out) if v is not None] if j else []
+        saved = [_copy_into(aside, i, v) for i, v in enumerate(sums)]
+        pass_loss, pass_correct, xbuf = shard_gradient(model, images, labels, order[a:b], scale,
+                                                       shift, loss_scale, stats_out, xbuf,
+                                                       augment, epoch)
+        for v, kept in zip(sums, saved):
+            v += kept
+        loss, correct = ((loss + pass_loss, correct + pass_correct) if j
+                         else (pass_loss, pass_correct))
+    return loss, correct, xbuf
+
+
+def _copy_into(buffers: dict, slot: int, vector: np.ndarray) -> np.ndarray:
+    kept = buffers.get(slot)
+    if kept is None or kept.shape != vector.shape:
+        kept = buffers[slot] = np.empty_like(vector)
+    np.copyto(kept, vector)
+    return kept
+
+
 # ---------------------------------------------------------------- micro-batches (any N, same bits)
 # With `micro_batch` M set, a step's samples are cut into micro-batches of M (the last may be
 # shorter) that never depend on who computes them: each one's gradient, batch-norm statistics,

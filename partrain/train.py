@@ -59,12 +59,27 @@ class Meter:
     seconds_before: float = 0.0
     t0: float = field(default_factory=time.perf_counter, repr=False)
     timed: int = field(default=0, repr=False)
+    norm_sum: float = 0.0      # --clip-norm: the steps' gradient norms (before clipping),
+    norm_steps: int = 0        # how many steps they are,
+    clipped: int = 0           # and how many of them were clipped
 
-    def add(self, loss_sum: float, correct: int, n: int) -> None:
+    def add(self, loss_sum: float, correct: int, n: int, clip=None) -> None:
+        """One step's sums; clip: its (gradient norm, clipped?) under --clip-norm, else None."""
         self.loss_sum += loss_sum
         self.correct += correct
         self.seen += n
         self.timed += n
+        if clip is not None and np.isfinite(clip[0]):
+            self.norm_sum += clip[0]
+            self.norm_steps += 1
+            self.clipped += bool(clip[1])
+
+    def clip_columns(self) -> dict:
+        """History's grad_norm (the mean) and clipped_frac of the stretch; {} without norms."""
+        if not self.norm_steps:
+            return {}
+        return {"grad_norm": self.norm_sum / self.norm_steps,
+                "clipped_frac": self.clipped / self.norm_steps}
 
     @property
     def loss(self) -> float:
@@ -82,14 +97,17 @@ class Meter:
         return self.timed / max(time.perf_counter() - self.t0, 1e-9)
 
     def saved(self) -> dict:
+        norms = ({"norm_sum": self.norm_sum, "norm_steps": self.norm_steps,
+                  "clipped": self.clipped} if self.norm_steps else {})
         return {"loss_sum": self.loss_sum, "correct": self.correct, "seen": self.seen,
-                "seconds": self.seconds()}
+                "seconds": self.seconds(), **norms}
 
     @classmethod
     def restored(cls, d: dict | None) -> "Meter":
         d = d or {}
         return cls(d.get("loss_sum", 0.0), d.get("correct", 0), d.get("seen", 0),
-                   d.get("seconds", 0.0))
+                   d.get("seconds", 0.0), norm_sum=d.get("norm_sum", 0.0),
+                   norm_steps=int(d.get("norm_steps", 0)), clipped=int(d.get("clipped", 0)))
 
 
 @dataclass
@@ -99,7 +117,9 @@ class RunState:
     epoch: epochs finished; position: steps done in the current epoch; t: optimizer steps in
     all; elapsed_s: training time of earlier calls. The meters are the half-done epoch's sums
     (and its log window's), so that its history rows after a resume are the ones the
-    uninterrupted run writes.
+    uninterrupted run writes. best_val: the best validation accuracy; best_val_loss the best
+    (lowest) loss; best_epoch: the epoch best.h5 holds (best by --early-stop-on; 0: none);
+    early_stop: why --early-stop ended the run (its final line), None while it goes on.
     """
 
     epoch: int = 0
@@ -109,6 +129,9 @@ class RunState:
     elapsed_s: float = 0.0
     epoch_meter: Meter = field(default_factory=Meter)
     window: Meter = field(default_factory=Meter)
+    best_epoch: int = 0
+    best_val_loss: float | None = None
+    early_stop: str | None = None
 
     def meta(self, cfg: TrainConfig, elapsed_now: float) -> dict:
         # No RNG state: every random choice (split, order, initialisation, augmentation) is
@@ -118,7 +141,8 @@ class RunState:
                 "best_val": self.best_val, "elapsed_s": self.elapsed_s + elapsed_now,
                 "epoch_meter": self.epoch_meter.saved() if mid_epoch else None,
                 "window_meter": self.window.saved() if mid_epoch else None,
-                "config": cfg.to_dict(), "model": cfg.model}
+                "best_epoch": self.best_epoch, "best_val_loss": self.best_val_loss,
+                "early_stop": self.early_stop, "config": cfg.to_dict(), "model": cfg.model}
 
     @classmethod
     def from_meta(cls, meta: dict, steps_per_epoch: int | None = None) -> "RunState":
@@ -126,7 +150,8 @@ class RunState:
         the run's steps_per_epoch, a position its epochs never reach is refused: RunDir can
         only check that epoch, position and t fit some epoch length, which at epoch 0 is any."""
         state = cls(meta["epoch"], meta["position"], meta["t"], meta.get("best_val", -1.0),
-                    meta.get("elapsed_s", 0.0))
+                    meta.get("elapsed_s", 0.0), best_epoch=meta.get("best_epoch", 0),
+                    best_val_loss=meta.get("best_val_loss"), early_stop=meta.get("early_stop"))
         spe = steps_per_epoch
         if spe is not None and (state.position > spe or state.t != state.epoch * spe
                                 + state.position):
@@ -178,7 +203,8 @@ class Plan:
             raise PartrainError(f"--micro-batch {micro} is not a multiple of model "
                                 f"{cfg.model}'s batch-norm group of {model.group_size}")
         train_idx, val_idx = split_train_val(len(data.train_labels), cfg.val_size, cfg.seed)
-        bounds = batch_bounds(len(train_idx), cfg.batch_size)
+        # an optimizer step: --accumulate K batches, i.e. one batch of K x B (the last shorter)
+        bounds = batch_bounds(len(train_idx), cfg.batch_size * cfg.accumulate)
         schedule = make_schedule(cfg.schedule, cfg.lr, cfg.epochs * len(bounds),
                                  warmup_steps=int(round(cfg.warmup_epochs * len(bounds))))
         return cls(cfg, data, model, train_idx, val_idx, bounds, schedule,
@@ -199,10 +225,13 @@ class Plan:
         ranks = f"{cross.size} ranks x " if cross is not None and cross.size > 1 else ""
         return (f"training {cfg.model} ({self.model.layout.size:,} parameters) on "
                 f"{len(self.train_idx):,} images, {ranks}{cfg.workers} worker(s), "
-                f"batch {cfg.batch_size}"
+                f"batch {cfg.batch_size * cfg.accumulate}"
+                + (f" ({cfg.accumulate} x {cfg.batch_size} accumulated)"
+                   if cfg.accumulate > 1 else "")
                 + (f" in micro-batches of {self.micro} (the same bits for any --workers)"
                    if self.micro else "") + ", "
                 f"{cfg.optimizer} lr {cfg.lr:g}"
+                + (f", gradients clipped to norm {cfg.clip_norm:g}" if cfg.clip_norm else "")
                 + (f", augmentation: {_describe_augment(aug)}" if aug else "")
                 + (f" (recipe {cfg.recipe})" if cfg.recipe else "") + f"; run folder {run}")
 
@@ -289,8 +318,9 @@ def _train(rd, plan, resume, quiet, evaluate_test, max_steps, cross, step_timeou
                     session.after_step(state.t, hi - lo)
                     state.position += 1
                     steps_done += 1
-                    state.epoch_meter.add(loss_sum, correct, hi - lo)
-                    state.window.add(loss_sum, 0, hi - lo)
+                    clip = runner.clip.last if runner.clip is not None else None  # --clip-norm
+                    state.epoch_meter.add(loss_sum, correct, hi - lo, clip)
+                    state.window.add(loss_sum, 0, hi - lo, clip)
                     if state.position % cfg.log_every == 0 or state.position == len(plan.bounds):
                         session.log_window(state, lr)
                     if max_steps is not None and steps_done >= max_steps:
@@ -303,6 +333,8 @@ def _train(rd, plan, resume, quiet, evaluate_test, max_steps, cross, step_timeou
                 session.checkpoint(state)
                 break
             session.end_epoch(state)
+            if state.early_stop is not None:  # --early-stop: finished (the reason is printed last)
+                break
         summary = session.finish(state, stopped, steps_done, evaluate_test, stop)
     if writer and stopped is None:
         _write_report(rd.path, progress)
@@ -319,7 +351,6 @@ def _write_report(run: Path, progress: Progress) -> None:
         progress.warn(f"no report.html: {' '.join(str(e).split()) or type(e).__name__}")
         return
     progress.line(f"report: {path}")
-
 
 
 def _open_run_folder(rd: RunDir, plan: Plan, resume: bool, cross=None) -> None:

@@ -66,13 +66,13 @@ def main() -> None:
     engine.ParallelRunner.step = hooked_step
 
     if hooks.stop_in_validation:
-        accuracy = session.accuracy
+        validate = session.validate  # the epoch's validation pass (early_stop.validate)
 
-        def stopping_accuracy(*args, **kwargs):
+        def stopping_validate(*args, **kwargs):
             os.kill(os.getpid(), signal.SIGSTOP)
-            return accuracy(*args, **kwargs)
+            return validate(*args, **kwargs)
 
-        session.accuracy = stopping_accuracy
+        session.validate = stopping_validate
 
     if hooks.dump:
         def save(self, which, arrays, meta):

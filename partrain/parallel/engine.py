@@ -13,7 +13,8 @@ One step, as the parent sees it:
   2. wait for all N; sum the losses (w = 0..N-1) and the batch-norm statistics, and merge those
      into the running statistics here, once;
   3. reduce: `sharded` sends b"R" and worker w sums slice w of the N buffers and steps the
-     optimizer on it; `parent` does the whole sum and step itself (see `reduce`).
+     optimizer on it; `parent` does the whole sum and step itself (see `reduce`). With
+     clip_norm the workers write their slices' blocks of the norm before stepping (`clipping`).
 With micro_batch the gradients go into one row per micro-batch instead of one buffer per worker
 and every sum runs over the rows in order (`step.micro_gradients`): the same bits for any N.
 Shared memory holds everything else; a pipe carries a few bytes per message (`pool`).
@@ -34,7 +35,8 @@ import numpy as np
 
 from ..errors import PartrainError, WorkerLost
 from ..interrupt import StopFlag, catch_signals
-from ..step import active_augment, init_model, merge_stats, n_micro, split_shards
+from ..clipping import Clipper, n_blocks
+from ..step import active_augment, init_model, merge_stats, n_micro, split_shards, stats_batch
 from . import rows, scratch
 from . import worker as W
 from .pool import WorkerPool, usable_cores
@@ -68,6 +70,10 @@ class ParallelRunner:
         over the same shared memory do the step again from its start (see `recovery`), up to
         recovery.MAX_TRIES times per step; `on_restart(message)` is told each time. One machine
         only: under MPI the other ranks would wait on this one.
+    clip_norm: clip the summed gradient to this global L2 norm (`clipping`): worker w writes the
+        blocks of its slice, the parent sums them and sends the factor (b"n", then b"C").
+    chunk: compute each step in passes of this many samples (--accumulate, without
+        micro-batches): every pass is cut across machines and workers (`step.pass_shards`).
     """
 
     def __init__(self, model_spec, optimizer_spec, images, labels, mean, std, seed: int = 0,
@@ -76,7 +82,7 @@ class ParallelRunner:
                  step_timeout: float | None = None, startup_timeout: float = 120.0,
                  augment=None, init_idx=None, cross=None, micro_batch: int | None = None,
                  max_batch: int | None = None, on_worker_failure: str = "stop",
-                 on_restart=None):
+                 on_restart=None, clip_norm: float | None = None, chunk: int | None = None):
         self._closed, self._failed, self._aborted = True, False, False
         self._shm: SharedArrays | None = None
         self.n_workers = usable_cores() if n_workers is None else int(n_workers)
@@ -104,6 +110,7 @@ class ParallelRunner:
         self._closed = False
         self.last_times: StepTimes | None = None
         self._last_terms = self.n_workers  # gradient buffers summed by the last step
+        self._chunk, self._clip_norm, self.clip = (int(chunk) if chunk else None), clip_norm, None
         try:
             rep = init_model(model_spec, optimizer_spec, mean, std,
                              arrays=lambda m, opt: self._share(m, opt, images, labels))
@@ -116,7 +123,8 @@ class ParallelRunner:
                        mean=mean, std=std, reduction=self.reduction.name,
                        across_machines=self._cross is not None and not self.micro,
                        augment=active_augment(augment), micro_batch=self.micro,
-                       step_copy=self._restart)
+                       step_copy=self._restart, clip=self.clip is not None, chunk=self._chunk,
+                       ranks=(self._cross.rank, self._cross.size) if self._cross else None)
             self._start_args = (start_method, cfg, log_dir, startup_timeout)
             self._start_workers()
         except BaseException as e:
@@ -147,6 +155,8 @@ class ParallelRunner:
         else:
             specs.update({f"grad{w}": ((size,), m.dtype) for w in range(self.n_workers)})
         specs.update({f"opt_{k}": ((size,), m.dtype) for k in optimizer.state_names})
+        if self._clip_norm:  # each block's sum of squares, written by the worker of its slice
+            specs["gnorm"] = ((n_blocks(size),), np.float64)
         if self._restart:
             self._backups = backup_names(optimizer.state_names)
             specs.update({b: specs[a] for a, b in self._backups.items()})
@@ -169,6 +179,8 @@ class ParallelRunner:
             self._grads = (list(shm["rows"]) if self.micro else
                            [shm[f"grad{w}"] for w in range(self.n_workers)])
             self._reduced, self._stats, self._ctl = shm["reduced"], shm["stats"], shm["ctl"]
+            if self._clip_norm:
+                self.clip = Clipper(self._clip_norm, size, shm["gnorm"])
         return self.params, self._reduced, self.state
 
     def _start(self, start_method: str, cfg: dict, log_dir, timeout: float) -> None:
@@ -234,10 +246,10 @@ class ParallelRunner:
         step_lo, k = lo, n_micro(batch, micro) if micro else self.n_workers
         if micro and batch > self._max_micro * micro:
             raise ValueError(f"step of {batch} samples is larger than max_batch")
-        if cross is not None:  # this machine's group-aligned part of the global minibatch
+        if cross is not None and not self._chunk:  # this machine's part (with passes: of each)
             lo, hi = split_shards(lo, hi, cross.size, micro or self.model.group_size)[cross.rank]
-        sharded = self.reduction.in_workers
-        then_reduce = sharded and self.n_workers == 1 and cross is None  # one round trip
+        sharded, clip = self.reduction.in_workers, self.clip
+        then_reduce = sharded and self.n_workers == 1 and cross is None and clip is None
         self._wait(self._pool.send_all, b"S" + W.STEP.pack(lo, hi, batch, float(lr), t,
                                                            self._epoch, then_reduce, step_lo))
         if micro and cross is not None:  # while the workers compute their rows
@@ -255,24 +267,29 @@ class ParallelRunner:
                 correct += int(ctl[w, W.CORRECT])
         if sharded and not then_reduce:
             self._wait(self._pool.send_all, b"R")  # lr and t came with b"S"
+        bn_batch = stats_batch(batch, self._chunk, self.model.group_size)  # its BN groups
         if cross is not None and not micro:  # while the workers sum their slices
             loss, correct = rows.agree_across_machines(self._cross, self._stop, self.model,
-                                                       self._stats, loss, correct, batch)
+                                                       self._stats, loss, correct, bn_batch)
         elif not micro:
-            merge_stats(self.model, self._stats, batch)
+            merge_stats(self.model, self._stats, bn_batch)
         if sharded and not then_reduce:
             if cross is not None and not micro:
                 for w, (a, b) in enumerate(self._slices):  # the same order on every rank
                     self._wait(self._pool.collect_one, w, b"A")
                     cross.allreduce(self._reduced[a:b])
                     self._wait(self._pool.send_one, w, b"a")
+            if clip is not None:  # every slice's blocks written: the norm, then the factor
+                self._wait(self._pool.collect, b"n")
+                self._wait(self._pool.send_all, b"C" + W.FACTOR.pack(clip.combine()))
             self._wait(self._pool.collect, b"r")
         if sharded:
             red, opt = ctl[:, W.T_REDUCE].copy(), ctl[:, W.T_OPTIM].copy()
         else:
             t_sum, t_opt = reduce_and_step(self._grads[:k], self._reduced, self.params,
                                            self.opt_state, self.optimizer, 0, self.params.size,
-                                           t, lr, cross.allreduce if cross and not micro else None)
+                                           t, lr, cross.allreduce if cross and not micro else None,
+                                           clip.clip if clip is not None else None)
             red, opt = np.array([t_sum]), np.array([t_opt])
         self._last_terms = k
         self.last_times = StepTimes(time.perf_counter() - t0, compute, red, opt)

@@ -10,6 +10,9 @@ gradients, optimizer state and results all live in shared memory):
   b"R" (with the last STEP's lr and t)     b"r" (my slice of the sum reduced, optimizer stepped)
                                            under MPI, between the two: b"A" (my slice summed
                                            here), the parent's b"a" (summed over machines)
+                                           with --clip-norm, before the step: b"n" (my slice's
+                                           blocks of the norm written), the parent's b"C" +
+                                           FACTOR (what every slice is scaled by)
   b"Q"                                     (exits)
                                            b"k" once after start-up: attached and ready
                                            b"E" + one-line message: failed (traceback in the log)
@@ -29,8 +32,10 @@ import traceback
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from ..clipping import Clipper, scale
 from ..optim import sync_frozen
-from ..step import init_model, micro_gradients, n_micro, shard_gradient, split_shards
+from ..step import (accumulated_gradient, init_model, micro_gradients, n_micro, pass_shards,
+                    split_shards)
 from .recovery import STEPPED, back_up_slice, backup_names
 from .reduce import get_reduction, reduce_and_step
 from .shm import SharedArrays
@@ -39,6 +44,7 @@ from .shm import SharedArrays
 # scaled by 1/batch), lr, t, epoch (keys the augmentation), then_reduce, step_lo (where the global
 # minibatch starts: micro-batch k begins at step_lo + k·micro)
 STEP = struct.Struct("<qqqdqq?q")
+FACTOR = struct.Struct("<d")  # b"C": the clipping factor C / max(norm, C)
 # Columns of the control block ctl (float64, one row per worker), written by worker w in row w.
 LOSS, CORRECT, T_COMPUTE, T_REDUCE, T_OPTIM, PID, PHASE = range(7)  # PHASE: see recovery
 CTL_COLUMNS = 8
@@ -105,6 +111,10 @@ def _serve(w: int, conn, cfg: dict) -> int:
         xbuf, lr, t, k = None, 0.0, 0, n_workers
         allreduce = _across_machines(conn) if cfg.get("across_machines") else None
         backups = backup_names(optimizer.state_names) if cfg.get("step_copy") else None
+        clip = (_clip_hook(conn, Clipper(1.0, params.size, shm["gnorm"])) if cfg.get("clip")
+                else None)  # the parent alone knows C: the worker only writes and scales
+        chunk, aside, ranks = cfg.get("chunk"), {}, cfg.get("ranks")  # ranks: (rank, size)
+        parts = ([(ranks[1], ranks[0])] if chunk and ranks else []) + [(n_workers, w)]
         conn.send_bytes(b"k")
         while True:
             msg = conn.recv_bytes()
@@ -122,10 +132,12 @@ def _serve(w: int, conn, cfg: dict) -> int:
                                            micro, grads, shm["results"], mstats,
                                            rep.scale, rep.shift, 1.0 / batch, xbuf, augment,
                                            epoch)
-                else:
-                    loss, correct, xbuf = shard_gradient(
-                        model, images, labels, perm[s_lo:s_hi], rep.scale, rep.shift,
-                        1.0 / batch, stats, xbuf, augment, epoch)
+                else:  # with --accumulate: my shard of each pass, one pass at a time
+                    passes = (pass_shards(lo, hi, chunk, model.group_size, parts) if chunk
+                              else [(s_lo, s_hi)])
+                    loss, correct, xbuf = accumulated_gradient(
+                        model, images, labels, perm, passes, rep.scale, rep.shift,
+                        1.0 / batch, stats, xbuf, augment, epoch, aside)
                     ctl[LOSS], ctl[CORRECT] = loss, correct
                 ctl[T_COMPUTE] = time.perf_counter() - c0
                 if not then_reduce:
@@ -137,7 +149,8 @@ def _serve(w: int, conn, cfg: dict) -> int:
             if backups is not None:  # so that a lost worker costs only this step
                 back_up_slice(shm, backups, my_lo, my_hi, ctl, PHASE)
             ctl[T_REDUCE], ctl[T_OPTIM] = reduce_and_step(
-                grads[:k], reduced, params, opt_state, optimizer, my_lo, my_hi, t, lr, allreduce)
+                grads[:k], reduced, params, opt_state, optimizer, my_lo, my_hi, t, lr, allreduce,
+                clip)
             if backups is not None:
                 ctl[PHASE] = STEPPED
             conn.send_bytes(b"r")
@@ -148,13 +161,29 @@ def _across_machines(conn):
     worker's summed slice across machines (workers never call MPI). b"A" says the slice is
     summed; the parent's b"a" that the sum over all machines is in place."""
     def allreduce(view) -> None:
-        conn.send_bytes(b"A")
-        msg = conn.recv_bytes()
-        if msg[:1] == b"Q":
-            raise SystemExit(0)
-        if msg[:1] != b"a":
-            raise RuntimeError(f"unexpected {msg[:16]!r} from the parent while all-reducing")
+        _ask_parent(conn, b"A", b"a", "all-reducing")
     return allreduce
+
+
+def _ask_parent(conn, say: bytes, expect: bytes, what: str) -> bytes:
+    """Send `say`, wait for the parent's answer starting with `expect` (b"Q": quit quietly)."""
+    conn.send_bytes(say)
+    msg = conn.recv_bytes()
+    if msg[:1] == b"Q":
+        raise SystemExit(0)
+    if msg[:1] != expect:
+        raise RuntimeError(f"unexpected {msg[:16]!r} from the parent while {what}")
+    return msg
+
+
+def _clip_hook(conn, clipper: Clipper):
+    """reduce_and_step's before_step under --clip-norm: my slice's blocks of the norm into shared
+    memory, b"n", then scale my slice by the factor of the parent's b"C"."""
+    def before_step(source, lo: int, hi: int) -> None:
+        clipper.partial(source, lo, hi)
+        msg = _ask_parent(conn, b"n", b"C", "clipping")
+        scale(source, lo, hi, FACTOR.unpack_from(msg, 1)[0])
+    return before_step
 
 
 def describe_exit(exitcode: int | None) -> str:
