@@ -41,6 +41,7 @@ from .evaluate import load_run as _load_checkpointed
 from .nn.models import build_model as _build_model
 from .parallel.engine import usable_cores
 from .predict import softmax
+from .hooks import Hooks
 from .new_run import create_run, fit_options
 from .rundir import RunDir, file_sha256
 from .train import fit as _train_fit
@@ -122,7 +123,7 @@ class FitResult:
 
 def fit(*, recipe: str | None = None, data_dir=None, runs_dir="runs", name: str | None = None,
         resume=None, quiet: bool = True, step_timeout: float | None = None,
-        **settings) -> FitResult:
+        on_log_row=None, on_epoch_end=None, on_checkpoint=None, **settings) -> FitResult:
     """Train a run as `partrain fit` does and return its FitResult.
 
     settings: TrainConfig fields (`SETTINGS`: model, model_options, epochs, batch_size, workers,
@@ -133,7 +134,13 @@ def fit(*, recipe: str | None = None, data_dir=None, runs_dir="runs", name: str 
     folder to continue exactly where it stopped; settings given then must keep the run exact
     (`config.resumed`). quiet: print nothing (False: the command line's progress lines).
     step_timeout: as --step-timeout. A bad setting is a PartrainError before any folder exists.
+    on_log_row(row), on_epoch_end(row), on_checkpoint(path, which, meta): hooks, called in this
+    process as history.csv's rows (dicts of its filled columns, plus "time") and the checkpoints
+    are written (partrain.hooks says in which order); one that raises stops the run there, and
+    `fit(resume=run)` continues it. The rows also go to RUN/metrics.jsonl, one JSON line each.
     """
+    hooks = Hooks(on_log_row, on_epoch_end, on_checkpoint)
+    hooks.check()
     given = _given(settings, data_dir)
     if resume is None:
         cfg, run = _new_run_folder(_new_config(given, recipe), runs_dir, name)
@@ -142,7 +149,7 @@ def fit(*, recipe: str | None = None, data_dir=None, runs_dir="runs", name: str 
         extra = {} if recipe is None else {"recipe": recipe}
         cfg = RunDir.open(run).resume_config({**given, **extra})
     summary = _train_fit(cfg, run, resume=resume is not None, quiet=quiet,
-                         step_timeout=step_timeout)
+                         step_timeout=step_timeout, hooks=hooks)
     return FitResult(run, summary, history(run), cfg)
 
 

@@ -25,6 +25,7 @@ from . import __version__
 from .checkpoint import is_stale_temp, load_checkpoint, save_checkpoint
 from .config import TrainConfig, resumed, short_repr
 from .errors import PartrainError
+from .hooks import METRICS, RunEvents
 from .run_lock import LOCK, read_lock
 
 CONFIG, HISTORY, SUMMARY = "config.json", "history.csv", "summary.json"
@@ -67,6 +68,7 @@ class RunDir:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self._meta: dict | None = None
+        self.events = RunEvents(self.path)  # metrics.jsonl and the API's hooks (hooks.py)
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"
@@ -166,6 +168,7 @@ class RunDir:
             if new:
                 writer.writerow(HISTORY_FIELDS)
             writer.writerow([_format(row.get(k)) for k in HISTORY_FIELDS])
+        self.events.row(row)
 
     def _widen_history(self, path: Path) -> None:
         """Rewrite an older history.csv (fewer columns) with today's header, atomically."""
@@ -179,7 +182,9 @@ class RunDir:
         os.replace(tmp, path)
 
     def truncate_history(self, t: int) -> None:
-        """Drop rows logged after step t, the checkpoint we resume from (a crash can leave some)."""
+        """Drop rows logged after step t, the checkpoint we resume from (a crash can leave some),
+        from history.csv and metrics.jsonl."""
+        self.events.truncate(t)
         path = self.path / HISTORY
         if not path.exists():
             return
@@ -232,6 +237,7 @@ class RunDir:
     def save(self, which: str, arrays: dict[str, np.ndarray], meta: dict) -> None:
         """Write checkpoint `which` ("last" or "best") atomically (checkpoint.save_checkpoint)."""
         save_checkpoint(self.checkpoint_path(which), arrays, meta)
+        self.events.checkpoint(self.checkpoint_path(which), which, meta)
 
     def restore(self, targets: dict[str, np.ndarray], which: str = "last") -> dict:
         """Copy the checkpoint's arrays into the preallocated `targets` (same names, shapes and
@@ -334,7 +340,8 @@ def _finite_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-UNSAVED = {CONFIG, HISTORY, "logs", LOCK}  # all a run killed before its first checkpoint leaves
+UNSAVED = {CONFIG, HISTORY, METRICS, "logs", LOCK}  # what a run killed before its first
+                                                  # checkpoint leaves
 
 
 def _reuse_unsaved(run: Path) -> bool:
@@ -352,7 +359,7 @@ def _reuse_unsaved(run: Path) -> bool:
         return False
     if read_lock(run).state == "running":  # a live fit in its first epoch: not to be emptied
         return False
-    for name in (CONFIG, HISTORY, LOCK, *temps):
+    for name in (CONFIG, HISTORY, METRICS, LOCK, *temps):
         (run / name).unlink(missing_ok=True)
     print(f"note: reusing run folder {run}: the run there stopped before its first checkpoint",
           file=sys.stderr)

@@ -71,7 +71,8 @@ class Session:
                                 + (" (--epochs N trains it further)"
                                    if cfg.schedule == "constant" else ""))
         if cross is None or cross.rank == 0:  # the writer of the run folder
-            self._settle_folder = lambda: self._continue_folder(state.t)
+            t = state.t  # the checkpoint's step (state.t moves on before the folder settles)
+            self._settle_folder = lambda: self._continue_folder(t)
         self.progress.line(f"resuming {rd.path} at epoch {state.epoch + 1}, step "
                            f"{state.position}/{self.plan.steps_per_epoch}")
         return state

@@ -26,6 +26,7 @@ from .errors import PartrainError
 from .interrupt import catch_signals
 from .nn.models import build_model
 from .optim import make_schedule
+from .hooks import METRICS, Hooks
 from .progress import Progress
 from .rundir import MutedRunDir, RunDir, file_sha256
 from .run_lock import RunLock
@@ -238,18 +239,22 @@ class Plan:
 
 def fit(cfg: TrainConfig, run: Path, resume: bool = False, quiet: bool = False,
         evaluate_test: bool = True, max_steps: int | None = None, cross=None,
-        step_timeout: float | None = None) -> dict:
+        step_timeout: float | None = None, hooks: Hooks | None = None) -> dict:
     """Train (or continue) the run in folder `run`; returns the final summary.
 
     max_steps stops after that many optimizer steps in this call (for tests and benchmarks), with
     a checkpoint as if interrupted. cross: the ranks of an MPI job (`parallel.mpi.Cross`), each
     calling fit alike; rank 0 alone writes the run folder and prints. step_timeout: how long the
     engine waits for a silent worker (None: its default). A new run that ends before its first
-    checkpoint, for whatever reason, leaves no folder behind (see `_discard_unsaved`).
+    checkpoint, for whatever reason, leaves no folder behind (see `_discard_unsaved`). hooks:
+    the Python API's callbacks (hooks.py), called as history rows and checkpoints are written.
     """
     cfg.check()
     writer = cross is None or cross.rank == 0
     rd = (RunDir if writer else MutedRunDir)(run)
+    if hooks is not None:
+        hooks.check()
+        rd.events.hooks = hooks
     # `partrain runs` sees the run as running while this is held (run_lock.py)
     lock = RunLock.take(run, 1 if cross is None else cross.size) if writer else None
     try:
@@ -277,7 +282,7 @@ def _discard_unsaved(rd: RunDir) -> None:
     path = Path(rd.path)
     if rd.has_checkpoint("last") or rd.has_checkpoint("best") or (path / "logs").exists():
         return
-    for name in ("config.json", "history.csv", "summary.json"):
+    for name in ("config.json", "history.csv", "summary.json", METRICS):
         (path / name).unlink(missing_ok=True)
     try:
         path.rmdir()
@@ -333,6 +338,7 @@ def _train(rd, plan, resume, quiet, evaluate_test, max_steps, cross, step_timeou
                 session.checkpoint(state)
                 break
             session.end_epoch(state)
+            rd.events.epoch_end()  # the API's on_epoch_end: the epoch's row and checkpoints are in
             if state.early_stop is not None:  # --early-stop: finished (the reason is printed last)
                 break
         summary = session.finish(state, stopped, steps_done, evaluate_test, stop)
