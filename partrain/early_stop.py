@@ -14,15 +14,17 @@ import math
 import numpy as np
 
 
-def validate(model, images, labels, scale, shift, idx, batch: int = 1000) -> tuple[float, float]:
+def validate(model, images, labels, scale, shift, idx, batch: int = 1000,
+             phase=None) -> tuple[float, float]:
     """(accuracy, mean cross-entropy) of `model` on images[idx], from one pass: the accuracy is
     `evaluate.accuracy`'s (the same batches, the same argmax); the loss is the plain softmax
-    cross-entropy of the logits, in float64 (no label smoothing, whatever training uses)."""
+    cross-entropy of the logits, in float64 (no label smoothing, whatever training uses).
+    phase: a progress.Phase told of every batch."""
     from .evaluate import batched_logits
     if not len(idx):
         return float("nan"), float("nan")
     right, loss = 0, 0.0
-    for lo, z, _ in batched_logits(model, images, idx, scale, shift, batch=batch):
+    for lo, z, _ in batched_logits(model, images, idx, scale, shift, batch=batch, phase=phase):
         y = labels[idx[lo:lo + len(z)]].astype(np.int64)
         right += int((z.argmax(axis=1) == y).sum())
         top = z.max(axis=1, keepdims=True)

@@ -15,8 +15,9 @@ from .errors import PartrainError
 from .memory import describe as describe_memory, usage as memory_usage
 from .evaluate import accuracy, tta_accuracy
 from .nn.models import build_model
-from .progress import Progress, format_duration
+from .progress import Phase, Progress, format_duration
 from .rundir import RunDir
+from .tta import describe
 
 if TYPE_CHECKING:
     from .train import Plan, RunState
@@ -102,6 +103,12 @@ class Session:
         if self.watchdog is not None:
             self.watchdog.pet()
 
+    def phase(self, what: str, n: int, tta: str = "none") -> Phase:
+        """Progress of a pass over n images (the validation set, the test set with its TTA
+        views), shown as fit's own progress is: a bar, plain lines, or nothing."""
+        return Phase(describe(what, n, tta), n, "image", self.progress.quiet,
+                     self.progress.stream, self.progress.tty)
+
     def checkpoint(self, state: RunState, which: str = "last") -> None:
         self.settle()
         self.rd.save(which, self.arrays(),
@@ -124,8 +131,10 @@ class Session:
             self.cross.same_bits(self.arrays(), f"after epoch {state.epoch + 1}")
         if self.watchdog is not None:  # validation and checkpoints are no step: not timed
             self.watchdog.pause()
-        val_acc, val_loss = validate(self.eval_model, plan.data.train_images,
-                                     plan.data.train_labels, self.scale, self.shift, plan.val_idx)
+        with self.phase("validation", len(plan.val_idx)) as phase:
+            val_acc, val_loss = validate(self.eval_model, plan.data.train_images,
+                                         plan.data.train_labels, self.scale, self.shift,
+                                         plan.val_idx, phase=phase)
         seconds = m.seconds()
         self.rd.append_history({"kind": "epoch", "epoch": state.epoch + 1, "step": state.t,
                                 "loss": m.loss, "train_acc": m.acc, "val_acc": val_acc,
@@ -180,6 +189,7 @@ class Session:
         # This process (on this machine, under MPI) and its workers, after the test pass too.
         summary["memory"] = memory_usage(getattr(self.runner, "worker_pids", []))
         summary["worker_restarts"] = list(getattr(self.runner, "restarts", []))
+        summary["ranks"] = 1 if self.cross is None else self.cross.size
         rd.write_summary(summary)
         if stopped is not None:
             self.progress.line(f"stopped after {steps_done} steps (--max-steps) at {where}; "
@@ -196,20 +206,21 @@ class Session:
             + f" epochs in {format_duration(state.elapsed_s + train_time)} "
             f"({summary['images_per_s']:,.0f} img/s), best val acc {state.best_val:.1%}" + tested
             + (f"\n{describe_memory(summary['memory'])}" if describe_memory(summary["memory"])
-               else "")
-            + f"\nnext: partrain plot {rd.path}; partrain evaluate {rd.path}"
-            + (f"\n{state.early_stop}" if state.early_stop is not None else ""))
-        return summary
+               else ""))
+        return summary  # fit prints the next: line once the run's report.html is written
 
     def test(self) -> dict:
         """The final test accuracy of the trained parameters, with TTA too if cfg.tta says so."""
         cfg, data, e0 = self.plan.cfg, self.plan.data, time.perf_counter()
-        if cfg.tta != "none":
-            plain, with_tta = tta_accuracy(self.eval_model, data.test_images, data.test_labels,
-                                           self.scale, self.shift, cfg.tta)
-            out = {"test_acc": plain, "test_acc_tta": with_tta, "tta": cfg.tta}
-        else:
-            out = {"test_acc": accuracy(self.eval_model, data.test_images, data.test_labels,
-                                        self.scale, self.shift)[0]}
+        with self.phase("test set", len(data.test_labels), cfg.tta) as phase:
+            if cfg.tta != "none":
+                plain, with_tta = tta_accuracy(self.eval_model, data.test_images,
+                                               data.test_labels, self.scale, self.shift, cfg.tta,
+                                               phase=phase)
+                out = {"test_acc": plain, "test_acc_tta": with_tta, "tta": cfg.tta}
+            else:
+                out = {"test_acc": accuracy(self.eval_model, data.test_images,
+                                            data.test_labels, self.scale, self.shift,
+                                            phase=phase)[0]}
         out["test_time_s"] = round(time.perf_counter() - e0, 2)
         return out

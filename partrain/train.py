@@ -24,6 +24,7 @@ from .recipes import optimizer_spec
 from .datasets.store import load_store
 from .errors import PartrainError
 from .interrupt import catch_signals
+from .nn.model import Model
 from .nn.models import build_model
 from .optim import make_schedule
 from .hooks import METRICS, Hooks
@@ -221,6 +222,15 @@ class Plan:
                            self.opt_spec, self.train_idx, stop, cross, log_dir, step_timeout,
                            self.micro, on_restart, (self.mean, self.std))
 
+    def setting_up(self) -> str:
+        """What happens before the first step that takes seconds ("" when nothing does)."""
+        cfg, parts = self.cfg, []
+        if cfg.workers > 1:
+            parts.append(f"starting {cfg.workers} worker processes")
+        if type(self.model).init_from_data is not Model.init_from_data:  # e.g. airbench
+            parts.append(f"{cfg.model}'s data-dependent initialisation")
+        return ", ".join(parts)
+
     def describe(self, run: Path, cross=None) -> str:
         cfg, aug = self.cfg, self.cfg.augment_spec()
         ranks = f"{cross.size} ranks x " if cross is not None and cross.size > 1 else ""
@@ -297,12 +307,17 @@ def _train(rd, plan, resume, quiet, evaluate_test, max_steps, cross, step_timeou
     log_dir = Path(rd.path) / "logs" if writer else None  # written only by a failing worker
     # Ctrl-C is caught from before the workers start (interrupt.py): the first stops at the next
     # step boundary with a checkpoint, the second at once.
+    setting_up = plan.setting_up()
+    if setting_up:  # seconds of silence otherwise (forkserver, imports, the whitening's eigh)
+        progress.line(f"setting up: {setting_up} ...")
     with catch_signals(cross is not None, writer) as stop, \
             plan.make_runner(stop, cross, log_dir, step_timeout,
                              on_restart=progress.warn) as runner:
         session = Session(rd, plan, runner, progress, cross)
         state = session.resume() if resume else RunState()
-        progress.line(plan.describe(rd.path, cross))
+        ready = getattr(runner, "startup_s", None)
+        progress.line(plan.describe(rd.path, cross)
+                      + (f" (workers ready in {ready:.1f} s)" if ready is not None else ""))
         stopped, steps_done = None, 0
         if session.watchdog is not None:  # from the first step on, not only after it
             session.watchdog.resume()
@@ -343,20 +358,23 @@ def _train(rd, plan, resume, quiet, evaluate_test, max_steps, cross, step_timeou
                 break
         summary = session.finish(state, stopped, steps_done, evaluate_test, stop)
     if writer and stopped is None:
-        _write_report(rd.path, progress)
+        report = _write_report(rd.path, progress)
+        progress.line(f"next: {'open ' + str(report) + ' (the run at a glance); ' if report else ''}"
+                      f"partrain evaluate {rd.path} (per class); partrain plot {rd.path}")
+        if state.early_stop is not None:
+            progress.line(state.early_stop)
     return summary
 
 
-def _write_report(run: Path, progress: Progress) -> None:
-    """report.html of the finished run (report.write_report, without a second test pass): a
-    report that cannot be drawn is a warning line, never a failed run."""
+def _write_report(run: Path, progress: Progress) -> Path | None:
+    """report.html of the finished run (report.write_report, without a second test pass), or
+    None: a report that cannot be drawn is a warning line, never a failed run."""
     try:
         from .report import write_report  # matplotlib: imported only when a report is drawn
-        path = write_report(run, evaluate=False)
+        return write_report(run, evaluate=False)
     except Exception as e:  # noqa: BLE001 - the run itself is done and saved
         progress.warn(f"no report.html: {' '.join(str(e).split()) or type(e).__name__}")
-        return
-    progress.line(f"report: {path}")
+        return None
 
 
 def _open_run_folder(rd: RunDir, plan: Plan, resume: bool, cross=None) -> None:

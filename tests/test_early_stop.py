@@ -117,8 +117,8 @@ def test_the_final_line_says_why_and_a_resume_says_it_is_finished(tiny_store, tm
             "--runs-dir", tmp_path / "runs", "--name", "r", cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     summary = json.loads((tmp_path / "runs" / "r" / "summary.json").read_text())
-    lines = [x for x in p.stdout.strip().splitlines()  # the report's line comes after fit's
-             if not x.startswith("report: ")]
+    lines = p.stdout.strip().splitlines()
+    assert lines[-2].startswith(f"next: open {tmp_path / 'runs' / 'r' / 'report.html'}")
     assert lines[-1] == summary["early_stop"] and lines[-1].startswith("stopped early: val_acc")
     assert f"done: {summary['epochs_done']} of {EPOCHS} epochs" in p.stdout
     before = (tmp_path / "runs" / "r" / "checkpoint.h5").read_bytes()

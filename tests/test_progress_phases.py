@@ -109,3 +109,18 @@ def test_prepare_images_and_bench_points_on_a_terminal(tmp_path):
                                       "--synthetic", "64", "--reduction", "sharded",
                                       "--out-dir", "b"], tmp_path)
     assert code == 0 and "sharded N=1 batch 8: 1 warm-up + 3 timed steps" in shown, shown
+
+
+def test_fit_shows_setup_validation_and_test_passes(tmp_path):
+    make_tiny_store(tmp_path / "data" / "cifar10.h5", n_train=300, n_test=200)
+    args = ["fit", "--model", "airbench", "--model-option", "widths=[4,4,4]", "--model-option",
+            "ghost_batch=4", "--batch-size", "16", "--epochs", "1", "--val-size", "100",
+            "--workers", "2", "--tta", "flip", "--name", "a"]
+    code, out, shown = on_a_terminal(args, tmp_path)
+    assert code == 0, (out, shown)
+    assert ("setting up: starting 2 worker processes, airbench's data-dependent initialisation"
+            in out)
+    assert "(workers ready in" in out
+    assert "validation, 100 images" in shown and "test set, 200 images, 2 TTA views" in shown
+    code, out, shown = on_a_terminal([*args[:-1], "b", "--quiet"], tmp_path)
+    assert code == 0 and shown.strip() == "" and "setting up" not in out

@@ -80,7 +80,7 @@ def assert_static(page: str) -> None:
 
 def test_fit_writes_the_report_and_names_it(trained):
     cwd, a, _, out = trained
-    assert "report: runs/a/report.html" in out.splitlines()[-1], out
+    assert out.splitlines()[-1].startswith("next: open runs/a/report.html (the run at a glance)"), out
     page = (a / "report.html").read_text()
     assert_static(page)
     summary = json.loads((a / "summary.json").read_text())
