@@ -1,4 +1,5 @@
-"""Command line: `partrain prepare | fit | evaluate | predict | plot | bench`.
+"""Command line: `partrain prepare | fit | evaluate | predict | plot | bench | runs | report |
+export | lr-find`.
 
 Every command turns a PartrainError, an OSError (the user's files, a full disk, a read-only
 folder) or a MemoryError into one line on stderr and exit 1, and a Ctrl-C or SIGTERM into one line
@@ -63,9 +64,11 @@ def main():
                    "[default: 0.2].")
 @click.option("--size", type=int, default=32, show_default=True, metavar="N",
               help="Images are centre-cropped to square and resized to N x N.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the held-out test split.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the held-out test split.")
 @click.option("--skip-bad", is_flag=True,
-              help="Leave out images that cannot be decoded (listed at the end) instead of stopping.")
+              help="Leave out images that cannot be decoded (listed at the end) instead of "
+                   "stopping.")
 @click.option("--quiet", is_flag=True, help="No progress bar or lines while images are decoded.")
 @click.option("--force", is_flag=True, help="Rebuild the store even if a valid one exists.")
 @click.option("--url", default=None, hidden=True, help="Archive URL (tests use a local server).")
