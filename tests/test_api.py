@@ -266,12 +266,12 @@ def test_load_run_errors_and_another_store(trained, tmp_path):
 
 
 # ---------------------------------------------------------------------------------- README
-def readme_example() -> str:
-    """The one python block of the README's "## Python API" section."""
+def readme_example(which: int = 0) -> str:
+    """The python blocks of the README's "## Python API" section: the example, then the hooks'."""
     section = README.read_text().split("\n## Python API\n", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```python\n(.*?)```", section, re.S)
-    assert len(blocks) == 1, blocks
-    return blocks[0]
+    assert len(blocks) == 2, blocks
+    return blocks[which]
 
 
 def test_the_readme_example_runs(tmp_path):
@@ -284,6 +284,18 @@ def test_the_readme_example_runs(tmp_path):
     assert p.returncode == 0, (p.stdout, p.stderr)
     assert "test accuracy" in p.stdout and "parameters" in p.stdout
     assert len(list((tmp_path / "runs").iterdir())) == 1
+
+
+def test_the_readme_hooks_example_runs(tmp_path):
+    """The hooks example, verbatim: its lines in the order the README shows."""
+    make_tiny_store(tmp_path / "data" / "cifar10.h5")
+    p = subprocess.run([sys.executable, "-c", readme_example(1)], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, (p.stdout, p.stderr)
+    lines = p.stdout.splitlines()
+    assert lines[:2] == ["saved checkpoint.h5 (last) after epoch 1",
+                         "saved best.h5 (best) after epoch 1"], lines
+    assert lines[2].startswith("epoch 1: val acc ") and lines[-1].startswith('{"kind": "step"')
 
 
 def test_own_images_from_python(tmp_path):
