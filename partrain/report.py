@@ -13,12 +13,13 @@ inlined; the page is written atomically. `fit` calls `write_report` at the end o
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
 import re
 import sys
-import tempfile
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +45,7 @@ def write_report(run_dir: str | os.PathLike, out: str | os.PathLike | None = Non
     run = Path(run_dir)
     rd = RunDir.open(run)
     row = describe_run(run)
-    with tempfile.TemporaryDirectory(prefix="partrain-report-") as tmp:
+    with _scratch(Path(out) if out is not None else run) as tmp:
         sections = [("summary", "Summary", _summary(row, rd, run)),
                     ("curves", "Training curves", _curves([run], Path(tmp))),
                     ("test", "Test set", _test_set(run, Path(tmp), evaluate, warn)),
@@ -65,7 +66,7 @@ def write_comparison(run_dirs, out: str | os.PathLike | None = None) -> Path:
     metas = [RunDir.open(r).meta for r in runs]  # every run readable before anything is drawn
     rows = [describe_run(r) for r in runs]
     target = Path(out) / REPORT_FILE if out is not None else runs[0].parent / COMPARE_FILE
-    with tempfile.TemporaryDirectory(prefix="partrain-report-") as tmp:
+    with _scratch(target.parent) as tmp:
         sections = [("runs", "Runs", _runs_table(rows, runs, target.parent)),
                     ("curves", "Training curves", _curves(runs, Path(tmp))),
                     ("settings", "Settings that differ", _differences(runs, metas))]
@@ -260,6 +261,38 @@ def _footer(runs: list[Path]) -> str:
             + ", ".join(H.code(str(r)) for r in runs)
             + ". A static page: no server, no script, nothing fetched; "
             + H.code("partrain report") + " draws it again.")
+
+
+SCRATCH = ".report-scratch."  # + pid: the figures' files while a page is drawn
+
+
+@contextlib.contextmanager
+def _scratch(folder: Path):
+    """A folder for the figures' files while a page is drawn, in the page's own folder (not in
+    /tmp, where a report killed by SIGKILL, e.g. fit's at the end of a run, would leave it for
+    good); the scratch folders of dead processes are removed first."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob(SCRATCH + "*"):
+        pid = old.name[len(SCRATCH):]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    tmp = folder / f"{SCRATCH}{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _write(folder: Path, name: str, text: str) -> Path:

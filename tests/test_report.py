@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -137,6 +138,23 @@ def test_several_runs_are_compared(trained, tmp_path):
     assert '<a href="a/report.html">a</a>' in page
     cli("report", a, b, "--out", tmp_path / "cmp", cwd=cwd)
     assert (tmp_path / "cmp" / "report.html").is_file()
+
+
+def test_figures_are_drawn_in_the_run_folder_and_a_dead_report_s_are_cleared(trained):
+    """A report killed while drawing (SIGKILL, e.g. fit's at the end of a run: the fault harness
+    found one) left its figures' folder in /tmp for good; now it is in the page's folder, named
+    by its pid, and the next report removes those of dead processes."""
+    import tempfile
+    from partrain.report import SCRATCH, write_report
+    cwd, a, _, _ = trained
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (a / f"{SCRATCH}{dead.pid}").mkdir()
+    before = set(os.listdir(tempfile.gettempdir()))
+    write_report(a, evaluate=False)
+    assert not list(a.glob(SCRATCH + "*"))
+    assert not [n for n in set(os.listdir(tempfile.gettempdir())) - before
+                if n.startswith("partrain-report")]
 
 
 def test_bad_input_is_one_line_and_no_file(tmp_path):
