@@ -89,6 +89,8 @@ def prepare(data_dir, source, labels, images, csv, images_test, csv_test, test_f
         if source is not None:
             raise PartrainError("--source reads CIFAR; --images/--csv read your own images: "
                                 "give one of them")
+        if labels != "fine":
+            raise PartrainError("--labels goes with a CIFAR-100 --source, not with --images/--csv")
         from .prepare_images import prepare_images
         prepare_images(data_dir, images, csv, images_test, csv_test, test_fraction, size, seed,
                        skip_bad, force, quiet, echo=click.echo,

@@ -158,6 +158,7 @@ def test_a_failed_rebuild_keeps_the_store_there(tmp_path, folder):
     (["--images", "IMGS", "--source", "x.tar.gz"], "give one of them"),
     (["--images", "IMGS", "--test-fraction", "1.5"], "between 0 and 1"),
     (["--size", "48"], "--size go with --images or --csv"),
+    (["--images", "IMGS", "--labels", "coarse"], "--labels goes with a CIFAR-100 --source"),
 ])
 def test_bad_arguments_are_one_line(tmp_path, args, pattern):
     make_folder(tmp_path / "IMGS", per_class=2)
