@@ -136,3 +136,50 @@ def untimed_history(run_dir) -> list[list[str]]:
         rows = list(csv.reader(f))
     keep = [i for i, name in enumerate(rows[0]) if name not in TIMED_COLUMNS]
     return [[r[i] for i in keep] for r in rows]
+
+
+def ctrl_c_after_a_step(cmd: list, run_dir, timeout: float = 120) -> tuple[str, str]:
+    """Start the fit `cmd`, send it SIGINT once RUN_DIR/history.csv holds a step row (its
+    handler is installed by then), and check it stopped as a Ctrl-C does (exit 130, checkpoint
+    saved); returns its (stdout, stderr)."""
+    import sys
+    cut = subprocess.Popen([sys.executable, "-m", "partrain.cli", *map(str, cmd)], text=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    history = os.path.join(run_dir, "history.csv")
+    deadline = time.monotonic() + timeout
+    while not (os.path.exists(history) and "\nstep," in open(history).read()):
+        assert cut.poll() is None and time.monotonic() < deadline, cut.communicate()
+        time.sleep(0.005)
+    cut.send_signal(signal.SIGINT)
+    out, err = cut.communicate(timeout=timeout)
+    assert cut.returncode == 130, (out, err)
+    return out, err
+
+
+def resume_matches(runs, *options, files=("checkpoint",), cut="cut", whole="whole") -> None:
+    """`partrain fit --resume RUNS/CUT OPTIONS --quiet` succeeds and leaves the parameters and
+    state of each of `files` (.h5) and the untimed history equal to RUNS/WHOLE's."""
+    import sys
+    from pathlib import Path
+    from test_digests import digest
+    runs = Path(runs)
+    p = subprocess.run([sys.executable, "-m", "partrain.cli", "fit", "--resume",
+                        str(runs / cut), *map(str, options), "--quiet"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    for which in files:
+        assert digest(runs / cut / f"{which}.h5") == digest(runs / whole / f"{which}.h5"), which
+    assert untimed_history(runs / cut) == untimed_history(runs / whole)
+
+
+def fit_quietly(data, runs, name, *args, check=True) -> subprocess.CompletedProcess:
+    """`partrain fit ARGS --val-size 100 --quiet` into RUNS/NAME on the store folder DATA, as a
+    real process; with check, it must succeed."""
+    import sys
+    p = subprocess.run([sys.executable, "-m", "partrain.cli", "fit", *map(str, args),
+                        "--val-size", "100", "--quiet", "--data-dir", str(data),
+                        "--runs-dir", str(runs), "--name", name],
+                       capture_output=True, text=True, timeout=300)
+    if check:
+        assert p.returncode == 0, p.stderr
+    return p

@@ -14,10 +14,6 @@
 """
 from __future__ import annotations
 
-import signal
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
@@ -27,9 +23,8 @@ from partrain.datasets.store import channel_stats
 from partrain.parallel.engine import ParallelRunner
 from partrain.runner import LocalRunner
 from partrain.step import pass_shards, stats_batch
-from procs import untimed_history
+from procs import ctrl_c_after_a_step, fit_quietly as fit, resume_matches, untimed_history
 from synthetic import learnable_split, make_tiny_store
-from test_clip_norm import fit
 from test_digests import digest
 
 MODEL = ["--model", "three-layer", "--model-option", "num_filters=8", "--model-option",
@@ -150,12 +145,7 @@ def test_resume_mid_epoch_is_the_uninterrupted_run(tmp_path, store):
             "--workers", 2]
     fit(store, runs, "whole", *args)
     fit(store, runs, "cut", *args, "--max-steps", 3)  # step 3 of epoch 1's 8
-    p = subprocess.run([sys.executable, "-m", "partrain.cli", "fit", "--resume",
-                        str(runs / "cut"), "--quiet"], capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr
-    for which in ("checkpoint", "best"):
-        assert digest(runs / "cut" / f"{which}.h5") == digest(runs / "whole" / f"{which}.h5")
-    assert untimed_history(runs / "cut") == untimed_history(runs / "whole")
+    resume_matches(runs, files=("checkpoint", "best"))
 
 
 @pytest.mark.slow
@@ -164,26 +154,11 @@ def test_sigint_mid_epoch_then_resume_is_the_uninterrupted_run(tmp_path, store):
     args = [*MODEL[:-2], "--micro-batch", 0, "--batch-size", 10, "--accumulate", 3,
             "--log-every", 1, "--workers", 1, "--epochs", 3]
     fit(store, runs, "whole", *args)
-    cut = subprocess.Popen([sys.executable, "-m", "partrain.cli", "fit", *map(str, args),
-                            "--val-size", "100", "--data-dir", str(store), "--runs-dir",
-                            str(runs), "--name", "cut"],
-                           text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    history = runs / "cut" / "history.csv"
-    deadline = time.monotonic() + 120
-    while not (history.exists() and "\nstep," in history.read_text()):
-        assert cut.poll() is None and time.monotonic() < deadline, cut.communicate()
-        time.sleep(0.005)
-    cut.send_signal(signal.SIGINT)
-    out, err = cut.communicate(timeout=120)
-    assert cut.returncode == 130, (out, err)
+    ctrl_c_after_a_step(["fit", *args, "--val-size", "100", "--data-dir", store, "--runs-dir",
+                         runs, "--name", "cut"], runs / "cut")
     meta = load_checkpoint(runs / "cut" / "checkpoint.h5")[1]
     assert meta["epoch"] < 3 and meta["t"] == meta["epoch"] * 14 + meta["position"]  # 40 batches
-    p = subprocess.run([sys.executable, "-m", "partrain.cli", "fit", "--resume",
-                        str(runs / "cut"), "--quiet"], capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr
-    for which in ("checkpoint", "best"):
-        assert digest(runs / "cut" / f"{which}.h5") == digest(runs / "whole" / f"{which}.h5")
-    assert untimed_history(runs / "cut") == untimed_history(runs / "whole")
+    resume_matches(runs, files=("checkpoint", "best"))
 
 
 def test_a_bad_accumulate_is_one_line(tmp_path, store):

@@ -12,8 +12,6 @@
 from __future__ import annotations
 
 import csv
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -24,7 +22,7 @@ from partrain.datasets.store import channel_stats
 from partrain.parallel.engine import ParallelRunner
 from partrain.parallel.reduce import shard_slices
 from partrain.runner import LocalRunner
-from procs import untimed_history
+from procs import fit_quietly as fit, resume_matches, untimed_history
 from synthetic import learnable_split, make_tiny_store
 from test_digests import digest
 
@@ -135,16 +133,6 @@ def store(tmp_path_factory):
     return folder
 
 
-def fit(store, runs, name, *args, check=True):
-    p = subprocess.run([sys.executable, "-m", "partrain.cli", "fit", *map(str, args),
-                        "--val-size", "100", "--quiet", "--data-dir", str(store),
-                        "--runs-dir", str(runs), "--name", name],
-                       capture_output=True, text=True, timeout=300)
-    if check:
-        assert p.returncode == 0, p.stderr
-    return p
-
-
 def epoch_rows(run):
     with open(run / "history.csv", newline="") as f:
         return [r for r in csv.DictReader(f) if r["kind"] == "epoch"]
@@ -172,11 +160,7 @@ def test_resume_mid_epoch_is_the_uninterrupted_run(tmp_path, store):
     runs = tmp_path / "runs"
     fit(store, runs, "whole", *RUN, "--workers", 2)
     fit(store, runs, "cut", *RUN, "--workers", 2, "--max-steps", 5)  # mid-epoch 1 of 8 steps
-    p = subprocess.run([sys.executable, "-m", "partrain.cli", "fit", "--resume",
-                        str(runs / "cut"), "--quiet"], capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr
-    assert digest(runs / "cut" / "checkpoint.h5") == digest(runs / "whole" / "checkpoint.h5")
-    assert untimed_history(runs / "cut") == untimed_history(runs / "whole")
+    resume_matches(runs)
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "nan"])

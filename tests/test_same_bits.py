@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-from procs import untimed_history
+from procs import ctrl_c_after_a_step, fit_quietly as fit, resume_matches, untimed_history
 from synthetic import make_tiny_store
 from test_digests import digest  # sha256 of a checkpoint's parameters, then its BN state
 
@@ -32,16 +32,6 @@ def data(tmp_path_factory):
     folder = tmp_path_factory.mktemp("bits-data")
     make_tiny_store(folder / "cifar10.h5")
     return folder
-
-
-def fit(data, runs, name, *args, check=True) -> subprocess.CompletedProcess:
-    p = subprocess.run([sys.executable, "-m", "partrain.cli", "fit", *map(str, args),
-                        "--val-size", "100", "--quiet", "--data-dir", str(data),
-                        "--runs-dir", str(runs), "--name", name],
-                       capture_output=True, text=True, timeout=300)
-    if check:
-        assert p.returncode == 0, p.stderr
-    return p
 
 
 @pytest.mark.parametrize("run", list(RUNS))
@@ -70,12 +60,7 @@ def test_resume_on_another_worker_count_is_the_uninterrupted_run(tmp_path, data,
     runs = tmp_path / "runs"
     fit(data, runs, "whole", *RUNS["vgg"], "--workers", then)
     fit(data, runs, "cut", *RUNS["vgg"], "--workers", first, "--max-steps", 3)
-    p = subprocess.run([sys.executable, "-m", "partrain.cli", "fit", "--resume",
-                        str(runs / "cut"), "--workers", str(then), "--quiet"],
-                       capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr
-    assert digest(runs / "cut" / "checkpoint.h5") == digest(runs / "whole" / "checkpoint.h5")
-    assert untimed_history(runs / "cut") == untimed_history(runs / "whole")
+    resume_matches(runs, "--workers", then)
 
 
 def test_resume_on_another_worker_count_without_micro_batches_says_why_not(tmp_path, data):
@@ -102,28 +87,10 @@ def test_a_micro_batch_that_splits_a_batch_norm_group_is_one_clear_line(tmp_path
 def test_ctrl_c_at_two_workers_then_resume_on_one_is_the_uninterrupted_run(tmp_path, data):
     """The issue's case with a real SIGINT mid-run (not --max-steps): interrupted at
     --workers 2, resumed with --workers 1, equal to the uninterrupted --workers 1 run."""
-    import signal
-    import time
     runs = tmp_path / "runs"
     args = [*RUNS["three-layer"][:-3], "20", "--micro-batch", "10", "--log-every", "3"]
     assert RUNS["three-layer"][-4:-2] == ["--epochs", "2"]
     fit(data, runs, "whole", *args, "--workers", 1)
-    cut = subprocess.Popen([sys.executable, "-m", "partrain.cli", "fit", *map(str, args),
-                            "--workers", "2", "--val-size", "100", "--data-dir", str(data),
-                            "--runs-dir", str(runs), "--name", "cut"],
-                           text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    history = runs / "cut" / "history.csv"
-    deadline = time.monotonic() + 120
-    while not (history.exists() and "\nstep," in history.read_text()):
-        assert cut.poll() is None and time.monotonic() < deadline, cut.communicate()
-        time.sleep(0.005)
-    cut.send_signal(signal.SIGINT)
-    out, err = cut.communicate(timeout=120)
-    assert cut.returncode == 130, (out, err)
-    p = subprocess.run([sys.executable, "-m", "partrain.cli", "fit", "--resume",
-                        str(runs / "cut"), "--workers", "1", "--quiet"],
-                       capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0, p.stderr
-    for which in ("checkpoint", "best"):
-        assert digest(runs / "cut" / f"{which}.h5") == digest(runs / "whole" / f"{which}.h5")
-    assert untimed_history(runs / "cut") == untimed_history(runs / "whole")
+    ctrl_c_after_a_step(["fit", *args, "--workers", "2", "--val-size", "100", "--data-dir",
+                         data, "--runs-dir", runs, "--name", "cut"], runs / "cut")
+    resume_matches(runs, "--workers", 1, files=("checkpoint", "best"))
