@@ -215,10 +215,11 @@ def is_stale_temp(tmp: Path) -> bool:
         pid = int(parts[-2])
     except ValueError:
         return False
-    return pid != os.getpid() and not _alive(pid)
+    return pid != os.getpid() and not pid_alive(pid)
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists (a stale temporary's writer is gone when it does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -23,8 +23,6 @@ half of either. `onnx` is an optional extra (`pip install 'partrain[onnx]'`), im
 from __future__ import annotations
 
 import json
-import os
-import secrets
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +30,7 @@ import numpy as np
 from . import __version__, api
 from .errors import PartrainError
 from .onnx_layers import Graph, add_layers
+from .rundir import write_atomic
 
 OPSET = 17
 IR_VERSION = 8  # the IR version that came with opset 17 (onnx 1.12)
@@ -103,22 +102,6 @@ def check_output(path) -> Path:
         raise PartrainError(f"cannot write {path}: it is a folder (give a file name, such as "
                             f"{path / 'model.onnx'})")
     return path
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """`data` into a temporary file beside `path`, flushed to disk, then renamed over `path`;
-    on any failure the temporary file is removed and `path` is as it was. The new file gets the
-    permissions of an ordinary new file (0666 less the umask)."""
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}.{secrets.token_hex(4)}")
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def export_run(run, out, checkpoint: str = "best", data_dir=None) -> dict:

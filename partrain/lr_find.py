@@ -20,7 +20,6 @@ import csv
 import io
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from .ema import AirbenchLookahead
 from .errors import PartrainError
 from .interrupt import catch_signals
 from .new_run import fitted_config
+from .rundir import write_atomic
 from .train import Plan, epoch_order
 
 
@@ -216,23 +216,12 @@ def write_outputs(curve: Curve, settings: dict, out_dir: Path) -> list[Path]:
     writer.writeheader()
     writer.writerows({k: repr(r[k]) for k in COLUMNS} for r in curve.rows)
     paths = [out_dir / "lr_find.csv", out_dir / "lr_find.json", out_dir / "lr_find.png"]
-    _atomic(paths[0], text.getvalue().encode())
+    write_atomic(paths[0], text.getvalue().encode())
     doc = {"settings": settings, "sweep": asdict(curve.sweep), "stopped": curve.stopped,
            "suggestion": curve.suggestion, "rows": curve.rows}
-    _atomic(paths[1], (json.dumps(doc, indent=1, allow_nan=False) + "\n").encode())
-    _atomic(paths[2], plot_curve(curve, settings))
+    write_atomic(paths[1], (json.dumps(doc, indent=1, allow_nan=False) + "\n").encode())
+    write_atomic(paths[2], plot_curve(curve, settings))
     return paths
-
-
-def _atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def plot_curve(curve: Curve, settings: dict) -> bytes:

@@ -28,9 +28,10 @@ from . import __version__
 from . import report_html as H
 from .config import TrainConfig
 from .errors import PartrainError
+from .checkpoint import pid_alive
 from .evaluate import EVALUATION_FILE, per_class_accuracy
 from .progress import format_duration
-from .rundir import RunDir
+from .rundir import RunDir, write_atomic
 from .runs_table import describe_run, json_object
 
 REPORT_FILE, COMPARE_FILE = "report.html", "compare.html"
@@ -274,7 +275,7 @@ def _scratch(folder: Path):
     folder.mkdir(parents=True, exist_ok=True)
     for old in folder.glob(SCRATCH + "*"):
         pid = old.name[len(SCRATCH):]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(old, ignore_errors=True)
     tmp = folder / f"{SCRATCH}{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -285,28 +286,11 @@ def _scratch(folder: Path):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _write(folder: Path, name: str, text: str) -> Path:
     """folder/name, written through a temporary beside it (never half a page)."""
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / name
-    tmp = folder / f".{name}.tmp.{os.getpid()}"
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    write_atomic(folder / name, text.encode("utf-8"))
+    return folder / name
 
 
 def _when(iso) -> str:

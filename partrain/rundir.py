@@ -15,6 +15,7 @@ import hashlib
 import json
 import math
 import os
+import secrets
 import sys
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,22 @@ def write_json_atomic(path: Path, obj) -> None:
         json.dump(obj, f, indent=2, sort_keys=True)
         f.write("\n")
     os.replace(tmp, path)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """`data` into a temporary file beside `path`, flushed to disk, then renamed over `path`;
+    on any failure the temporary file is removed and `path` is as it was. The new file gets the
+    permissions of an ordinary new file (0666 less the umask)."""
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}.{secrets.token_hex(4)}")
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def file_sha256(path) -> str:

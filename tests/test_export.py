@@ -300,7 +300,7 @@ def test_write_failing_midway_leaves_old_file_and_no_temp(tmp_path, monkeypatch,
 
     def fail(fd):  # the bytes are written, not yet on disk nor renamed
         raise exc
-    monkeypatch.setattr(export_onnx.os, "fsync", fail)
+    monkeypatch.setattr(os, "fsync", fail)  # rundir.write_atomic, which export uses
     with pytest.raises(type(exc)):
         export_onnx.write_atomic(out, b"new model" * 1000)
     assert out.read_bytes() == b"old model" and leftovers(tmp_path) == []

@@ -139,7 +139,8 @@ def channel_stats(images: np.ndarray, chunk: int = 1000) -> tuple[np.ndarray, np
     return sums.result()
 
 
-def _reason(e: OSError) -> str:
+def os_reason(e: OSError) -> str:
+    """An OSError of reading or writing a store in words (the reader's and the writer's)."""
     if e.errno == errno.ENOSPC:
         return "no space left on device"
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
@@ -187,7 +188,7 @@ def _open(path, splits, read_images: bool) -> CifarData:
                 arrays[f"{split}_images"] = (_verified(images[()], f"{split}_images", data, path)
                                              if read_images else None)
     except (OSError, KeyError, RuntimeError) as e:  # corrupt or truncated blocks or metadata
-        reason = _reason(e) if isinstance(e, OSError) else excerpt(str(e).strip("'\""), 120)
+        reason = os_reason(e) if isinstance(e, OSError) else excerpt(str(e).strip("'\""), 120)
         raise PartrainError(f"cannot read {path} ({reason}); rebuild it with "
                             "`partrain prepare --force`") from None
     for name, value in arrays.items():

@@ -11,7 +11,6 @@ so they equal those of the whole arrays (sha256 of the C-order bytes; exact inte
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import os
 import tempfile
@@ -22,7 +21,7 @@ import numpy as np
 
 from ..errors import PartrainError
 from . import store
-from .store import SPLITS, CifarData, ChannelSums, printable
+from .store import SPLITS, CifarData, ChannelSums, os_reason, printable
 
 CHUNK_BYTES = 1 << 20  # HDF5 chunk of the image datasets: about 1 MiB of images
 
@@ -57,7 +56,7 @@ class StoreWriter:
         try:
             fd, name = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=folder)
         except OSError as e:
-            raise PartrainError(f"cannot write to {folder}: {_reason(e)}") from None
+            raise PartrainError(f"cannot write to {folder}: {os_reason(e)}") from None
         os.close(fd)
         self.tmp = Path(name)
         try:
@@ -73,7 +72,7 @@ class StoreWriter:
                                  chunks=(min(max(rows, 4096), self.expected.get(split, 4096)),))
         except OSError as e:
             self._discard()
-            raise PartrainError(f"cannot write {self.path}: {_reason(e)}") from None
+            raise PartrainError(f"cannot write {self.path}: {os_reason(e)}") from None
         return self
 
     def __exit__(self, kind, value, tb):
@@ -96,7 +95,7 @@ class StoreWriter:
                 ds[n0:n0 + n] = array
                 self.hashes[f"{split}_{kind}"].update(array.data)
         except OSError as e:
-            raise PartrainError(f"cannot write {self.path}: {_reason(e)}") from None
+            raise PartrainError(f"cannot write {self.path}: {os_reason(e)}") from None
         if split == "train":
             self.sums.add(images)
         self.counts[split] = n0 + n
@@ -124,7 +123,7 @@ class StoreWriter:
             _fsync_dir(self.path.parent)
         except OSError as e:
             self._discard()
-            raise PartrainError(f"cannot write {self.path}: {_reason(e)}") from None
+            raise PartrainError(f"cannot write {self.path}: {os_reason(e)}") from None
         self.tmp = None
         return data
 
@@ -186,11 +185,3 @@ def _fsync_dir(folder: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-
-
-def _reason(e: OSError) -> str:
-    if e.errno == errno.ENOSPC:
-        return "no space left on device"
-    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return "permission denied (read-only folder?)"
-    return e.strerror or str(e) or type(e).__name__
