@@ -3,7 +3,7 @@
 Each layer type has one translation into standard ONNX operators (opset 17) that computes in
 evaluation mode what the layer's `forward(x, StepContext(train=False))` computes:
 
-- the graph keeps (N, C, H, W) throughout, ONNX's own layout: partrain's (C, N, H, W) maps are an
+- the graph keeps (N, C, H, W) throughout, ONNX's own layout: partrain's (C, H, W, N) maps are an
   inner layout for its GEMMs, so `ToChannelsFirst` is no node, and `Flatten` (C, H, W order per
   sample) and the global pools ((N, C)) give what partrain's give;
 - batch norm is `BatchNormalization` with the running statistics (no gamma: ones; no beta: zeros);

@@ -113,7 +113,7 @@ def feature_stages(model, x: np.ndarray, max_stages: int = MAX_STAGES,
         if i + 1 < len(layers) and isinstance(layers[i + 1], PER_CHANNEL):
             continue
         # copied at once: the next layers may reuse their buffers
-        stages.append((" → ".join(names), np.array(h[:max_channels, 0], np.float64), h.shape[0]))
+        stages.append((" → ".join(names), np.array(h[:max_channels, ..., 0], np.float64), h.shape[0]))
         names = []
     return stages, np.asarray(h, np.float64).reshape(len(x), -1)[0]
 

@@ -34,7 +34,7 @@ def main():
     with threadpool_limits(1):
         print(f"GEMM {gemm_rate():.1f} GFLOP/s (float32 1024^2, 1 thread)")
         for C, Fo, H in SHAPES:
-            x = rng.standard_normal((C, a.batch, H, H), dtype=np.float32)
+            x = rng.standard_normal((C, H, H, a.batch), dtype=np.float32)  # (C, H, W, N)
             w = rng.standard_normal((Fo, C, 3, 3), dtype=np.float32)
             variants = ["im2col", "winograd2", "winograd4"]
             times = {v: [] for v in variants}

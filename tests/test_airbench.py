@@ -106,8 +106,8 @@ def test_whitening_weights_whiten():
     w = whitening_weights(imgs, mean, std, kernel=2, eps=5e-4)
     assert w.shape == (24, 3, 2, 2)
     np.testing.assert_array_equal(w[12:], -w[:12])
-    x = ((imgs - mean.reshape(1, 3, 1, 1)) / std.reshape(1, 3, 1, 1)).transpose(1, 0, 2, 3)
-    out, _ = F.conv_forward(np.ascontiguousarray(x), w[:12], None, 1, 0)   # (12, N, 31, 31)
+    x = ((imgs - mean.reshape(1, 3, 1, 1)) / std.reshape(1, 3, 1, 1)).transpose(1, 2, 3, 0)
+    out, _ = F.conv_forward(np.ascontiguousarray(x), w[:12], None, 1, 0)   # (12, 31, 31, N)
     flat = out.reshape(12, -1)
     cov = flat @ flat.T / flat.shape[1]
     # Identity up to the eps regulariser: λ/(λ+eps) for the smallest eigenvalue is > 0.97 here.
@@ -130,7 +130,7 @@ def test_patch_covariance_by_hand():
 
 
 def test_floor_maxpool_matches_general_kernel():
-    x = RNG.permutation(2 * 3 * 7 * 7).reshape(2, 3, 7, 7).astype(np.float64)
+    x = RNG.permutation(2 * 3 * 7 * 7).reshape(2, 7, 7, 3).astype(np.float64)  # (C, H, W, N)
     pool = FloorMaxPool()
     out = pool.forward(x, StepContext(train=True))
     ref, cache = F.maxpool_forward(x, 2, 2)  # odd size: the general path

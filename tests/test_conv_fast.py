@@ -37,10 +37,10 @@ def assert_close(v, r, tol=1e-12):
                                          (3, 2, 1, 3, 3), (2, 2, 2, 1, 2), (2, 3, 2, 9, 10)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_winograd_equals_im2col_float64(C, Fo, N, H, W, bias, m):
-    x = RNG.standard_normal((C, N, H, W))
+    x = RNG.standard_normal((C, H, W, N))
     w = RNG.standard_normal((Fo, C, 3, 3))
     b = RNG.standard_normal(Fo) if bias else None
-    dout = RNG.standard_normal((Fo, N, H, W))
+    dout = RNG.standard_normal((Fo, H, W, N))
     ref, win = both(x, w, b, dout, m=m)
     for r, v in zip(ref, win):
         if r is None:
@@ -52,9 +52,9 @@ def test_winograd_equals_im2col_float64(C, Fo, N, H, W, bias, m):
 @pytest.mark.parametrize("m", [2, 4])
 def test_winograd_workspace_and_need_dx(m):
     """Reused Workspace buffers give the same result again; need_dx=False skips dx only."""
-    x = RNG.standard_normal((3, 5, 6, 7))
+    x = RNG.standard_normal((3, 6, 7, 5))
     w = RNG.standard_normal((4, 3, 3, 3))
-    dout = RNG.standard_normal((4, 5, 6, 7))
+    dout = RNG.standard_normal((4, 6, 7, 5))
     ref, _ = both(x, w, None, dout, m=m)
     ws = Workspace()
     for _ in range(2):
@@ -68,12 +68,12 @@ def test_winograd_workspace_and_need_dx(m):
 
 @pytest.mark.parametrize("m", [2, 4])
 def test_winograd_channel_blocks(monkeypatch, m):
-    """The layout copies in channel blocks (here one channel per block, uneven maps) change
-    nothing."""
+    """The gathers, scatters and transforms in channel blocks (here one channel per block,
+    uneven maps) change nothing."""
     monkeypatch.setattr(winograd, "BLOCK_BYTES", 1)
-    x = RNG.standard_normal((3, 2, 7, 6))
+    x = RNG.standard_normal((3, 7, 6, 2))
     w = RNG.standard_normal((5, 3, 3, 3))
-    dout = RNG.standard_normal((5, 2, 7, 6))
+    dout = RNG.standard_normal((5, 7, 6, 2))
     ref, win = both(x, w, None, dout, m=m)
     for r, v in zip(ref[:3], win[:3]):
         assert_close(v, r)
@@ -83,9 +83,9 @@ def test_winograd_channel_blocks(monkeypatch, m):
 @pytest.mark.parametrize("C,Fo,H", [(64, 64, 15), (256, 256, 7), (256, 256, 3)])
 def test_winograd_float32_roundoff(C, Fo, H, m):
     """Relative to the largest value, Winograd's extra float32 round-off stays below 1e-5."""
-    x = RNG.standard_normal((C, 4, H, H)).astype(np.float32)
+    x = RNG.standard_normal((C, H, H, 4)).astype(np.float32)
     w = (RNG.standard_normal((Fo, C, 3, 3)) / np.sqrt(9 * C)).astype(np.float32)
-    dout = RNG.standard_normal((Fo, 4, H, H)).astype(np.float32)
+    dout = RNG.standard_normal((Fo, H, H, 4)).astype(np.float32)
     x64, w64, d64 = (a.astype(np.float64) for a in (x, w, dout))
     exact, _ = both(x64, w64, None, d64, m=m)
     ref, win = both(x, w, None, dout, m=m)
@@ -98,10 +98,10 @@ def test_winograd_float32_roundoff(C, Fo, H, m):
 @pytest.mark.parametrize("m", [2, 4])
 @pytest.mark.parametrize("H,W", [(5, 5), (4, 6)])
 def test_winograd_gradient(H, W, m):
-    x = RNG.standard_normal((3, 2, H, W))
+    x = RNG.standard_normal((3, H, W, 2))
     w = RNG.standard_normal((4, 3, 3, 3))
     b = RNG.standard_normal(4)
-    dout = RNG.standard_normal((4, 2, H, W))
+    dout = RNG.standard_normal((4, H, W, 2))
 
     def loss():
         return float(np.sum(F.conv_forward(x, w, b, 1, 1, method=f"winograd{m}")[0] * dout))
@@ -114,28 +114,28 @@ def test_winograd_gradient(H, W, m):
 
 def test_shape_rule():
     ok = F.winograd_eligible
-    assert ok((64, 64, 15, 15), (256, 64, 3, 3), 1, 1)
-    assert ok((256, 64, 7, 7), (256, 256, 3, 3), 1, 1)
-    assert ok((256, 64, 3, 3), (256, 256, 3, 3), 1, 1)         # one 6x6 tile: 36 vs 81 multiplies
-    assert not ok((256, 64, 3, 3), (256, 256, 3, 3), 1, 1, m=2)  # four 4x4 tiles: 64 vs 81
-    assert not ok((256, 64, 5, 5), (256, 256, 3, 3), 1, 1)     # 8x8 outputs for 5x5: 144 vs 225
-    assert not ok((3, 64, 32, 32), (32, 3, 7, 7), 1, 3)        # the course model's 7x7 conv
-    assert not ok((64, 64, 15, 15), (64, 64, 3, 3), 2, 1)      # strided
-    assert not ok((64, 64, 15, 15), (64, 64, 3, 3), 1, 0)      # unpadded
-    assert not ok((8, 64, 15, 15), (64, 8, 3, 3), 1, 1)        # too few channels
-    assert not ok((24, 64, 31, 31), (64, 24, 3, 3), 1, 1)      # ...for the forward's sake alone,
-    assert ok((24, 64, 31, 31), (64, 24, 3, 3), 1, 1, need_dx=True)  # not with dx: airbench's
-    assert not ok((16, 64, 15, 15), (64, 16, 3, 3), 1, 1, need_dx=True)  # conv0a, early epochs
-    assert not ok((256, 16, 3, 3), (256, 256, 3, 3), 1, 1)     # 16 GEMM columns: too thin
-    assert ok((256, 16, 7, 7), (256, 256, 3, 3), 1, 1)         # 4 tiles x 16 samples
-    x = RNG.standard_normal((3, 2, 32, 32)).astype(np.float32)
+    assert ok((64, 15, 15, 64), (256, 64, 3, 3), 1, 1)
+    assert ok((256, 7, 7, 64), (256, 256, 3, 3), 1, 1)
+    assert ok((256, 3, 3, 64), (256, 256, 3, 3), 1, 1)         # one 6x6 tile: 36 vs 81 multiplies
+    assert not ok((256, 3, 3, 64), (256, 256, 3, 3), 1, 1, m=2)  # four 4x4 tiles: 64 vs 81
+    assert not ok((256, 5, 5, 64), (256, 256, 3, 3), 1, 1)     # 8x8 outputs for 5x5: 144 vs 225
+    assert not ok((3, 32, 32, 64), (32, 3, 7, 7), 1, 3)        # the course model's 7x7 conv
+    assert not ok((64, 15, 15, 64), (64, 64, 3, 3), 2, 1)      # strided
+    assert not ok((64, 15, 15, 64), (64, 64, 3, 3), 1, 0)      # unpadded
+    assert not ok((8, 15, 15, 64), (64, 8, 3, 3), 1, 1)        # too few channels
+    assert not ok((24, 31, 31, 64), (64, 24, 3, 3), 1, 1)      # ...for the forward's sake alone,
+    assert ok((24, 31, 31, 64), (64, 24, 3, 3), 1, 1, need_dx=True)  # not with dx: airbench's
+    assert not ok((16, 15, 15, 64), (64, 16, 3, 3), 1, 1, need_dx=True)  # conv0a, early epochs
+    assert not ok((256, 3, 3, 16), (256, 256, 3, 3), 1, 1)     # 16 GEMM columns: too thin
+    assert ok((256, 7, 7, 16), (256, 256, 3, 3), 1, 1)         # 4 tiles x 16 samples
+    x = RNG.standard_normal((3, 32, 32, 2)).astype(np.float32)
     w = RNG.standard_normal((32, 3, 7, 7)).astype(np.float32)
     _, cache = F.conv_forward(x, w, None, 1, 3)
     assert cache[0] == "im2col"                                # im2col, as before
 
 
 def test_auto_path_matches_reference_on_airbench_shape(monkeypatch):
-    x = RNG.standard_normal((64, 4, 15, 15)).astype(np.float32)
+    x = RNG.standard_normal((64, 15, 15, 4)).astype(np.float32)
     w = (RNG.standard_normal((64, 64, 3, 3)) / 24).astype(np.float32)
     auto, cache = F.conv_forward(x, w, None, 1, 1)
     assert isinstance(cache[0], str) and cache[0] == "winograd"
@@ -171,11 +171,11 @@ def test_airbench_gradient_through_winograd(monkeypatch):
 
 
 @pytest.mark.parametrize("k,stride,pad", [(3, 1, 1), (7, 2, 3), (2, 2, 0)])
-def test_input_gradient_in_image_blocks(monkeypatch, k, stride, pad):
-    """im2col's columns made one image at a time (forward, and again in backward for the weight
-    and input gradients) give what one block of all images gives, also with a reused
-    workspace."""
-    x = RNG.standard_normal((3, 5, 9, 8))
+def test_input_gradient_in_row_blocks(monkeypatch, k, stride, pad):
+    """im2col's columns made one output row at a time (forward, and again in backward for the
+    weight and input gradients, whose rows overlap when the kernel is taller than the stride)
+    give what one block of all rows gives, also with a reused workspace."""
+    x = RNG.standard_normal((3, 9, 8, 5))
     w = RNG.standard_normal((4, 3, k, k))
     out, cache = F.conv_forward(x, w, None, stride, pad, method="im2col")
     dout = RNG.standard_normal(out.shape)
@@ -196,7 +196,7 @@ def test_transformed_filters_are_kept_only_while_the_version_stays():
     again for a new one, so a step sees its own parameters and the cache cannot go stale."""
     from partrain.nn import winograd
     from partrain.nn.workspace import Workspace
-    x = RNG.standard_normal((32, 4, 8, 8)).astype(np.float32)
+    x = RNG.standard_normal((32, 8, 8, 4)).astype(np.float32)
     w = RNG.standard_normal((32, 32, 3, 3)).astype(np.float32)
     ws = Workspace()
     first, _ = winograd.conv_forward(x, w, None, 4, ws, version=1)

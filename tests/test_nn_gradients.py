@@ -26,7 +26,7 @@ def check(forward, backward, inputs, dout_shape=None):
 
 @pytest.mark.parametrize("stride,pad,k", [(1, 1, 3), (2, 1, 3), (1, 3, 7), (2, 0, 2), (1, 0, 1)])
 def test_conv(stride, pad, k):
-    x = RNG.standard_normal((3, 2, 7, 7))
+    x = RNG.standard_normal((3, 7, 7, 2))  # (C, H, W, N)
     w = RNG.standard_normal((4, 3, k, k))
     b = RNG.standard_normal(4)
 
@@ -41,17 +41,17 @@ def test_conv(stride, pad, k):
 
 
 def test_conv_matches_direct_sum():
-    """The im2col result equals the convolution written as a plain loop (CNHW layout)."""
-    x = RNG.standard_normal((2, 3, 5, 5))
+    """The im2col result equals the convolution written as a plain loop (CHWN layout)."""
+    x = RNG.standard_normal((2, 5, 6, 3))
     w = RNG.standard_normal((4, 2, 3, 3))
     out, _ = F.conv_forward(x, w, None, 1, 1)
-    xp = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
-    ref = np.zeros((4, 3, 5, 5))
+    xp = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    ref = np.zeros((4, 5, 6, 3))
     for f in range(4):
         for n in range(3):
             for i in range(5):
-                for j in range(5):
-                    ref[f, n, i, j] = np.sum(xp[:, n, i:i + 3, j:j + 3] * w[f])
+                for j in range(6):
+                    ref[f, i, j, n] = np.sum(xp[:, i:i + 3, j:j + 3, n] * w[f])
     np.testing.assert_allclose(out, ref, rtol=1e-12, atol=1e-12)
 
 
@@ -68,19 +68,19 @@ def test_gelu():
 
 @pytest.mark.parametrize("size,stride", [(2, 2), (3, 2), (3, 1)])
 def test_maxpool(size, stride):
-    x = RNG.permutation(3 * 2 * 8 * 8).reshape(3, 2, 8, 8).astype(np.float64) / 10.0  # no ties
+    x = RNG.permutation(3 * 2 * 8 * 8).reshape(3, 8, 8, 2).astype(np.float64) / 10.0  # no ties
     check(lambda x: F.maxpool_forward(x, size, stride), lambda d, c: (F.maxpool_backward(d, c),), [x])
 
 
 def test_maxpool_ties_go_to_one_input():
-    x = np.zeros((1, 1, 2, 2))
+    x = np.zeros((1, 2, 2, 1))
     out, cache = F.maxpool_forward(x)
     dx = F.maxpool_backward(np.ones_like(out), cache)
     assert dx.sum() == 1.0 and dx[0, 0, 0, 0] == 1.0
 
 
 def test_global_pools():
-    x = RNG.permutation(3 * 2 * 4 * 4).reshape(3, 2, 4, 4).astype(np.float64)
+    x = RNG.permutation(3 * 2 * 4 * 4).reshape(3, 4, 4, 2).astype(np.float64)
     check(F.global_avgpool_forward, lambda d, c: (F.global_avgpool_backward(d, c),), [x])
     check(F.global_maxpool_forward, lambda d, c: (F.global_maxpool_backward(d, c),), [x])
 
@@ -90,15 +90,16 @@ def test_affine_and_flatten():
     w = RNG.standard_normal((3, 6))  # (out, in)
     b = RNG.standard_normal(3)
     check(F.affine_forward, lambda d, c: F.affine_backward(d, c, True, None, np.empty(3)), [x, w, b])
-    x4 = RNG.standard_normal((3, 2, 2, 2))
+    x4 = RNG.standard_normal((3, 2, 4, 5))  # (C, H, W, N)
     check(F.flatten_forward, lambda d, c: (F.flatten_backward(d, c),), [x4])
     flat, _ = F.flatten_forward(x4)
-    np.testing.assert_array_equal(flat[1], x4[:, 1].ravel())  # (C, H, W) order per sample
+    assert flat.shape == (5, 24)
+    np.testing.assert_array_equal(flat[1], x4[..., 1].ravel())  # (C, H, W) order per sample
 
 
 @pytest.mark.parametrize("groups", [[(0, 4)], [(0, 2), (2, 4)], [(0, 3), (3, 4)]])
 def test_batchnorm(groups):
-    x = RNG.standard_normal((3, 4, 2, 2)) * 2 + 1
+    x = RNG.standard_normal((3, 2, 2, 4)) * 2 + 1  # (C, H, W, N): groups of samples
     gamma = RNG.standard_normal(3)
     beta = RNG.standard_normal(3)
 
@@ -110,10 +111,14 @@ def test_batchnorm(groups):
 
 
 def test_batchnorm_groups_are_independent():
-    x = RNG.standard_normal((2, 4, 3, 3))
+    x = RNG.standard_normal((2, 3, 3, 4))
     whole, _, _ = BN.batchnorm_forward(x, None, None, [(0, 2), (2, 4)])
-    first, _, _ = BN.batchnorm_forward(x[:, :2].copy(), None, None, [(0, 2)])
-    np.testing.assert_allclose(whole[:, :2], first, rtol=1e-12)
+    first, _, _ = BN.batchnorm_forward(x[..., :2].copy(), None, None, [(0, 2)])
+    np.testing.assert_allclose(whole[..., :2], first, rtol=1e-12)
+    # one group of all samples of a non-contiguous view: the 4-D path gives the 2-D path's result
+    view = np.asfortranarray(x)
+    np.testing.assert_allclose(BN.batchnorm_forward(view, None, None, [(0, 4)])[0],
+                               BN.batchnorm_forward(x, None, None, [(0, 4)])[0], rtol=1e-12)
 
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
@@ -167,8 +172,8 @@ def test_three_layer_equals_textbook_order():
     v = m.layout.views(params)
     v["conv1_bias.b"][...] = RNG.standard_normal(4)
     x = RNG.standard_normal((3, 3, 32, 32))
-    conv, _ = F.conv_forward(x.transpose(1, 0, 2, 3), v["conv1.w"], v["conv1_bias.b"], 1, 3)
-    pooled = np.maximum(conv, 0).reshape(4, 3, 16, 2, 16, 2).max(axis=(3, 5))
-    h = np.maximum(pooled.transpose(1, 0, 2, 3).reshape(3, -1) @ v["fc1.w"].T + v["fc1.b"], 0)
+    conv, _ = F.conv_forward(x.transpose(1, 2, 3, 0), v["conv1.w"], v["conv1_bias.b"], 1, 3)
+    pooled = np.maximum(conv, 0).reshape(4, 16, 2, 16, 2, 3).max(axis=(2, 4))   # (C, H, W, N)
+    h = np.maximum(pooled.transpose(3, 0, 1, 2).reshape(3, -1) @ v["fc1.w"].T + v["fc1.b"], 0)
     ref = h @ v["fc2.w"].T + v["fc2.b"]
     np.testing.assert_allclose(m.logits(x), ref, rtol=1e-10, atol=1e-12)

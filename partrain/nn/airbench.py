@@ -105,20 +105,20 @@ class FloorMaxPool(MaxPool):
 
     def forward(self, x, ctx):
         self.in_shape = x.shape
-        h, w = x.shape[2] // 2 * 2, x.shape[3] // 2 * 2
-        self.cropped = (h, w) != x.shape[2:]
-        return super().forward(x[:, :, :h, :w] if self.cropped else x, ctx)
+        h, w = x.shape[1] // 2 * 2, x.shape[2] // 2 * 2
+        self.cropped = (h, w) != x.shape[1:3]
+        return super().forward(x[:, :h, :w] if self.cropped else x, ctx)
 
     def backward(self, dout):
         if not self.cropped:
             return super().backward(dout)
         # Write the pooled gradient straight into a reused full-size buffer and zero only the
         # cropped row and column (no fresh zeroed array and copy per step).
-        h, w = self.in_shape[2] // 2 * 2, self.in_shape[3] // 2 * 2
+        h, w = self.in_shape[1] // 2 * 2, self.in_shape[2] // 2 * 2
         dx = self.ws.get("floor_dx", self.in_shape, dout.dtype)
-        dx[:, :, h:, :] = 0
-        dx[:, :, :h, w:] = 0
-        F.maxpool_backward(dout, self.cache, self.ws, dx_out=dx[:, :, :h, :w])
+        dx[:, h:] = 0
+        dx[:, :h, w:] = 0
+        F.maxpool_backward(dout, self.cache, self.ws, dx_out=dx[:, :h, :w])
         return dx
 
 

@@ -1,4 +1,4 @@
-"""Batch norm kernels over (C, N, H, W) maps with per-group ("ghost batch") statistics (part of
+"""Batch norm kernels over (C, H, W, N) maps with per-group ("ghost batch") statistics (part of
 the functional kernels; `functional` re-exports them)."""
 from __future__ import annotations
 
@@ -7,14 +7,28 @@ import numpy as np
 from .workspace import buffer
 
 
+def _groups(lo: int, hi: int, *arrays: np.ndarray) -> list[np.ndarray]:
+    """Samples [lo, hi) of (C, H, W, N) arrays as (C, H·W·n) views when they are all samples of
+    contiguous arrays (the usual case: a chunk is one group), else as 4-D views; the same form
+    for all, so that they combine elementwise. `_mean` reduces either per channel."""
+    if lo == 0 and hi == arrays[0].shape[-1] and all(a.flags.c_contiguous for a in arrays):
+        return [a.reshape(a.shape[0], -1) for a in arrays]
+    return [a[..., lo:hi] for a in arrays]
+
+
+def _mean(v: np.ndarray) -> np.ndarray:
+    return v.mean(axis=tuple(range(1, v.ndim)), keepdims=True)
+
+
 def batchnorm_forward(x, gamma, beta, groups: list[tuple[int, int]], eps=1e-5, ws=None, key="bn"):
-    """Training-mode batch norm of (C, N, H, W) with statistics per group of samples.
+    """Training-mode batch norm of (C, H, W, N) with statistics per group of samples.
 
     groups: [lo, hi) sample ranges ("ghost batches"); each is normalised with its own mean and
     (biased) variance. Returns out, cache, (sum of group means, sum of group variances) per channel.
-    Written as in-place passes over (C, n·H·W) views of the two output arrays: no temporaries of
-    the map's size, and every reduction runs along one contiguous axis. With a Workspace, `out` and
-    the cached `xhat` are reused from step to step.
+    Written as in-place passes over views of the two output arrays: no temporaries of the map's
+    size; with one group (a chunk of whole ghost batches is one group for airbench) every
+    reduction runs along one contiguous axis. With a Workspace, `out` and the cached `xhat` are
+    reused from step to step.
     """
     C = x.shape[0]
     out = buffer(ws, key + "out", x.shape, x.dtype)
@@ -23,18 +37,16 @@ def batchnorm_forward(x, gamma, beta, groups: list[tuple[int, int]], eps=1e-5, w
     mean_sum = np.zeros(C, np.float64)
     var_sum = np.zeros(C, np.float64)
     for lo, hi in groups:
-        xg = x[:, lo:hi].reshape(C, -1)
-        xh = xhat[:, lo:hi].reshape(C, -1)
-        sq = out[:, lo:hi].reshape(C, -1)       # scratch until the final pass
-        mu = xg.mean(axis=1, keepdims=True)
+        xg, xh, sq = _groups(lo, hi, x, xhat, out)   # out: scratch until the final pass
+        mu = _mean(xg)
         np.subtract(xg, mu, out=xh)
         np.multiply(xh, xh, out=sq)
-        var = sq.mean(axis=1, keepdims=True)
+        var = _mean(sq)
         inv = 1.0 / np.sqrt(var + eps)
         xh *= inv
         mean_sum += mu.ravel()
         var_sum += var.ravel()
-        inv_stds.append(inv)
+        inv_stds.append(inv.ravel())
     if gamma is not None:
         np.multiply(xhat, gamma.reshape(-1, 1, 1, 1), out=out)
         if beta is not None:
@@ -58,12 +70,11 @@ def batchnorm_backward(dout, cache, dgamma_out=None, dbeta_out=None, ws=None, ke
     dxhat = dout * gamma.reshape(-1, 1, 1, 1) if gamma is not None else dout
     dx = buffer(ws, key + "dx", dout.shape, dout.dtype)
     for (lo, hi), inv in zip(groups, inv_stds):
-        dh = dxhat[:, lo:hi].reshape(C, -1)
-        xh = xhat[:, lo:hi].reshape(C, -1)
-        dxg = dx[:, lo:hi].reshape(C, -1)
-        m = dh.mean(axis=1, keepdims=True)
+        dh, xh, dxg = _groups(lo, hi, dxhat, xhat, dx)
+        inv = inv.reshape((-1,) + (1,) * (dh.ndim - 1))
+        m = _mean(dh)
         np.multiply(dh, xh, out=dxg)            # scratch
-        mx = dxg.mean(axis=1, keepdims=True)
+        mx = _mean(dxg)
         np.multiply(xh, mx, out=dxg)
         np.subtract(dh, dxg, out=dxg)
         dxg -= m

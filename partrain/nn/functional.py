@@ -1,10 +1,14 @@
 """Stateless forward/backward kernels, cs231n style: `*_forward(...) -> out, cache` and
 `*_backward(dout, cache) -> grads`.
 
-Layout: feature maps are (C, N, H, W) — channels first, then samples ("CNHW", as in Caffe's
-im2col). With that layout a convolution over the whole batch is ONE matrix product,
-`W (F, C·KH·KW) @ cols (C·KH·KW, N·OH·OW)`, whose result is already the next layer's input, and batch
-norm reduces over contiguous rows. Images arrive as (N, C, H, W) and are transposed once.
+Layout: feature maps are (C, H, W, N) — channels first, samples last ("CHWN", cuda-convnet's
+layout). With channels first a convolution over the whole batch is ONE matrix product,
+`W (F, C·KH·KW) @ cols (C·KH·KW, OH·OW·N)`, whose result is already the next layer's input, and
+batch norm reduces over contiguous rows. With samples last every spatial gather and scatter (the
+im2col columns, Winograd's tiles, the pools' windows, padding) moves runs of N contiguous values
+instead of a few pixels of one row: with (C, N, H, W) maps Winograd's tiles needed a transpose on
+the way in and out, and the 2x2 pool's column pass ran inner loops 7 values long (airbench's step
+spent ~45 of 475 ms there). Images arrive as (N, C, H, W) and are read through a transposed view.
 
 Every kernel takes an optional `ws` (a `workspace.Workspace`) for its big buffers; 3x3 stride-1
 convolutions may run as Winograd (winograd.py), picked by shape in `conv_forward`; batch norm is
@@ -26,53 +30,65 @@ def conv_out_size(size: int, k: int, stride: int, pad: int) -> int:
     return (size + 2 * pad - k) // stride + 1
 
 
+def padded(x: np.ndarray, pad: int, ws: Workspace | None = None) -> np.ndarray:
+    """(C, H, W, N) -> (C, H + 2p, W + 2p, N) with a zero border, in the scratch pool. Only the
+    border is zeroed; the interior is one copy of W·N-long runs. Unpadded, x itself, unless its
+    samples are not contiguous (the first conv reads the images through a transposed view):
+    then a contiguous copy, which the column gather then reads in runs of N (airbench's
+    whitening conv 3.6 -> 2.1 ms at batch 64)."""
+    if not pad and x.strides[-1] == x.itemsize:
+        return x
+    C, H, W, N = x.shape
+    xp = scratch(ws, "xpad", (C, H + 2 * pad, W + 2 * pad, N), x.dtype)
+    if not pad:
+        np.copyto(xp, x)
+        return xp
+    xp[:, :pad] = 0
+    xp[:, -pad:] = 0
+    xp[:, pad:-pad, :pad] = 0
+    xp[:, pad:-pad, -pad:] = 0
+    xp[:, pad:-pad, pad:-pad] = x
+    return xp
+
+
+def col_view(xp: np.ndarray, kh: int, kw: int, stride: int, OH: int, OW: int) -> np.ndarray:
+    """The im2col columns of the padded input as a strided view, (C, kh, kw, OH, OW, N): row
+    (c, i, j) of the column matrix, then output pixel and sample, samples innermost."""
+    C, _, _, N = xp.shape
+    sC, sH, sW, sN = xp.strides
+    return as_strided(xp, shape=(C, kh, kw, OH, OW, N),
+                      strides=(sC, sH, sW, sH * stride, sW * stride, sN), writeable=False)
+
+
 def im2col(x: np.ndarray, kh: int, kw: int, stride: int, pad: int,
            ws: Workspace | None = None, out: np.ndarray | None = None) -> tuple[np.ndarray, tuple]:
-    """(C, N, H, W) -> cols (C·kh·kw, N·OH·OW), built from a strided view (one copy), into `out`
+    """(C, H, W, N) -> cols (C·kh·kw, OH·OW·N), built from a strided view (one copy), into `out`
     when given, else into the workspace's scratch pool (the caller uses them at once).
 
-    Returns (cols, geometry) where geometry = (C, N, H, W, OH, OW).
+    Returns (cols, geometry) where geometry = (C, H, W, N, OH, OW).
     """
-    C, N, H, W = x.shape
+    C, H, W, N = x.shape
     OH, OW = conv_out_size(H, kh, stride, pad), conv_out_size(W, kw, stride, pad)
-    if pad:
-        xp = scratch(ws, "xpad", (C, N, H + 2 * pad, W + 2 * pad), x.dtype)
-        # Only the border must be zero; the interior is overwritten below.
-        xp[:, :, :pad, :] = 0
-        xp[:, :, -pad:, :] = 0
-        xp[:, :, pad:-pad, :pad] = 0
-        xp[:, :, pad:-pad, -pad:] = 0
-        xp[:, :, pad:-pad, pad:-pad] = x
-    else:
-        xp = x  # any strides: the view below reads them as they are
-    sC, sN, sH, sW = xp.strides
-    view = as_strided(xp, shape=(C, kh, kw, N, OH, OW),
-                      strides=(sC, sH, sW, sN, sH * stride, sW * stride), writeable=False)
-    cols = out if out is not None else scratch(ws, "cols", (C * kh * kw, N * OH * OW), x.dtype)
-    np.copyto(cols.reshape(C, kh, kw, N, OH, OW), view)
-    return cols, (C, N, H, W, OH, OW)
+    view = col_view(padded(x, pad, ws), kh, kw, stride, OH, OW)
+    cols = out if out is not None else scratch(ws, "cols", (C * kh * kw, OH * OW * N), x.dtype)
+    np.copyto(cols.reshape(C, kh, kw, OH, OW, N), view)
+    return cols, (C, H, W, N, OH, OW)
 
 
-def col2im(dcols: np.ndarray, geom: tuple, kh: int, kw: int, stride: int, pad: int,
-           out: np.ndarray) -> np.ndarray:
-    """Adjoint of im2col: sum each column back into its input pixel, with kh·kw strided adds
-    (no np.add.at, which is an order of magnitude slower), into `out`, the padded
-    (C, N, H+2p, W+2p) input gradient (a view is fine), which is returned, padding included."""
-    C, N, H, W, OH, OW = geom
-    dxp = out
-    d6 = dcols.reshape(C, kh, kw, N, OH, OW)
-    hspan, wspan = stride * (OH - 1) + 1, stride * (OW - 1) + 1
-    if stride >= kh and stride >= kw:  # windows do not overlap: plain assignments
-        dxp.fill(0)
-        for i in range(kh):
-            for j in range(kw):
-                dxp[:, :, i:i + hspan:stride, j:j + wspan:stride] = d6[:, i, j]
-    else:
-        dxp.fill(0)
-        for i in range(kh):
-            for j in range(kw):
-                dxp[:, :, i:i + hspan:stride, j:j + wspan:stride] += d6[:, i, j]
-    return dxp
+def col2im_add(dcols: np.ndarray, kh: int, kw: int, stride: int, OW: int, dxp: np.ndarray,
+               r0: int = 0) -> None:
+    """Adjoint of im2col for the output rows r0.. that `dcols` (C·kh·kw, rows·OW·N) holds: add
+    each column into its pixel of the padded input gradient `dxp` (C, H+2p, W+2p, N), which the
+    caller zeroed, with kh·kw strided adds (no np.add.at, an order of magnitude slower). Blocks
+    of rows overlap when the kernel is taller than the stride, hence adds, not assignments."""
+    C, _, _, N = dxp.shape
+    rows = dcols.shape[1] // (OW * N)
+    d6 = dcols.reshape(C, kh, kw, rows, OW, N)
+    h0 = r0 * stride
+    hspan, wspan = stride * (rows - 1) + 1, stride * (OW - 1) + 1
+    for i in range(kh):
+        for j in range(kw):
+            dxp[:, h0 + i:h0 + i + hspan:stride, j:j + wspan:stride] += d6[:, i, j]
 
 
 # Winograd F(m x m, 3x3) for 3x3 stride-1 pad-1 convs lives in winograd.py; the rule below picks it
@@ -96,17 +112,17 @@ def winograd_eligible(x_shape, w_shape, stride, pad, m=None, need_dx: bool = Fal
     if not WINOGRAD or (KH, KW) != (3, 3) or stride != 1 or pad != 1 or len(x_shape) != 4:
         return False
     m = m or WINOGRAD_TILE
-    H, W = x_shape[2:]
+    H, W = x_shape[1:3]
     tiles = (-(-H // m)) * (-(-W // m))
     ratio = (m + 2) ** 2 * tiles / (9 * H * W)
     least = WINOGRAD_MIN_CHANNELS_DX if need_dx else WINOGRAD_MIN_CHANNELS
     return (min(C, F_) >= least and ratio <= WINOGRAD_MAX_MULTIPLIES
-            and tiles * x_shape[1] >= WINOGRAD_MIN_COLUMNS)
+            and tiles * x_shape[3] >= WINOGRAD_MIN_COLUMNS)
 
 
 def conv_forward(x, w, b, stride=1, pad=0, ws=None, key="conv", method="auto", version=None,
                  need_dx: bool = False):
-    """x (C, N, H, W), w (F, C, KH, KW), b (F,) or None -> out (F, N, OH, OW).
+    """x (C, H, W, N), w (F, C, KH, KW), b (F,) or None -> out (F, OH, OW, N).
 
     method "auto" picks Winograd F(m x m, 3x3), m = WINOGRAD_TILE, where `winograd_eligible` says
     so, else im2col + one GEMM (the reference); "im2col", "winograd" (m = WINOGRAD_TILE),
@@ -119,52 +135,61 @@ def conv_forward(x, w, b, stride=1, pad=0, ws=None, key="conv", method="auto", v
     if method == "auto" and winograd_eligible(x.shape, w.shape, stride, pad, need_dx=need_dx):
         return winograd.conv_forward(x, w, b, WINOGRAD_TILE, ws, key, version)
     F, C, KH, KW = w.shape
-    N, H, W = x.shape[1:]
+    H, W, N = x.shape[1:]
     OH, OW = conv_out_size(H, KH, stride, pad), conv_out_size(W, KW, stride, pad)
-    geom, w2 = (C, N, H, W, OH, OW), w.reshape(F, -1)
-    out = buffer(ws, key + "out", (F, N * OH * OW), x.dtype)
+    geom, w2 = (C, H, W, N, OH, OW), w.reshape(F, -1)
+    out = buffer(ws, key + "out", (F, OH * OW * N), x.dtype)
     kept = None
     if C * KH * KW * OH * OW * N * x.dtype.itemsize <= COL_KEEP_BYTES:  # one GEMM, columns kept
         kept = im2col(x, KH, KW, stride, pad, ws,
-                      out=buffer(ws, key + "cols", (C * KH * KW, N * OH * OW), x.dtype))[0]
+                      out=buffer(ws, key + "cols", (C * KH * KW, OH * OW * N), x.dtype))[0]
         np.matmul(w2, kept, out=out)
     else:
-        for n0, n1 in _image_blocks(geom, KH * KW, x.dtype):
-            cols = im2col(x[:, n0:n1], KH, KW, stride, pad, ws)[0]
-            np.matmul(w2, cols, out=out[:, n0 * OH * OW:n1 * OH * OW])
+        view = col_view(padded(x, pad, ws), KH, KW, stride, OH, OW)
+        for r0, r1 in _row_blocks(geom, KH * KW, x.dtype):
+            np.matmul(w2, _block_cols(view, r0, r1, ws), out=out[:, r0 * OW * N:r1 * OW * N])
     if b is not None:
         out += b[:, None]
-    return out.reshape(F, N, OH, OW), ("im2col", x, geom, w, stride, pad, b is not None, kept)
+    return out.reshape(F, OH, OW, N), ("im2col", x, geom, w, stride, pad, b is not None, kept)
 
 
-COL_BLOCK_BYTES = 4 << 20  # im2col columns are made a few images at a time, about this much...
-COL_KEEP_BYTES = 32 << 20  # ...when all of them would take more than this; else they are kept
+COL_BLOCK_BYTES = 4 << 20  # im2col columns are made a few output rows at a time, about this
+COL_KEEP_BYTES = 32 << 20  # much, when all of them would take more than this; else they are kept
 
 
-def _image_blocks(geom, kk, dtype):
-    """[n0, n1) ranges of images whose im2col columns take about COL_BLOCK_BYTES. The columns
-    of one image are contiguous, so a block is one GEMM; its columns stay in cache between the
-    copy that makes them and the GEMM that reads them, and are never kept: backward makes them
-    again (a copy from cache, against writing and re-reading the whole matrix: for airbench's
-    conv0a 51 MB per 64 images, for the course model's 7x7 conv at batch 256, 154 MB). Columns
-    of at most COL_KEEP_BYTES are kept instead (one GEMM each way: the course model's 30 MB at
-    batch 50 ran its step 59.8 -> 69.4 ms slower in blocks)."""
-    C, N, H, W, OH, OW = geom
-    per_image = C * kk * OH * OW * np.dtype(dtype).itemsize
-    nb = max(1, min(N, COL_BLOCK_BYTES // max(1, per_image)))
-    return [(n0, min(N, n0 + nb)) for n0 in range(0, N, nb)]
+def _row_blocks(geom, kk, dtype):
+    """[r0, r1) ranges of output rows whose im2col columns take about COL_BLOCK_BYTES. The
+    columns of a row of outputs (all samples) are contiguous, so a block is one GEMM; its columns
+    stay in cache between the copy that makes them and the GEMM that reads them, and are never
+    kept: backward makes them again from the cached input (a copy from cache, against writing
+    and re-reading the whole matrix: for airbench's conv0a 51 MB per 64 images, for the course
+    model's 7x7 conv at batch 256, 154 MB). Columns of at most COL_KEEP_BYTES are kept instead
+    (one GEMM each way: the course model's 30 MB at batch 50 ran its step 59.8 -> 69.4 ms slower
+    in blocks)."""
+    C, H, W, N, OH, OW = geom
+    per_row = C * kk * OW * N * np.dtype(dtype).itemsize
+    nb = max(1, min(OH, COL_BLOCK_BYTES // max(1, per_row)))
+    return [(r0, min(OH, r0 + nb)) for r0 in range(0, OH, nb)]
+
+
+def _block_cols(view, r0, r1, ws):
+    """The columns of output rows [r0, r1) from the strided `col_view`, into scratch."""
+    C, kh, kw, _, OW, N = view.shape
+    cols = scratch(ws, "cols", (C * kh * kw, (r1 - r0) * OW * N), view.dtype)
+    np.copyto(cols.reshape(C, kh, kw, r1 - r0, OW, N), view[:, :, :, r0:r1])
+    return cols
 
 
 def conv_backward(dout, cache, need_dx=True, dw_out=None, db_out=None, ws=None, key="conv"):
     """-> (dx or None, dw, db or None). dw/db are written into dw_out/db_out when given.
 
-    im2col: per block of images (`_image_blocks`) the columns are made again from the cached
+    im2col: per block of output rows (`_row_blocks`) the columns are made again from the cached
     input, for the weight gradient (summed over blocks) and the input gradient (col2im)."""
     if cache[0] == "winograd":
         return winograd.conv_backward(dout, cache, need_dx, dw_out, db_out, ws, key)
     _, x, geom, w, stride, pad, has_bias, kept = cache
     F, C, KH, KW = w.shape
-    _, N, H, W, OH, OW = geom
+    _, H, W, N, OH, OW = geom
     d2 = dout.reshape(F, -1) if dout.flags.c_contiguous else np.ascontiguousarray(dout).reshape(F, -1)
     dw = dw_out if dw_out is not None else np.empty(w.shape, dout.dtype)
     dw2, w2 = dw.reshape(F, -1), w.reshape(F, -1)
@@ -172,26 +197,27 @@ def conv_backward(dout, cache, need_dx=True, dw_out=None, db_out=None, ws=None, 
         np.matmul(d2, kept.T, out=dw2)
     else:
         part = buffer(ws, key + "dwpart", dw2.shape, dout.dtype)
+        view = col_view(padded(x, pad, ws), KH, KW, stride, OH, OW)
     if need_dx:
-        dxp = buffer(ws, key + "dxpad", (C, N, H + 2 * pad, W + 2 * pad), dout.dtype)
-    for i, (n0, n1) in enumerate(_image_blocks(geom, KH * KW, dout.dtype)):
-        d2b = d2[:, n0 * OH * OW:n1 * OH * OW]
+        dxp = buffer(ws, key + "dxpad", (C, H + 2 * pad, W + 2 * pad, N), dout.dtype)
+        dxp.fill(0)
+    for i, (r0, r1) in enumerate(_row_blocks(geom, KH * KW, dout.dtype)):
+        d2b = d2[:, r0 * OW * N:r1 * OW * N]
         if kept is None:
-            cols = im2col(x[:, n0:n1], KH, KW, stride, pad, ws)[0]
-            np.matmul(d2b, cols.T, out=dw2 if i == 0 else part)
+            np.matmul(d2b, _block_cols(view, r0, r1, ws).T, out=dw2 if i == 0 else part)
             if i:
                 dw2 += part
         if need_dx:
-            dcols = scratch(ws, "dcols", (C * KH * KW, (n1 - n0) * OH * OW), dout.dtype)
+            dcols = scratch(ws, "dcols", (C * KH * KW, (r1 - r0) * OW * N), dout.dtype)
             np.matmul(w2.T, d2b, out=dcols)
-            col2im(dcols, (C, n1 - n0, H, W, OH, OW), KH, KW, stride, pad, out=dxp[:, n0:n1])
+            col2im_add(dcols, KH, KW, stride, OW, dxp, r0)
     db = None
     if has_bias:
         db = db_out if db_out is not None else np.empty(F, dout.dtype)
         np.sum(d2, axis=1, out=db)
     dx = None
     if need_dx:
-        dx = dxp[:, :, pad:pad + H, pad:pad + W] if pad else dxp
+        dx = dxp[:, pad:pad + H, pad:pad + W] if pad else dxp
     return dx, dw, db
 
 
@@ -246,28 +272,28 @@ def gelu_backward(dout, cache, ws=None, key="gelu"):
 
 # --------------------------------------------------------------------------------- pooling
 def maxpool_forward(x, size=2, stride=2, ws=None, key="pool"):
-    """Max over size×size windows of (C, N, H, W). Gradients go to the first maximum of a window."""
-    C, N, H, W = x.shape
+    """Max over size×size windows of (C, H, W, N). Gradients go to the first maximum of a window."""
+    C, H, W, N = x.shape
     OH, OW = (H - size) // stride + 1, (W - size) // stride + 1
     if size == 2 and stride == 2 and H % 2 == 0 and W % 2 == 0:
-        # Two passes of pairwise maxima: rows (views that keep W contiguous, so numpy's inner
-        # loops run long), then columns. Each pass records, as 0/1 floats, which of the pair won
-        # (the first on a tie), so the backward pass routes each gradient to exactly one input.
-        r0, r1 = x[:, :, 0::2, :], x[:, :, 1::2, :]
-        rows = scratch(ws, "poolrows", (C, N, OH, W), x.dtype)
+        # Two passes of pairwise maxima: rows (runs of W·N contiguous values), then columns (runs
+        # of N). Each pass records, as 0/1 floats, which of the pair won (the first on a tie), so
+        # the backward pass routes each gradient to exactly one input.
+        r0, r1 = x[:, 0::2], x[:, 1::2]
+        rows = scratch(ws, "poolrows", (C, OH, W, N), x.dtype)
         np.maximum(r0, r1, out=rows)
-        row1 = buffer(ws, key + "row1", (C, N, OH, W), x.dtype)
+        row1 = buffer(ws, key + "row1", (C, OH, W, N), x.dtype)
         np.greater(r1, r0, out=row1)
-        out = buffer(ws, key + "out", (C, N, OH, OW), x.dtype)
-        c0, c1 = rows[..., 0::2], rows[..., 1::2]
+        out = buffer(ws, key + "out", (C, OH, OW, N), x.dtype)
+        c0, c1 = rows[:, :, 0::2], rows[:, :, 1::2]
         np.maximum(c0, c1, out=out)
-        col1 = buffer(ws, key + "col1", (C, N, OH, OW), x.dtype)
+        col1 = buffer(ws, key + "col1", (C, OH, OW, N), x.dtype)
         np.greater(c1, c0, out=col1)
         return out, ("fast2", x.shape, row1, col1)
-    sC, sN, sH, sW = x.strides
-    win = as_strided(x, shape=(C, N, OH, OW, size, size),
-                     strides=(sC, sN, sH * stride, sW * stride, sH, sW), writeable=False)
-    flat = win.reshape(C, N, OH, OW, size * size)
+    sC, sH, sW, sN = x.strides
+    win = as_strided(x, shape=(C, OH, OW, N, size, size),
+                     strides=(sC, sH * stride, sW * stride, sN, sH, sW), writeable=False)
+    flat = win.reshape(C, OH, OW, N, size * size)
     arg = flat.argmax(axis=-1)
     out = np.take_along_axis(flat, arg[..., None], axis=-1)[..., 0]
     return out, ("general", x.shape, arg, size, stride)
@@ -277,22 +303,20 @@ def maxpool_backward(dout, cache, ws=None, key="pool", dx_out=None):
     """dx_out: optional array (or view) of the input's shape to write dx into."""
     if cache[0] == "fast2":
         _, shape, row1, col1 = cache
-        C, N, H, W = shape
-        drow = scratch(ws, "pooldrow", (C, N, H // 2, W), dout.dtype)
-        np.multiply(dout, col1, out=drow[..., 1::2])
-        np.subtract(dout, drow[..., 1::2], out=drow[..., 0::2])
+        C, H, W, N = shape
+        drow = scratch(ws, "pooldrow", (C, H // 2, W, N), dout.dtype)
+        np.multiply(dout, col1, out=drow[:, :, 1::2])
+        np.subtract(dout, drow[:, :, 1::2], out=drow[:, :, 0::2])
         dx = dx_out if dx_out is not None else buffer(ws, key + "dx", shape, dout.dtype)
-        np.multiply(drow, row1, out=dx[:, :, 1::2, :])
-        np.subtract(drow, dx[:, :, 1::2, :], out=dx[:, :, 0::2, :])
+        np.multiply(drow, row1, out=dx[:, 1::2])
+        np.subtract(drow, dx[:, 1::2], out=dx[:, 0::2])
         return dx
     _, shape, arg, size, stride = cache
-    C, N, H, W = shape
-    OH, OW = arg.shape[2:]
     dx = np.zeros(shape, dout.dtype)
     ki, kj = np.divmod(arg, size)
-    cc, nn, oh, ow = np.indices(arg.shape, sparse=True)
+    cc, oh, ow, nn = np.indices(arg.shape, sparse=True)
     # Windows may overlap when stride < size; np.add.at is fine for this rare, general path.
-    np.add.at(dx, (cc, nn, oh * stride + ki, ow * stride + kj), dout)
+    np.add.at(dx, (cc, oh * stride + ki, ow * stride + kj, nn), dout)
     if dx_out is not None:
         dx_out[...] = dx
         return dx_out
@@ -300,29 +324,29 @@ def maxpool_backward(dout, cache, ws=None, key="pool", dx_out=None):
 
 
 def global_avgpool_forward(x):
-    """(C, N, H, W) -> (N, C)."""
-    return x.mean(axis=(2, 3)).T.copy(), x.shape
+    """(C, H, W, N) -> (N, C)."""
+    return x.mean(axis=(1, 2)).T.copy(), x.shape
 
 
 def global_avgpool_backward(dout, cache):
-    C, N, H, W = cache
+    C, H, W, N = cache
     g = (dout.T / (H * W)).astype(dout.dtype, copy=False)
-    return np.broadcast_to(g[:, :, None, None], cache).copy()
+    return np.broadcast_to(g[:, None, None, :], cache).copy()
 
 
 def global_maxpool_forward(x):
-    """(C, N, H, W) -> (N, C); gradient to the first maximum."""
-    C, N, H, W = x.shape
-    flat = x.reshape(C, N, H * W)
-    arg = flat.argmax(axis=2)
-    return np.take_along_axis(flat, arg[..., None], axis=2)[..., 0].T.copy(), (x.shape, arg)
+    """(C, H, W, N) -> (N, C); gradient to the first maximum."""
+    C, H, W, N = x.shape
+    flat = x.reshape(C, H * W, N)
+    arg = flat.argmax(axis=1)
+    return np.take_along_axis(flat, arg[:, None], axis=1)[:, 0].T.copy(), (x.shape, arg)
 
 
 def global_maxpool_backward(dout, cache):
     shape, arg = cache
-    C, N, H, W = shape
-    dx = np.zeros((C, N, H * W), dout.dtype)
-    np.put_along_axis(dx, arg[..., None], dout.T[..., None], axis=2)
+    C, H, W, N = shape
+    dx = np.zeros((C, H * W, N), dout.dtype)
+    np.put_along_axis(dx, arg[:, None], dout.T[:, None], axis=1)
     return dx.reshape(shape)
 
 
@@ -345,19 +369,24 @@ def affine_backward(dout, cache, need_dx=True, dw_out=None, db_out=None):
     db = None
     if db_out is not None:
         db = np.sum(dout, axis=0, out=db_out)
-    dx = dout @ w if need_dx else None
+    dx = None
+    if need_dx:
+        # An input read through a transposed view (Flatten's (C·H·W, N) maps) gets its gradient
+        # in the same layout, (D, N) in memory, which Flatten reshapes without a copy.
+        transposed = x.T.flags.c_contiguous and not x.flags.c_contiguous
+        dx = np.matmul(w.T, dout.T).T if transposed else dout @ w
     return dx, dw, db
 
 
 def flatten_forward(x):
-    """(C, N, H, W) -> (N, C·H·W) in the usual (C, H, W) feature order."""
-    C, N = x.shape[:2]
-    return np.ascontiguousarray(x.reshape(C, N, -1).transpose(1, 0, 2)).reshape(N, -1), x.shape
+    """(C, H, W, N) -> (N, C·H·W) in the usual (C, H, W) feature order: a transposed view of the
+    maps (no copy when they are contiguous), which the next affine layer's GEMMs read as it is."""
+    N = x.shape[-1]
+    return x.reshape(-1, N).T, x.shape
 
 
 def flatten_backward(dout, shape):
-    C, N = shape[:2]
-    return np.ascontiguousarray(dout.reshape(N, C, -1).transpose(1, 0, 2)).reshape(shape)
+    return np.ascontiguousarray(dout.T).reshape(shape)  # no copy after an Affine (see there)
 
 
 # ------------------------------------------------------------------------------------ loss

@@ -3,7 +3,7 @@
 A layer declares its tensors (`params()`, `state()`), is bound to views into the model's flat
 vectors (`bind`), keeps its forward cache between `forward` and `backward`, and writes its
 gradients straight into its views of the flat gradient vector — nothing is copied afterwards.
-Feature maps are (C, N, H, W); see functional.py for why.
+Feature maps are (C, H, W, N); see functional.py for why.
 """
 from __future__ import annotations
 
@@ -63,13 +63,13 @@ class Layer:
 
 
 class ToChannelsFirst(Layer):
-    """(N, C, H, W) images -> (C, N, H, W) feature maps (a view; the next conv copies anyway)."""
+    """(N, C, H, W) images -> (C, H, W, N) feature maps (a view; the next conv copies anyway)."""
 
     def forward(self, x, ctx):
-        return x.transpose(1, 0, 2, 3)
+        return x.transpose(1, 2, 3, 0)
 
     def backward(self, dout):
-        return dout.transpose(1, 0, 2, 3)
+        return dout.transpose(3, 0, 1, 2)
 
 
 class Conv(Layer):
@@ -111,7 +111,7 @@ class Conv(Layer):
 
 
 class ChannelBias(Layer):
-    """Adds a per-channel bias to (C, N, H, W) maps.
+    """Adds a per-channel bias to (C, H, W, N) maps.
 
     Lets a model move a convolution's bias past a max-pool (a per-channel constant commutes with a
     max), where it touches a quarter of the data; `fused_relu` applies ReLU in the same pass.
@@ -248,7 +248,7 @@ class Affine(Layer):
 
 
 class BatchNorm(Layer):
-    """Batch norm over (C, N, H, W) with per-ghost-batch statistics.
+    """Batch norm over (C, H, W, N) with per-ghost-batch statistics.
 
     In training, each group of samples given by the step context is normalised with its own
     statistics, so results do not depend on how a minibatch is split over workers. The sums of the
@@ -289,7 +289,7 @@ class BatchNorm(Layer):
         if not ctx.train:
             return BN.batchnorm_eval(x, gamma, beta, self.s["running_mean"], self.s["running_var"],
                                     self.eps)
-        groups = ctx.groups or [(0, x.shape[1])]
+        groups = ctx.groups or [(0, x.shape[-1])]
         out, self.cache, (mean_sum, var_sum) = BN.batchnorm_forward(x, gamma, beta, groups, self.eps,
                                                                    self.ws)
         if ctx.stats_out is not None:

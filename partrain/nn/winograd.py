@@ -47,35 +47,35 @@ def _mats(dtype, m):
 
 
 
-BLOCK_BYTES = 1 << 20  # channel blocks for the layout-changing copies (cache-sized)
+BLOCK_BYTES = 1 << 20  # channel blocks for the gathers, scatters and transforms (cache-sized)
 
 
 def _channel_blocks(n_channels: int, bytes_per_channel: int):
-    """Slices of channels whose maps (or tiles) take about BLOCK_BYTES. The (C, N, H, W) <->
-    tile-layout copies are transposes with strided ends; done for all channels at once they
-    thrash the cache (F=256, 15x15, N=64: 45 ms for the output copy; in 1 MB blocks 15 ms). The
-    transforms go by the same blocks, so the tile buffers between two steps stay in cache and in
-    the scratch pool at block size (airbench's conv1a output tiles: 37 MB -> 1 MB)."""
+    """Slices of channels whose maps (or tiles) take about BLOCK_BYTES. The gathers into tiles and
+    scatters out of them have strided ends; done for all channels at once they thrash the cache
+    (F=256, 15x15, N=64: 45 ms for the output copy when the maps were (C, N, H, W); in 1 MB
+    blocks 15 ms). The transforms go by the same blocks, so the tile buffers between two steps
+    stay in cache and in the scratch pool at block size (conv1a's output tiles: 37 MB -> 1 MB)."""
     bs = max(1, BLOCK_BYTES // max(1, bytes_per_channel))
     return [slice(c0, min(n_channels, c0 + bs)) for c0 in range(0, n_channels, bs)]
 
 
 def conv_forward(x, w, b, m, ws=None, key="conv", version=None):
-    """3x3 stride-1 pad-1 conv of x (C, N, H, W) by Winograd F(m x m, 3x3) -> (F, N, H, W), cache.
+    """3x3 stride-1 pad-1 conv of x (C, H, W, N) by Winograd F(m x m, 3x3) -> (F, H, W, N), cache.
 
     version: a tag of the parameters (None: unknown); the transformed filters U are kept in the
     workspace and reused while it stays the same (the chunks of one training step: 8 of them per
     step of a 512-image shard, 2-6 ms each for airbench's 256x256 layers).
 
-    Inside, tiles are ordered (tile row, tile column, sample): the sample index is innermost, so
-    every gather, transform and overlap-add runs over N contiguous values (with (N, H, W) order the
-    inner loops would be one tile row long, 4 values on a 7x7 map, and numpy's per-loop overhead
-    dominates). The transposes happen once, on the padded input and on the output. The transforms
-    go channel block by channel block (`_channel_blocks`); only V (the transformed input, the cache
-    for backward) and M (the products, which every output block needs whole) are full size.
+    Inside, tiles are ordered (tile row, tile column, sample): the sample index is innermost, as
+    in the maps, so every gather, transform, scatter and overlap-add runs over N contiguous values
+    (with (N, H, W) order the inner loops would be one tile row long, 4 values on a 7x7 map, and
+    numpy's per-loop overhead dominates). The transforms go channel block by channel block
+    (`_channel_blocks`); only V (the transformed input, the cache for backward) and M (the
+    products, which every output block needs whole) are full size.
     """
     al = m + 2
-    C, N, H, W = x.shape
+    C, H, W, N = x.shape
     F_ = w.shape[0]
     dt = x.dtype
     KB, _, KG, _, KA, _ = _mats(dt, m)
@@ -86,8 +86,7 @@ def conv_forward(x, w, b, m, ws=None, key="conv", version=None):
     xp[:, H + 1:] = 0
     xp[:, 1:H + 1, 0] = 0
     xp[:, 1:H + 1, W + 1:] = 0
-    for cb in _channel_blocks(C, x[0].nbytes):
-        xp[cb, 1:H + 1, 1:W + 1] = x[cb].transpose(0, 2, 3, 1)
+    xp[:, 1:H + 1, 1:W + 1] = x
     # U[ab] (F, C): transformed filters, from the (F·C, 9) filters read transposed (no copy).
     U = buffer(ws, key + "wU", (al * al, F_, C), dt)
     if ws is None or version is None or ws.tags.get(key + "wU") != version:
@@ -107,7 +106,7 @@ def conv_forward(x, w, b, m, ws=None, key="conv", version=None):
         np.matmul(KB, d, out=V[:, cb.start * P:cb.stop * P])
     M = scratch(ws, "wM", (al * al, F_ * P), dt)
     np.matmul(U, V.reshape(al * al, C, P), out=M.reshape(al * al, F_, P))
-    out = buffer(ws, key + "out", (F_, N, H, W), dt)
+    out = buffer(ws, key + "out", (F_, H, W, N), dt)
     blocks = _channel_blocks(F_, m * m * P * dt.itemsize)
     Y = scratch(ws, "wY", (m * m * (blocks[0].stop - blocks[0].start) * P,), dt)
     for fb in blocks:
@@ -117,8 +116,7 @@ def conv_forward(x, w, b, m, ws=None, key="conv", version=None):
         y6 = y.reshape(m, m, n, th, tw, N)
         for a in range(m):
             for c in range(m):
-                out[fb, :, a::m, c::m] = y6[a, c, :, :(H - a + m - 1) // m,
-                                            :(W - c + m - 1) // m].transpose(0, 3, 1, 2)
+                out[fb, a::m, c::m] = y6[a, c, :, :(H - a + m - 1) // m, :(W - c + m - 1) // m]
     if b is not None:
         out += b.reshape(-1, 1, 1, 1)
     return out, ("winograd", V, U, w, x.shape, b is not None, m)
@@ -127,7 +125,7 @@ def conv_forward(x, w, b, m, ws=None, key="conv", version=None):
 def conv_backward(dout, cache, need_dx=True, dw_out=None, db_out=None, ws=None,
                            key="conv"):
     """Adjoint of conv_forward -> (dx or None, dw, db or None), block by block like it."""
-    _, V, U, w, (C, N, H, W), has_bias, m = cache
+    _, V, U, w, (C, H, W, N), has_bias, m = cache
     al = m + 2
     F_ = w.shape[0]
     dt = dout.dtype
@@ -147,8 +145,7 @@ def conv_backward(dout, cache, need_dx=True, dw_out=None, db_out=None, ws=None,
             g.fill(0)
         for a in range(m):
             for c in range(m):
-                g6[a, c, :, :(H - a + m - 1) // m, :(W - c + m - 1) // m] = \
-                    dout[fb, :, a::m, c::m].transpose(0, 2, 3, 1)
+                g6[a, c, :, :(H - a + m - 1) // m, :(W - c + m - 1) // m] = dout[fb, a::m, c::m]
         np.matmul(KAt, g, out=dM[:, fb.start * P:fb.stop * P])
     dU = scratch(ws, "wdU", (al * al, F_, C), dt)
     np.matmul(dM.reshape(al * al, F_, P), V.reshape(al * al, C, P).transpose(0, 2, 1), out=dU)
@@ -165,7 +162,7 @@ def conv_backward(dout, cache, need_dx=True, dw_out=None, db_out=None, ws=None,
         return None, dw, db
     dV = scratch(ws, "wD", (al * al, C * P), dt)
     np.matmul(U.transpose(0, 2, 1), dM.reshape(al * al, F_, P), out=dV.reshape(al * al, C, P))
-    dx = buffer(ws, key + "wdx", (C, N, H, W), dt)
+    dx = buffer(ws, key + "wdx", (C, H, W, N), dt)
     blocks = _channel_blocks(C, al * al * P * dt.itemsize)
     nb = blocks[0].stop - blocks[0].start
     dD = scratch(ws, "wdD", (al * al * nb * P,), dt)
@@ -192,6 +189,5 @@ def conv_backward(dout, cache, need_dx=True, dw_out=None, db_out=None, ws=None,
             for pw in range(m):
                 nh, nw = (H - ph + m - 1) // m, (W - pw + m - 1) // m
                 u0, v0 = (ph + 1) // m, (pw + 1) // m
-                dx[cb, :, ph::m, pw::m] = z6[(ph + 1) % m, (pw + 1) % m, :, u0:u0 + nh,
-                                             v0:v0 + nw].transpose(0, 3, 1, 2)
+                dx[cb, ph::m, pw::m] = z6[(ph + 1) % m, (pw + 1) % m, :, u0:u0 + nh, v0:v0 + nw]
     return dx, dw, db
