@@ -31,9 +31,9 @@ Differences from airbench94, each for a reason:
   belong to the training loop: see partrain.augment, partrain.tta, partrain.ema, partrain.optim.
   Once the whitening bias stops training, `model.set_frozen("whiten_bias")` lets the backward pass
   stop at conv0a (no input gradient for it: ~1/3 of that conv's work, plus the whitening GELU).
-- Every 3×3 conv with at least 32 channels runs as Winograd F(4×4, 3×3) (functional.conv_forward
-  picks it by shape; float32 results within ~3e-6 of the largest value of the im2col ones);
-  conv0a (24 input channels) stays on im2col.
+- Every 3×3 conv runs as Winograd F(4×4, 3×3), conv0a's 24 input channels included
+  (functional.conv_forward picks it by shape; float32 results within ~3e-6 of the largest value
+  of the im2col ones); the 2×2 whitening conv is im2col.
 """
 from __future__ import annotations
 

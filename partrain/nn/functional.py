@@ -95,10 +95,12 @@ def col2im_add(dcols: np.ndarray, kh: int, kw: int, stride: int, OW: int, dxp: n
 # by shape. WINOGRAD=False forces the im2col reference everywhere.
 WINOGRAD = True
 WINOGRAD_TILE = 4               # output tile m of F(m x m, 3 x 3)
-WINOGRAD_MIN_CHANNELS = 32      # below this the (F x C) GEMMs are too thin to pay for transforms
-WINOGRAD_MIN_CHANNELS_DX = 24   # ...unless the input gradient is needed too: airbench's 24 -> 64
-                                # conv at batch 64, one thread: im2col 30 + 35 ms without it,
-                                # Winograd 35 + 32; with it 34 + 91 against 41 + 60 ms
+WINOGRAD_MIN_CHANNELS = 24      # below this the (F x C) GEMMs are too thin to pay for transforms
+WINOGRAD_MIN_CHANNELS_DX = 16   # ...unless the input gradient is needed too. One thread, batch
+                                # 64, 31x31 maps, forward + backward: 24 -> 64 channels im2col
+                                # 57-65 ms, Winograd 46-47 (with dx 117-124 vs 61-73); 16 -> 64
+                                # a tie without dx (38 vs 33-38), 72 vs 56 with it; 8 -> 64
+                                # im2col ahead either way (20-23 vs 26-36, 33-36 vs 38-41)
 WINOGRAD_MAX_MULTIPLIES = 0.5   # Winograd multiplies (padded tiles) / im2col multiplies; m = 4:
                                 # 31x31 0.27, 15x15 0.28, 7x7 0.33, 3x3 0.44
 WINOGRAD_MIN_COLUMNS = 64       # tiles x samples per GEMM: 3x3 maps at batch 16 (16 columns) ran
