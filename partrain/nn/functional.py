@@ -70,9 +70,7 @@ def im2col(x: np.ndarray, kh: int, kw: int, stride: int, pad: int,
     C, H, W, N = x.shape
     OH, OW = conv_out_size(H, kh, stride, pad), conv_out_size(W, kw, stride, pad)
     view = col_view(padded(x, pad, ws), kh, kw, stride, OH, OW)
-    cols = out if out is not None else scratch(ws, "cols", (C * kh * kw, OH * OW * N), x.dtype)
-    np.copyto(cols.reshape(C, kh, kw, OH, OW, N), view)
-    return cols, (C, H, W, N, OH, OW)
+    return _block_cols(view, 0, OH, ws, out), (C, H, W, N, OH, OW)
 
 
 def col2im_add(dcols: np.ndarray, kh: int, kw: int, stride: int, OW: int, dxp: np.ndarray,
@@ -174,10 +172,12 @@ def _row_blocks(geom, kk, dtype):
     return [(r0, min(OH, r0 + nb)) for r0 in range(0, OH, nb)]
 
 
-def _block_cols(view, r0, r1, ws):
-    """The columns of output rows [r0, r1) from the strided `col_view`, into scratch."""
+def _block_cols(view, r0, r1, ws, out=None):
+    """The columns of output rows [r0, r1) from the strided `col_view`, into `out` when given,
+    else into scratch."""
     C, kh, kw, _, OW, N = view.shape
-    cols = scratch(ws, "cols", (C * kh * kw, (r1 - r0) * OW * N), view.dtype)
+    cols = out if out is not None else scratch(ws, "cols", (C * kh * kw, (r1 - r0) * OW * N),
+                                               view.dtype)
     np.copyto(cols.reshape(C, kh, kw, r1 - r0, OW, N), view[:, :, :, r0:r1])
     return cols
 
@@ -186,7 +186,7 @@ def conv_backward(dout, cache, need_dx=True, dw_out=None, db_out=None, ws=None, 
     """-> (dx or None, dw, db or None). dw/db are written into dw_out/db_out when given.
 
     im2col: per block of output rows (`_row_blocks`) the columns are made again from the cached
-    input, for the weight gradient (summed over blocks) and the input gradient (col2im)."""
+    input, for the weight gradient (summed over blocks) and the input gradient (`col2im_add`)."""
     if cache[0] == "winograd":
         return winograd.conv_backward(dout, cache, need_dx, dw_out, db_out, ws, key)
     _, x, geom, w, stride, pad, has_bias, kept = cache

@@ -6,9 +6,9 @@ every call. Two kinds of buffer:
 - `get` (through `buffer`): a layer's own, alive between calls — its forward cache, its output
   (the next layer's input), its input gradient;
 - `temp` (through `scratch`): alive only inside one kernel call (Winograd's transformed tiles,
-  im2col's padded input, col2im's columns). A model points the workspaces of all its layers at
-  one shared scratch pool (`share_scratch`), so the model holds one copy of the largest of these,
-  not one per layer: for airbench that was a third of a worker's memory.
+  im2col's padded input, the input gradient's columns). A model points the workspaces of all its
+  layers at one shared scratch pool (`share_scratch`), so the model holds one copy of the
+  largest of these, not one per layer: for airbench that was a third of a worker's memory.
 A buffer is a view of a flat store that only grows, so a smaller batch (the last chunk of a pass,
 an evaluation batch) reuses the store instead of replacing it.
 """
