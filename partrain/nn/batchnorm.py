@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .workspace import buffer
+from .blocking import channel_blocks
+from .workspace import buffer, scratch
 
 
 def _groups(lo: int, hi: int, *arrays: np.ndarray) -> list[np.ndarray]:
@@ -27,59 +28,71 @@ def batchnorm_forward(x, gamma, beta, groups: list[tuple[int, int]], eps=1e-5, w
     (biased) variance. Returns out, cache, (sum of group means, sum of group variances) per channel.
     Written as in-place passes over views of the two output arrays: no temporaries of the map's
     size; with one group (a chunk of whole ghost batches is one group for airbench) every
-    reduction runs along one contiguous axis. With a Workspace, `out` and the cached `xhat` are
-    reused from step to step.
+    reduction runs along one contiguous axis. The passes run a block of channels at a time
+    (blocking.py). With a Workspace, `out` and the cached `xhat` are reused from step to step.
     """
     C = x.shape[0]
     out = buffer(ws, key + "out", x.shape, x.dtype)
     xhat = buffer(ws, key + "xhat", x.shape, x.dtype)
-    inv_stds = []
+    inv_stds = np.empty((len(groups), C), x.dtype)
     mean_sum = np.zeros(C, np.float64)
     var_sum = np.zeros(C, np.float64)
-    for lo, hi in groups:
-        xg, xh, sq = _groups(lo, hi, x, xhat, out)   # out: scratch until the final pass
-        mu = _mean(xg)
-        np.subtract(xg, mu, out=xh)
-        np.multiply(xh, xh, out=sq)
-        var = _mean(sq)
-        inv = 1.0 / np.sqrt(var + eps)
-        xh *= inv
-        mean_sum += mu.ravel()
-        var_sum += var.ravel()
-        inv_stds.append(inv.ravel())
-    if gamma is not None:
-        np.multiply(xhat, gamma.reshape(-1, 1, 1, 1), out=out)
-        if beta is not None:
-            out += beta.reshape(-1, 1, 1, 1)
-    elif beta is not None:
-        np.add(xhat, beta.reshape(-1, 1, 1, 1), out=out)
-    else:
-        out[...] = xhat
+    for s in channel_blocks(x.shape, x.itemsize):
+        xb, hb, ob = x[s], xhat[s], out[s]
+        for g, (lo, hi) in enumerate(groups):
+            xg, xh, sq = _groups(lo, hi, xb, hb, ob)   # out: scratch until the final pass
+            mu = _mean(xg)
+            np.subtract(xg, mu, out=xh)
+            np.multiply(xh, xh, out=sq)
+            var = _mean(sq)
+            inv = 1.0 / np.sqrt(var + eps)
+            xh *= inv
+            mean_sum[s] += mu.ravel()
+            var_sum[s] += var.ravel()
+            inv_stds[g, s] = inv.ravel()
+        if gamma is not None:
+            np.multiply(hb, gamma[s].reshape(-1, 1, 1, 1), out=ob)
+            if beta is not None:
+                ob += beta[s].reshape(-1, 1, 1, 1)
+        elif beta is not None:
+            np.add(hb, beta[s].reshape(-1, 1, 1, 1), out=ob)
+        else:
+            ob[...] = hb
     return out, (xhat, inv_stds, groups, gamma), (mean_sum, var_sum)
 
 
 def batchnorm_backward(dout, cache, dgamma_out=None, dbeta_out=None, ws=None, key="bn"):
-    """-> (dx, dgamma or None, dbeta or None) for training-mode batch norm."""
+    """-> (dx, dgamma or None, dbeta or None) for training-mode batch norm, a block of channels
+    at a time (blocking.py)."""
     xhat, inv_stds, groups, gamma = cache
-    C = xhat.shape[0]
-    dgamma = dbeta = None
-    if dbeta_out is not None:
-        dbeta = np.sum(dout.reshape(C, -1), axis=1, out=dbeta_out)
-    if dgamma_out is not None:
-        dgamma = np.sum((dout * xhat).reshape(C, -1), axis=1, out=dgamma_out)
-    dxhat = dout * gamma.reshape(-1, 1, 1, 1) if gamma is not None else dout
     dx = buffer(ws, key + "dx", dout.shape, dout.dtype)
-    for (lo, hi), inv in zip(groups, inv_stds):
-        dh, xh, dxg = _groups(lo, hi, dxhat, xhat, dx)
-        inv = inv.reshape((-1,) + (1,) * (dh.ndim - 1))
-        m = _mean(dh)
-        np.multiply(dh, xh, out=dxg)            # scratch
-        mx = _mean(dxg)
-        np.multiply(xh, mx, out=dxg)
-        np.subtract(dh, dxg, out=dxg)
-        dxg -= m
-        dxg *= inv                              # inv · (dh - m - xh · mx)
-    return dx, dgamma, dbeta
+    blocks = channel_blocks(dout.shape, dout.itemsize)
+    prod = scratch(ws, "bnprod", dout[blocks[0]].shape, dout.dtype)
+    for s in blocks:
+        db, hb, xb = dout[s], xhat[s], dx[s]
+        c = s.stop - s.start
+        if dbeta_out is not None:
+            np.sum(db.reshape(c, -1), axis=1, out=dbeta_out[s])
+        if dgamma_out is not None:
+            pb = prod[:c]
+            np.multiply(db, hb, out=pb)
+            np.sum(pb.reshape(c, -1), axis=1, out=dgamma_out[s])
+        if gamma is not None:
+            dxhat = prod[:c]
+            np.multiply(db, gamma[s].reshape(-1, 1, 1, 1), out=dxhat)
+        else:
+            dxhat = db
+        for (lo, hi), inv in zip(groups, inv_stds):
+            dh, xh, dxg = _groups(lo, hi, dxhat, hb, xb)
+            inv = inv[s].reshape((-1,) + (1,) * (dh.ndim - 1))
+            m = _mean(dh)
+            np.multiply(dh, xh, out=dxg)            # scratch
+            mx = _mean(dxg)
+            np.multiply(xh, mx, out=dxg)
+            np.subtract(dh, dxg, out=dxg)
+            dxg -= m
+            dxg *= inv                              # inv · (dh - m - xh · mx)
+    return dx, dgamma_out, dbeta_out
 
 
 def batchnorm_eval(x, gamma, beta, running_mean, running_var, eps=1e-5):

@@ -22,6 +22,7 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from . import winograd
+from .blocking import channel_blocks
 from .workspace import Workspace, buffer, scratch
 
 
@@ -239,17 +240,20 @@ _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 
 def gelu_forward(x, ws=None, key="gelu"):
     """GELU, tanh approximation. Written with in-place products: `x ** 3` calls powf, 3x slower.
-    With a Workspace the two map-sized arrays are reused from step to step (no page faults)."""
+    With a Workspace the two map-sized arrays are reused from step to step (no page faults); the
+    passes run a block of channels at a time (blocking.py: the block stays in cache)."""
     t = buffer(ws, key + "t", x.shape, x.dtype)
-    np.multiply(x, x, out=t)
-    t *= 0.044715 * _SQRT_2_OVER_PI
-    t += _SQRT_2_OVER_PI
-    t *= x                      # sqrt(2/pi) * (x + 0.044715 x^3)
-    np.tanh(t, out=t)
     out = buffer(ws, key + "out", x.shape, x.dtype)
-    np.add(t, 1.0, out=out)
-    out *= x
-    out *= 0.5
+    for s in channel_blocks(x.shape, x.itemsize):
+        xb, tb, ob = x[s], t[s], out[s]
+        np.multiply(xb, xb, out=tb)
+        tb *= 0.044715 * _SQRT_2_OVER_PI
+        tb += _SQRT_2_OVER_PI
+        tb *= xb                    # sqrt(2/pi) * (x + 0.044715 x^3)
+        np.tanh(tb, out=tb)
+        np.add(tb, 1.0, out=ob)
+        ob *= xb
+        ob *= 0.5
     return out, (x, t)
 
 
@@ -257,18 +261,22 @@ def gelu_backward(dout, cache, ws=None, key="gelu"):
     """d/dx = 0.5 (1 + tanh u) + 0.5 x (1 - tanh^2 u) u',  u' = sqrt(2/pi) (1 + 3·0.044715 x^2)."""
     x, t = cache
     du = buffer(ws, key + "du", x.shape, dout.dtype)
-    np.multiply(x, x, out=du)
-    du *= 3 * 0.044715 * _SQRT_2_OVER_PI
-    du += _SQRT_2_OVER_PI
-    sech2 = scratch(ws, "gelusech2", x.shape, dout.dtype)
-    np.multiply(t, t, out=sech2)
-    np.subtract(1.0, sech2, out=sech2)
-    du *= sech2
-    du *= x
-    du += t
-    du += 1.0
-    du *= 0.5
-    du *= dout
+    blocks = channel_blocks(x.shape, x.itemsize)
+    sech2 = scratch(ws, "gelusech2", x[blocks[0]].shape, dout.dtype)
+    for s in blocks:
+        xb, tb, db = x[s], t[s], du[s]
+        sq = sech2[:s.stop - s.start]
+        np.multiply(xb, xb, out=db)
+        db *= 3 * 0.044715 * _SQRT_2_OVER_PI
+        db += _SQRT_2_OVER_PI
+        np.multiply(tb, tb, out=sq)
+        np.subtract(1.0, sq, out=sq)
+        db *= sq
+        db *= xb
+        db += tb
+        db += 1.0
+        db *= 0.5
+        db *= dout[s]
     return du
 
 
@@ -280,17 +288,21 @@ def maxpool_forward(x, size=2, stride=2, ws=None, key="pool"):
     if size == 2 and stride == 2 and H % 2 == 0 and W % 2 == 0:
         # Two passes of pairwise maxima: rows (runs of W·N contiguous values), then columns (runs
         # of N). Each pass records, as 0/1 floats, which of the pair won (the first on a tie), so
-        # the backward pass routes each gradient to exactly one input.
-        r0, r1 = x[:, 0::2], x[:, 1::2]
-        rows = scratch(ws, "poolrows", (C, OH, W, N), x.dtype)
-        np.maximum(r0, r1, out=rows)
+        # the backward pass routes each gradient to exactly one input. A block of channels at a
+        # time (blocking.py), so that the row maxima are still in cache for the column pass.
+        blocks = channel_blocks(x.shape, x.itemsize)
+        rows = scratch(ws, "poolrows", (blocks[0].stop, OH, W, N), x.dtype)
         row1 = buffer(ws, key + "row1", (C, OH, W, N), x.dtype)
-        np.greater(r1, r0, out=row1)
         out = buffer(ws, key + "out", (C, OH, OW, N), x.dtype)
-        c0, c1 = rows[:, :, 0::2], rows[:, :, 1::2]
-        np.maximum(c0, c1, out=out)
         col1 = buffer(ws, key + "col1", (C, OH, OW, N), x.dtype)
-        np.greater(c1, c0, out=col1)
+        for s in blocks:
+            xb, rb = x[s], rows[:s.stop - s.start]
+            r0, r1 = xb[:, 0::2], xb[:, 1::2]
+            np.maximum(r0, r1, out=rb)
+            np.greater(r1, r0, out=row1[s])
+            c0, c1 = rb[:, :, 0::2], rb[:, :, 1::2]
+            np.maximum(c0, c1, out=out[s])
+            np.greater(c1, c0, out=col1[s])
         return out, ("fast2", x.shape, row1, col1)
     sC, sH, sW, sN = x.strides
     win = as_strided(x, shape=(C, OH, OW, N, size, size),
@@ -306,12 +318,16 @@ def maxpool_backward(dout, cache, ws=None, key="pool", dx_out=None):
     if cache[0] == "fast2":
         _, shape, row1, col1 = cache
         C, H, W, N = shape
-        drow = scratch(ws, "pooldrow", (C, H // 2, W, N), dout.dtype)
-        np.multiply(dout, col1, out=drow[:, :, 1::2])
-        np.subtract(dout, drow[:, :, 1::2], out=drow[:, :, 0::2])
         dx = dx_out if dx_out is not None else buffer(ws, key + "dx", shape, dout.dtype)
-        np.multiply(drow, row1, out=dx[:, 1::2])
-        np.subtract(drow, dx[:, 1::2], out=dx[:, 0::2])
+        blocks = channel_blocks(shape, dout.itemsize)
+        drow = scratch(ws, "pooldrow", (blocks[0].stop, H // 2, W, N), dout.dtype)
+        for s in blocks:
+            db, dr = dout[s], drow[:s.stop - s.start]
+            np.multiply(db, col1[s], out=dr[:, :, 1::2])
+            np.subtract(db, dr[:, :, 1::2], out=dr[:, :, 0::2])
+            dxb = dx[s]
+            np.multiply(dr, row1[s], out=dxb[:, 1::2])
+            np.subtract(dr, dxb[:, 1::2], out=dxb[:, 0::2])
         return dx
     _, shape, arg, size, stride = cache
     dx = np.zeros(shape, dout.dtype)
