@@ -330,6 +330,16 @@ def predict(run, inputs, test_index, top, quiet, data_dir, checkpoint):
     click.echo("\n".join(format_predictions(out)))
 
 
+def _decay_text(spec) -> str:
+    """'no', 'yes', or the fraction of the weight decay a tensor gets (1/64: airbench's BN biases)."""
+    if not spec.decay:
+        return "no"
+    if spec.decay_scale == 1:
+        return "yes"
+    inv = 1 / spec.decay_scale
+    return f"1/{inv:g}" if inv == round(inv) else f"{spec.decay_scale:g}"
+
+
 def _print_model(name: str, options: dict) -> None:
 
     try:
@@ -343,7 +353,7 @@ def _print_model(name: str, options: dict) -> None:
     click.echo(f"  {'parameter':<20} {'shape':<20} {'size':>12}  decay  lr scale")
     for spec in m.layout.specs:
         click.echo(f"  {spec.name:<20} {str(spec.shape):<20} {spec.size:>12,}  "
-                   f"{'yes' if spec.decay else 'no':<5}  {spec.lr_scale:g}")
+                   f"{_decay_text(spec):<5}  {spec.lr_scale:g}")
     f = m.flops_per_image()
     click.echo(f"forward {f['forward'] / 1e6:.1f} MFLOP/image, training {f['train'] / 1e6:.1f} MFLOP/image")
 

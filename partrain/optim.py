@@ -29,7 +29,9 @@ DEFAULT_CHUNK = 65536  # elements per pass: big enough to amortise per-call over
 class Optimizer:
     """Shared machinery: range bookkeeping, slicing into segments and chunks, scratch buffers.
 
-    decay_ranges: [(lo, hi)] in flat coordinates where weight decay applies (weights, not biases).
+    decay_ranges: [(lo, hi)] or [(lo, hi, scale)] in flat coordinates where weight decay applies
+    (weights, not biases), with strength scale·weight_decay (1 for a pair; airbench's BN biases,
+    whose learning rate is 64x, get 1/64 so that their shrink per step is the weights').
     lr_scale_ranges: [(lo, hi, scale)] where the learning rate is multiplied by `scale`.
     """
 
@@ -44,8 +46,8 @@ class Optimizer:
         self.weight_decay = float(weight_decay)
         self.decoupled = bool(decoupled)
         self.chunk = int(chunk)
-        self.decay_ranges = _disjoint([(int(a), int(b)) for a, b in (decay_ranges or [])],
-                                      "decay_ranges")
+        self.decay_ranges = _disjoint([(int(r[0]), int(r[1]), float(r[2]) if len(r) > 2 else 1.0)
+                                       for r in (decay_ranges or [])], "decay_ranges")
         self.lr_scale_ranges = _disjoint(
             [(int(a), int(b), float(s)) for a, b, s in (lr_scale_ranges or [])], "lr_scale_ranges")
         self._scratch: dict[np.dtype, tuple[np.ndarray, np.ndarray]] = {}
@@ -100,8 +102,9 @@ class Optimizer:
             self._scratch[dtype] = (np.empty(self.chunk, dtype), np.empty(self.chunk, dtype))
         return self._scratch[dtype]
 
-    def _segments(self, lo: int, hi: int) -> Iterator[tuple[int, int, bool, float]]:
-        """Pieces of [lo, hi) with constant (decay?, lr scale), cut at every range boundary."""
+    def _segments(self, lo: int, hi: int) -> Iterator[tuple[int, int, float, float]]:
+        """Pieces of [lo, hi) with constant (decay scale, lr scale), cut at every range boundary;
+        decay scale 0: no decay."""
         cuts = {lo, hi}
         for r in self.decay_ranges:
             cuts.update(c for c in r[:2] if lo < c < hi)
@@ -109,15 +112,18 @@ class Optimizer:
             cuts.update(c for c in r[:2] if lo < c < hi)
         points = sorted(cuts)
         for s, e in zip(points[:-1], points[1:]):
-            decay = self.weight_decay > 0 and any(a <= s < b for a, b in self.decay_ranges)
+            decay = next((dc for a, b, dc in self.decay_ranges if a <= s < b), 0.0)
+            decay = decay if self.weight_decay > 0 else 0.0
             scale = next((sc for a, b, sc in self.lr_scale_ranges if a <= s < b), 1.0)
             yield s, e, decay, scale
 
-    def _decay_scalars(self, lr: float, dtype) -> dict[str, np.ndarray]:
-        """wd for coupled decay (added to the gradient), 1 - lr*wd for decoupled (shrinks p)."""
+    def _decay_scalars(self, lr: float, dtype, scale: float = 1.0) -> dict[str, np.ndarray]:
+        """wd for coupled decay (added to the gradient), 1 - lr*wd for decoupled (shrinks p),
+        with wd = scale·weight_decay."""
+        wd = self.weight_decay * scale
         if self.decoupled:
-            return {"shrink": np.array(1.0 - lr * self.weight_decay, dtype)}
-        return {"wd": np.array(self.weight_decay, dtype)}
+            return {"shrink": np.array(1.0 - lr * wd, dtype)}
+        return {"wd": np.array(wd, dtype)}
 
     def _decayed_grad(self, p, g, k, decay, a):
         """Coupled (L2) decay: g + wd*p, the gradient of g's loss + 0.5*wd*|w|^2, into scratch a."""
@@ -158,7 +164,7 @@ class Adam(Optimizer):
         k = {"b1": b1, "b2": b2, "c1": 1 - b1, "c2": 1 - b2, "eps": self.eps * self._bc2,
              "step": lr * self._bc2 / self._bc1}
         k = {n: np.array(x, dtype) for n, x in k.items()}
-        return k | self._decay_scalars(lr, dtype) if decay else k
+        return k | self._decay_scalars(lr, dtype, decay) if decay else k
 
     def _update(self, p, g, st, k, decay, a, b):
         m, v = st
@@ -199,7 +205,7 @@ class SGD(Optimizer):
 
     def _scalars(self, lr, decay, dtype):
         k = {"mu": np.array(self.momentum, dtype), "lr": np.array(lr, dtype)}
-        return k | self._decay_scalars(lr, dtype) if decay else k
+        return k | self._decay_scalars(lr, dtype, decay) if decay else k
 
     def _update(self, p, g, st, k, decay, a, b):
         g = self._decayed_grad(p, g, k, decay, a)

@@ -81,6 +81,32 @@ def test_whole_model_gradient():
     np.testing.assert_array_equal(m.state, state_before)
 
 
+def test_bias_decay_is_airbenchs_per_step_shrink():
+    """bias_decay: the BN biases get 1/64 of the weight decay (their learning rate is 64x, so
+    they shrink per step as much as the weights), the whitening bias the weights' decay; the
+    gradient of loss_and_grad and reg_loss agree with those scales."""
+    m, params = bound_model(np.float64, bias_decay=True, **TINY)
+    off = m.layout.offsets
+    scales = {lo: sc for lo, hi, sc in m.layout.decay_ranges() for lo in range(lo, hi)}
+    for s in m.layout.specs:
+        want = 1 / 64 if s.name.startswith("bn") else 1.0
+        assert scales.get(off[s.name]) == want, s.name
+    m.weight_decay = 0.5
+    params[:] = np.random.default_rng(1).standard_normal(params.shape)
+    beta = slice(off["bn0a.beta"], off["bn0a.beta"] + 4)
+    x, y = np.random.default_rng(2).standard_normal((2, 3, 32, 32)), np.array([1, 2])
+    _, g = m.loss_and_grad(x, y)
+    m.weight_decay = 0.0
+    _, g0 = m.loss_and_grad(x, y)
+    np.testing.assert_allclose(g[beta] - g0[beta], 0.5 / 64 * params[beta], rtol=1e-9)
+    m.weight_decay = 0.5
+    sq = lambda name: float(np.sum(m.layout.views(params)[name] ** 2))
+    assert m.reg_loss() == pytest.approx(0.25 * (sum(sq(s.name) for s in m.layout.specs
+                                                     if not s.name.startswith("bn"))
+                                                 + sum(sq(s.name) for s in m.layout.specs
+                                                       if s.name.startswith("bn")) / 64))
+
+
 def test_whitening_is_never_trained():
     m, params = bound_model(np.float32, **TINY)
     w0 = m.state_layout.views(m.state)["whiten.w"].copy()

@@ -159,7 +159,7 @@ def test_course_model_shapes_and_flops():
     sizes = {s.name: s.size for s in m.layout.specs}
     assert sizes == {"conv1.w": 4704, "conv1_bias.b": 32, "fc1.w": 8192 * 512, "fc1.b": 512,
                      "fc2.w": 5120, "fc2.b": 10}
-    decayed = sum(hi - lo for lo, hi in m.layout.decay_ranges())
+    decayed = sum(hi - lo for lo, hi, _ in m.layout.decay_ranges())
     assert decayed == 4704 + 8192 * 512 + 5120  # weights only, no biases
 
 

@@ -10,16 +10,18 @@ import pytest
 from partrain.optim import Adam, SGD, build_optimizer, make_schedule
 
 N = 300
-DECAY = [(0, 120), (150, 260)]            # weights; the gaps are "biases"
+DECAY = [(0, 120), (150, 230, 0.25), (230, 260)]  # weights, one part at 1/4 of the decay
+#                                                     (as a BN bias's); the gaps are "biases"
 SCALE = [(100, 170, 0.1), (280, 300, 3.0)]
 
 
 def _rates(n=N, decay=DECAY, scale=SCALE):
-    """Per-element (decay?, lr multiplier), written independently of partrain.optim."""
-    d = np.zeros(n, bool)
+    """Per-element (decay scale, 0: none; lr multiplier), written independently of
+    partrain.optim."""
+    d = np.zeros(n)
     s = np.ones(n)
-    for lo, hi in decay:
-        d[lo:hi] = True
+    for lo, hi, *dc in decay:
+        d[lo:hi] = dc[0] if dc else 1.0
     for lo, hi, sc in scale:
         s[lo:hi] = sc
     return d, s
@@ -33,11 +35,11 @@ def ref_adam(p, g, m, v, t, lr, b1=0.9, b2=0.999, eps=1e-8, wd=0.0, decoupled=Fa
         lri = lr * s[i]
         gi = float(g[i])
         if d[i] and not decoupled:
-            gi += wd * p[i]
+            gi += wd * d[i] * p[i]
         m[i] = b1 * m[i] + (1 - b1) * gi
         v[i] = b2 * v[i] + (1 - b2) * gi * gi
         if d[i] and decoupled:
-            p[i] -= lri * wd * p[i]
+            p[i] -= lri * wd * d[i] * p[i]
         mhat = m[i] / (1 - b1 ** t)
         vhat = v[i] / (1 - b2 ** t)
         p[i] -= lri * mhat / (math.sqrt(vhat) + eps)
@@ -52,9 +54,9 @@ def ref_sgd(p, g, u, lr, mu=0.0, nesterov=False, wd=0.0, decoupled=False):
         lri = lr * s[i]
         gi = float(g[i])
         if d[i] and not decoupled:
-            gi += wd * p[i]
+            gi += wd * d[i] * p[i]
         if d[i] and decoupled:
-            p[i] -= lri * wd * p[i]
+            p[i] -= lri * wd * d[i] * p[i]
         u[i] = mu * u[i] + gi
         step = gi + mu * u[i] if nesterov else (u[i] if mu else gi)
         p[i] -= lri * step

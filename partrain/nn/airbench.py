@@ -15,9 +15,10 @@ Differences from airbench94, each for a reason:
 - Batch-norm statistics are per ghost batch of `ghost_batch` samples (airbench: the whole batch of
   1024), because our shards are made of whole groups so that results do not depend on the worker
   count; 64 lets a 1024 batch split over up to 16 workers. The small groups add some noise.
-- BN biases are not weight-decayed: our decoupled decay would scale with their 64× learning rate,
-  while airbench's wd/lr parametrisation gives them the weights' decay; leaving them undecayed is
-  the closer and simpler choice. The whitening bias is likewise undecayed (ChannelBias).
+- BN biases and the whitening bias are not weight-decayed unless `bias_decay=True`. airbench94
+  decays them (its wd/lr parametrisation shrinks them per step as much as the weights); with
+  bias_decay the BN biases get 1/64 of the weight decay (`ParamSpec.decay_scale`), since their
+  learning rate is 64x, and the whitening bias the weights' decay, which is airbench94's.
 - GELU is the tanh approximation (functional.gelu_forward), not airbench's exact erf form: numpy
   has no erf, and the erf form written in numpy passes ran forward + backward 2.1x slower
   (4.4 against 2.1 ms per 64x64x15x15 map, scripts/bench_gelu.py, 2026-12-01); the
@@ -136,19 +137,23 @@ class AirbenchModel(Model):
 
 def airbench(dtype=np.float32, widths=(64, 256, 256), ghost_batch=64, whiten_kernel=2,
              whiten_bias=True, head_scale=1 / 9, label_smoothing=0.2, bn_momentum=0.4,
-             bn_eps=1e-12, bias_lr_scale=64.0, num_classes=10, input_size=32, **_):
+             bn_eps=1e-12, bias_lr_scale=64.0, bias_decay=False, num_classes=10, input_size=32,
+             **_):
     """airbench94's network (see the module docstring). bn_momentum is the weight of the new batch
     statistics (airbench's batchnorm_momentum 0.6 is PyTorch's momentum 1 - 0.6 = 0.4);
-    bias_lr_scale multiplies the BN biases' learning rate (airbench's bias_scaler 64)."""
+    bias_lr_scale multiplies the BN biases' learning rate (airbench's bias_scaler 64); bias_decay
+    decays the BN and whitening biases as airbench94 does (per step by as much as the weights:
+    BN biases at 1/bias_lr_scale of the weight decay, as their learning rate is that much higher)."""
     from .models import _positive_ints, _shape_options  # models.py imports this module
     _positive_ints(num_classes=num_classes, input_size=input_size)
     c_whiten = 2 * 3 * whiten_kernel ** 2
     layers = [ToChannelsFirst(), WhiteningConv("whiten", 3, c_whiten, whiten_kernel)]
     if whiten_bias:
-        layers.append(ChannelBias("whiten_bias", c_whiten))
+        layers.append(ChannelBias("whiten_bias", c_whiten, decay=bias_decay))
     layers.append(GELU())
     c_in = c_whiten
-    bn = dict(momentum=bn_momentum, eps=bn_eps, affine_weight=False, bias_lr_scale=bias_lr_scale)
+    bn = dict(momentum=bn_momentum, eps=bn_eps, affine_weight=False, bias_lr_scale=bias_lr_scale,
+              bias_decay=bias_decay)
     for i, w in enumerate(widths):
         layers += [DiracConv(f"conv{i}a", c_in, w), FloorMaxPool(), BatchNorm(f"bn{i}a", w, **bn),
                    GELU(),
@@ -166,7 +171,7 @@ def airbench(dtype=np.float32, widths=(64, 256, 256), ghost_batch=64, whiten_ker
                                       whiten_kernel=whiten_kernel, whiten_bias=whiten_bias,
                                       head_scale=head_scale, label_smoothing=label_smoothing,
                                       bn_momentum=bn_momentum, bn_eps=bn_eps,
-                                      bias_lr_scale=bias_lr_scale,
+                                      bias_lr_scale=bias_lr_scale, bias_decay=bias_decay,
                                       **_shape_options(num_classes, input_size)))
 
 

@@ -117,11 +117,11 @@ class ChannelBias(Layer):
     max), where it touches a quarter of the data; `fused_relu` applies ReLU in the same pass.
     """
 
-    def __init__(self, name, channels, fused_relu=False):
-        self.name, self.c, self.fused_relu = name, channels, fused_relu
+    def __init__(self, name, channels, fused_relu=False, decay=False):
+        self.name, self.c, self.fused_relu, self.decay = name, channels, fused_relu, decay
 
     def params(self):
-        return [ParamSpec("b", (self.c,))]
+        return [ParamSpec("b", (self.c,), decay=self.decay)]
 
     def init(self, rng):
         self.p["b"][...] = 0
@@ -257,9 +257,10 @@ class BatchNorm(Layer):
     """
 
     def __init__(self, name, channels, momentum=0.1, eps=1e-5, affine_weight=True,
-                 affine_bias=True, bias_lr_scale=1.0):
+                 affine_bias=True, bias_lr_scale=1.0, bias_decay=False):
         self.name, self.c, self.momentum, self.eps = name, channels, momentum, eps
         self.affine_weight, self.affine_bias, self.bias_lr_scale = affine_weight, affine_bias, bias_lr_scale
+        self.bias_decay = bias_decay  # decayed as the weights are per step: 1/bias_lr_scale of wd
         self.ws = Workspace()
 
     def params(self):
@@ -267,7 +268,8 @@ class BatchNorm(Layer):
         if self.affine_weight:
             specs.append(ParamSpec("gamma", (self.c,)))
         if self.affine_bias:
-            specs.append(ParamSpec("beta", (self.c,), lr_scale=self.bias_lr_scale))
+            specs.append(ParamSpec("beta", (self.c,), lr_scale=self.bias_lr_scale,
+                                   decay=self.bias_decay, decay_scale=1.0 / self.bias_lr_scale))
         return specs
 
     def state(self):

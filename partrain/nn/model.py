@@ -55,7 +55,8 @@ class Model:
         self.layer_names: tuple[str, ...] = tuple(
             layer.name or f"{type(layer).__name__.lower()}{i}" for i, layer in enumerate(layers))
         named = list(zip(self.layer_names, layers))
-        self.layout = ParamLayout([ParamSpec(f"{n}.{s.name}", s.shape, s.decay, s.lr_scale)
+        self.layout = ParamLayout([ParamSpec(f"{n}.{s.name}", s.shape, s.decay, s.lr_scale,
+                                                    s.decay_scale)
                                    for n, l in named for s in l.params()])
         self.state_layout = ParamLayout([ParamSpec(f"{n}.{s.name}", s.shape)
                                          for n, l in named for s in l.state()])
@@ -246,16 +247,16 @@ class Model:
         """Mean loss plus regularisation, and its full gradient — for gradient checks."""
         loss_sum, _ = self.train_step(x, y, 1.0 / len(y))
         g = self.grads.copy()
-        for lo, hi in self.layout.decay_ranges():
-            g[lo:hi] += self.weight_decay * self.params[lo:hi]
+        for lo, hi, scale in self.layout.decay_ranges():
+            g[lo:hi] += self.weight_decay * scale * self.params[lo:hi]
         return loss_sum / len(y) + self.reg_loss(), g
 
     def reg_loss(self) -> float:
         if not self.weight_decay:
             return 0.0
         return 0.5 * self.weight_decay * sum(
-            float(np.dot(self.params[lo:hi].astype(np.float64), self.params[lo:hi]))
-            for lo, hi in self.layout.decay_ranges())
+            scale * float(np.dot(self.params[lo:hi].astype(np.float64), self.params[lo:hi]))
+            for lo, hi, scale in self.layout.decay_ranges())
 
     def flops_per_image(self) -> dict[str, int]:
         """Multiply-add FLOPs (×2) of the forward pass per image, by layer kind."""

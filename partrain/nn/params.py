@@ -17,12 +17,15 @@ class ParamSpec:
 
     decay: whether weight decay / L2 regularisation applies (weights yes, biases and BN no).
     lr_scale: per-parameter-group learning-rate multiplier.
+    decay_scale: where decay applies, its strength relative to the model's weight decay
+    (airbench's BN biases with decay: 1/lr_scale, so they shrink per step as the weights do).
     """
 
     name: str
     shape: tuple[int, ...]
     decay: bool = False
     lr_scale: float = 1.0
+    decay_scale: float = 1.0
 
     @property
     def size(self) -> int:
@@ -66,5 +69,10 @@ class ParamLayout:
                 out.append((lo, lo + s.size))
         return out
 
-    def decay_ranges(self) -> list[tuple[int, int]]:
-        return self.ranges(lambda s: s.decay)
+    def decay_ranges(self) -> list[tuple[int, int, float]]:
+        """[(lo, hi, decay_scale)] of the decayed tensors, neighbours with one scale merged."""
+        out: list[tuple[int, int, float]] = []
+        for scale in sorted({s.decay_scale for s in self.specs if s.decay}):
+            out += [(lo, hi, scale)
+                    for lo, hi in self.ranges(lambda s: s.decay and s.decay_scale == scale)]
+        return sorted(out)
