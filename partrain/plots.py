@@ -200,4 +200,5 @@ def _ema(y: np.ndarray) -> np.ndarray:
 def _percent(y: np.ndarray, cutoff: float = 1.0) -> np.ndarray:
     """Fractions to percent; values already in percent (max above cutoff) pass through."""
     y = np.asarray(y, dtype=float)
-    return y if y.size and np.nanmax(y) > cutoff else 100.0 * y
+    finite = y[np.isfinite(y)]  # none at all: a run without a validation split (--val-size 0)
+    return y if finite.size and finite.max() > cutoff else 100.0 * y

@@ -143,8 +143,9 @@ class Session:
                                 "val_loss": val_loss if len(plan.val_idx) else None,
                                 **m.clip_columns()})
         self.progress.line(f"epoch {state.epoch + 1}/{plan.cfg.epochs}: loss {m.loss:.4f}"
-                           f"  train acc {m.acc:.1%}  val acc {val_acc:.1%}  "
-                           f"{seconds:.1f} s  {m.seen / seconds:.0f} img/s")
+                           f"  train acc {m.acc:.1%}"
+                           + (f"  val acc {val_acc:.1%}" if len(plan.val_idx) else "")
+                           + f"  {seconds:.1f} s  {m.seen / seconds:.0f} img/s")
         state.epoch, state.position = state.epoch + 1, 0
         improved = observe(state, plan.cfg, val_acc, val_loss)
         state.early_stop = stop_reason(state, plan.cfg)
@@ -204,7 +205,8 @@ class Session:
         self.progress.line(
             f"done: {state.epoch}" + (f" of {cfg.epochs}" if state.early_stop else "")
             + f" epochs in {format_duration(state.elapsed_s + train_time)} "
-            f"({summary['images_per_s']:,.0f} img/s), best val acc {state.best_val:.1%}" + tested
+            f"({summary['images_per_s']:,.0f} img/s)"
+            + (f", best val acc {state.best_val:.1%}" if len(self.plan.val_idx) else "") + tested
             + (f"\n{describe_memory(summary['memory'])}" if describe_memory(summary["memory"])
                else ""))
         return summary  # fit prints the next: line once the run's report.html is written

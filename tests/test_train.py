@@ -77,3 +77,30 @@ def test_bad_settings(tiny_store, tmp_path):
         fit(config(tiny_store, val_size=10_000), tmp_path, quiet=True)
     with pytest.raises(PartrainError, match="unknown model"):
         fit(config(tiny_store, model="nope"), tmp_path, quiet=True)
+
+
+def test_fit_without_a_validation_split(tiny_store, tmp_path):
+    """--val-size 0 (train on every training image, as airbench94 does): no NaN and no
+    warning anywhere a user looks — the epoch lines, the closing line, the runs table, the plots."""
+    import warnings
+
+    from click.testing import CliRunner
+
+    from partrain.cli import main
+    runs = tmp_path / "runs"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a RuntimeWarning (all-NaN curves) fails the run
+        res = CliRunner().invoke(main, ["fit", "--workers", "1", "--model-option", "num_filters=2",
+                                        "--model-option", "hidden_dim=4", "--batch-size", "50",
+                                        "--epochs", "2", "--val-size", "0", "--data-dir",
+                                        str(tiny_store.parent), "--runs-dir", str(runs),
+                                        "--name", "all"])
+        assert res.exit_code == 0, res.output
+        table = CliRunner().invoke(main, ["runs", str(runs)])
+    assert table.exit_code == 0, table.output
+    epoch_lines = [l for l in res.output.splitlines() if l.startswith("epoch 2/2:")]
+    assert epoch_lines and "val acc" not in epoch_lines[0]
+    done = next(l for l in res.output.splitlines() if l.startswith("done:"))
+    assert "best val" not in done and "test acc" in done
+    assert "nan" not in (res.output + table.output).lower()
+    assert (runs / "all" / "report.html").exists()
