@@ -336,8 +336,8 @@ def _decay_text(spec) -> str:
         return "no"
     if spec.decay_scale == 1:
         return "yes"
-    inv = 1 / spec.decay_scale
-    return f"1/{inv:g}" if inv == round(inv) else f"{spec.decay_scale:g}"
+    inv = 1 / spec.decay_scale if spec.decay_scale else 0.0
+    return f"1/{inv:g}" if inv > 1 and inv == round(inv) else f"{spec.decay_scale:g}"
 
 
 def _print_model(name: str, options: dict) -> None:

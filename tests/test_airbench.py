@@ -107,6 +107,17 @@ def test_bias_decay_is_airbenchs_per_step_shrink():
                                                        if s.name.startswith("bn")) / 64))
 
 
+@pytest.mark.parametrize("bias_decay", [False, True])
+def test_frozen_bn_biases_still_build(bias_decay):
+    """bias_lr_scale=0 (BN biases frozen) builds, with or without bias decay (no 1/0 scale)."""
+    res = CliRunner().invoke(main, ["fit", "--model", "airbench", "--model-option",
+                                    "bias_lr_scale=0", "--model-option",
+                                    f"bias_decay={str(bias_decay).lower()}", "--dry-run"])
+    assert res.exit_code == 0, res.output
+    beta = next(l for l in res.output.splitlines() if l.strip().startswith("bn0a.beta"))
+    assert beta.split()[-2:] == (["yes", "0"] if bias_decay else ["no", "0"])
+
+
 def test_whitening_is_never_trained():
     m, params = bound_model(np.float32, **TINY)
     w0 = m.state_layout.views(m.state)["whiten.w"].copy()

@@ -268,8 +268,10 @@ class BatchNorm(Layer):
         if self.affine_weight:
             specs.append(ParamSpec("gamma", (self.c,)))
         if self.affine_bias:
+            # With a learning-rate scale of 0 (biases frozen) the decay cannot move them either.
+            scale = 1.0 / self.bias_lr_scale if self.bias_lr_scale else 1.0
             specs.append(ParamSpec("beta", (self.c,), lr_scale=self.bias_lr_scale,
-                                   decay=self.bias_decay, decay_scale=1.0 / self.bias_lr_scale))
+                                   decay=self.bias_decay, decay_scale=scale))
         return specs
 
     def state(self):
