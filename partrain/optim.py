@@ -117,7 +117,7 @@ class Optimizer:
             scale = next((sc for a, b, sc in self.lr_scale_ranges if a <= s < b), 1.0)
             yield s, e, decay, scale
 
-    def _decay_scalars(self, lr: float, dtype, scale: float = 1.0) -> dict[str, np.ndarray]:
+    def _decay_scalars(self, lr: float, dtype, scale: float) -> dict[str, np.ndarray]:
         """wd for coupled decay (added to the gradient), 1 - lr*wd for decoupled (shrinks p),
         with wd = scale·weight_decay."""
         wd = self.weight_decay * scale

@@ -176,8 +176,8 @@ def _running(row: dict, lock, ck: dict | None, steps: list[dict]) -> None:
 def _numbers(row: dict, ck, summary: dict, steps, epochs, evaluation: dict) -> None:
     """Epochs done, accuracies, training time and images/s: summary.json's where it is the
     current one, else what the checkpoint and history.csv hold."""
-    vals = [v for v in (_fraction(r.get("val_acc")) for r in epochs) if v is not None]  # not
-    # NaN: a run without a validation split (--val-size 0) logs NaN and shows "-"
+    # Not NaN: a run without a validation split (--val-size 0) logs NaN and shows "-".
+    vals = [v for v in (_fraction(r.get("val_acc")) for r in epochs) if v is not None]
     best = summary.get("best_val_acc", ck["best_val"] if ck else None)
     row["best_val_acc"] = _fraction(best) if _fraction(best) is not None and best >= 0 else (
         max(vals) if vals else None)

@@ -5,19 +5,18 @@ from memory again (airbench's first pooled map is 15 MB, beyond a core's L2 and 
 of L3). Run the same chain on a few channels at a time instead and the later passes find their
 operands in cache. Channels are the maps' leading axis, so a block is one contiguous slice, and
 each element still sees exactly the same operations: the results do not change by a bit (per-
-channel reductions reduce the same rows). airbench at batch 64, one thread: the pools 12.0 ->
-~8 ms forward + backward (BENCHMARKS.md).
+channel reductions reduce the same rows). airbench at batch 64, one thread, its three pools
+forward + backward: 28–33 -> 18–23 ms a step; its GELUs 20–25 -> 17–19 ms (BENCHMARKS.md).
 """
 from __future__ import annotations
 
-BLOCK_BYTES = 1 << 19  # ~ half a Zen 3 core's 512 KiB L2 per input block, with room for the rest
+import math
+
+BLOCK_BYTES = 1 << 19  # input per block: a Zen 3 core's L2; 512 KiB – 1 MiB did best in a sweep
 
 
 def channel_blocks(shape: tuple[int, ...], itemsize: int = 4) -> list[slice]:
     """Slices of the leading (channel) axis of a map of `shape`, each about BLOCK_BYTES."""
-    per_channel = itemsize
-    for n in shape[1:]:
-        per_channel *= n
-    c = shape[0]
+    c, per_channel = shape[0], itemsize * math.prod(shape[1:])
     step = max(1, min(c, BLOCK_BYTES // max(per_channel, 1)))
     return [slice(lo, min(lo + step, c)) for lo in range(0, c, step)]

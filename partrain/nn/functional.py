@@ -317,7 +317,7 @@ def maxpool_backward(dout, cache, ws=None, key="pool", dx_out=None):
     """dx_out: optional array (or view) of the input's shape to write dx into."""
     if cache[0] == "fast2":
         _, shape, row1, col1 = cache
-        C, H, W, N = shape
+        _, H, W, N = shape
         dx = dx_out if dx_out is not None else buffer(ws, key + "dx", shape, dout.dtype)
         blocks = channel_blocks(shape, dout.itemsize)
         drow = scratch(ws, "pooldrow", (blocks[0].stop, H // 2, W, N), dout.dtype)
