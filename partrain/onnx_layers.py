@@ -7,8 +7,9 @@ evaluation mode what the layer's `forward(x, StepContext(train=False))` computes
   inner layout for its GEMMs, so `ToChannelsFirst` is no node, and `Flatten` (C, H, W order per
   sample) and the global pools ((N, C)) give what partrain's give;
 - batch norm is `BatchNormalization` with the running statistics (no gamma: ones; no beta: zeros);
-- GELU is written out in partrain's tanh form, in partrain's order of operations: the `Gelu`
-  operator is opset 20, and its default is the erf form, which is not what partrain computes;
+- GELU is written out in the layer's form, in partrain's order of operations: the tanh form with
+  `Tanh`, the erf form (airbench's `gelu=erf`) as 0.5·x·(1 + Erf(x/√2)) (the `Gelu` operator is
+  opset 20);
 - max-pools are `MaxPool` in floor mode, as partrain's (airbench's FloorMaxPool crops an odd last
   row and column: the same windows);
 - an `Affine` is `Gemm` with the (out, in) weights transposed, then × its scale (airbench's head
@@ -28,7 +29,7 @@ from .nn.airbench import DiracConv, FloorMaxPool, WhiteningConv
 from .nn.layers import (GELU, Affine, BatchNorm, ChannelBias, Conv, Flatten, GlobalAvgPool,
                         GlobalMaxPool, MaxPool, ReLU, ToChannelsFirst)
 
-_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)  # functional.gelu_forward's constants
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)  # gelu.gelu_forward's constants
 _GELU_CUBIC = 0.044715
 
 
@@ -106,7 +107,14 @@ def _relu(g, name, layer, x):
 
 
 def _gelu(g, name, layer, x):
-    """0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))), in gelu_forward's order of operations."""
+    """0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))), in gelu_forward's order of operations; the
+    erf form 0.5·x·(1 + erf(x/√2)) (partrain's erf is a polynomial within 1.5e-7 of Erf's)."""
+    if layer.form == "erf":
+        t = g.op("Mul", [x, g.scalar(1.0 / math.sqrt(2.0))], f"{name}_scaled")
+        t = g.op("Erf", [t], f"{name}_erf")
+        t = g.op("Add", [t, g.scalar(1.0)], f"{name}_one_plus")
+        t = g.op("Mul", [t, x], f"{name}_times_x")
+        return g.op("Mul", [t, g.scalar(0.5)], name)
     t = g.op("Mul", [x, x], f"{name}_sq")
     t = g.op("Mul", [t, g.scalar(_GELU_CUBIC * _SQRT_2_OVER_PI)], f"{name}_cubic")
     t = g.op("Add", [t, g.scalar(_SQRT_2_OVER_PI)], f"{name}_poly")

@@ -6,6 +6,7 @@ import pytest
 from partrain.nn import batchnorm as BN
 from partrain.nn import blocking
 from partrain.nn import functional as F
+from partrain.nn import gelu as G
 from partrain.nn.blocking import channel_blocks
 from partrain.nn.workspace import Workspace
 
@@ -24,9 +25,12 @@ def _all_kernels(x, d_pool, d_map, groups):
     p, pc = F.maxpool_forward(x, ws=ws)
     out["pool"] = p.copy()
     out["pool_dx"] = F.maxpool_backward(d_pool, pc, ws).copy()
-    g, gc = F.gelu_forward(x, ws)
+    g, gc = G.gelu_forward(x, ws)
     out["gelu"] = g.copy()
-    out["gelu_dx"] = F.gelu_backward(d_map, gc, ws).copy()
+    out["gelu_dx"] = G.gelu_backward(d_map, gc, ws).copy()
+    g, gc = G.gelu_erf_forward(x, ws, key="erf")
+    out["gelu_erf"] = g.copy()
+    out["gelu_erf_dx"] = G.gelu_erf_backward(d_map, gc, ws, key="erf").copy()
     C = x.shape[0]
     gamma = np.linspace(0.5, 1.5, C).astype(x.dtype)
     beta = np.linspace(-1, 1, C).astype(x.dtype)

@@ -157,10 +157,12 @@ def random_model(name, rng, **options):
     ("three-layer", dict(num_filters=3, hidden_dim=8, input_size=16)),
     ("vgg", dict(widths=(3, 5, 6))),
     ("airbench", dict(widths=(6, 8, 10), head_scale=0.5, whiten_bias=False)),
+    ("airbench", dict(widths=(6, 8, 10), gelu="erf")),
 ])
 def test_direct_models_with_random_parameters(name, options):
     """Other shapes and options than the runs': a 16 x 16 input (the size comes from the model),
-    gamma in use (vgg), airbench without its whitening bias and with another head scale."""
+    gamma in use (vgg), airbench without its whitening bias and with another head scale, and
+    with the exact (erf) GELU."""
     rng = np.random.default_rng(3)
     m = random_model(name, rng, **options)
     scale, shift = normaliser(rng.uniform(90, 160, 3), rng.uniform(40, 80, 3))

@@ -1,9 +1,12 @@
 """Every layer's backward pass against a centred numerical gradient, in float64."""
+import math
+
 import numpy as np
 import pytest
 
 from partrain.nn import batchnorm as BN
 from partrain.nn import functional as F
+from partrain.nn import gelu as G
 from partrain.nn.models import build_model
 
 from gradcheck import check_model_gradient, numerical_grad, rel_error
@@ -63,7 +66,42 @@ def test_relu():
 
 def test_gelu():
     x = RNG.standard_normal((3, 2, 4, 4))
-    check(lambda x: F.gelu_forward(x), lambda d, c: (F.gelu_backward(d, c),), [x])
+    check(lambda x: G.gelu_forward(x), lambda d, c: (G.gelu_backward(d, c),), [x])
+
+
+def test_gelu_erf():
+    """The backward pass is the exact derivative Φ(x) + x·φ(x), while the forward's erf is a
+    polynomial within 1.5e-7: their derivatives differ by ~1e-7, too much for check()'s
+    elementwise relative error near zero, so compared here to the largest gradient."""
+    x = RNG.standard_normal((3, 2, 4, 4)) * 2
+    dout = RNG.standard_normal(x.shape)
+    analytic = G.gelu_erf_backward(dout, G.gelu_erf_forward(x)[1])
+    numeric = numerical_grad(lambda: float(np.sum(G.gelu_erf_forward(x)[0] * dout)), x)
+    assert np.abs(analytic - numeric).max() < 2e-6 * np.abs(numeric).max()
+
+
+@pytest.mark.parametrize("dtype, tol", [(np.float64, 2e-7), (np.float32, 1e-6)])
+def test_gelu_forms_against_math_erf(dtype, tol):
+    """The erf form is x·Φ(x) to within its polynomial's 1.5e-7 (plus float32 rounding); the tanh
+    form stays within its documented 4.7e-4 of it, and is not the same function."""
+    x = np.linspace(-8, 8, 4001).reshape(1, 1, 1, -1).astype(dtype)
+    exact = 0.5 * x.astype(np.float64) * (1 + np.vectorize(math.erf)(x / math.sqrt(2)))
+    erf_form, _ = G.gelu_erf_forward(x)
+    tanh_form, _ = G.gelu_forward(x)
+    assert erf_form.dtype == dtype
+    assert np.abs(erf_form - exact).max() < tol * np.maximum(1, np.abs(exact)).max()
+    assert 1e-4 < np.abs(tanh_form - exact).max() < 4.8e-4
+    deriv = G.gelu_erf_backward(np.ones_like(x), G.gelu_erf_forward(x)[1])
+    exact_deriv = (0.5 * (1 + np.vectorize(math.erf)(x / math.sqrt(2)))
+                   + x * np.exp(-x.astype(np.float64) ** 2 / 2) / math.sqrt(2 * math.pi))
+    assert np.abs(deriv - exact_deriv).max() < 5 * tol
+
+
+def test_gelu_erf_without_grad_keeps_nothing():
+    out, cache = G.gelu_erf_forward(RNG.standard_normal((2, 3, 3, 2)), need_grad=False)
+    assert cache is None
+    with pytest.raises(ValueError, match="need_grad"):
+        G.gelu_erf_backward(out, cache)
 
 
 @pytest.mark.parametrize("size,stride", [(2, 2), (3, 2), (3, 1)])

@@ -139,27 +139,28 @@ class AirbenchModel(Model):
 
 def airbench(dtype=np.float32, widths=(64, 256, 256), ghost_batch=64, whiten_kernel=2,
              whiten_bias=True, head_scale=1 / 9, label_smoothing=0.2, bn_momentum=0.4,
-             bn_eps=1e-12, bias_lr_scale=64.0, bias_decay=False, num_classes=10, input_size=32,
-             **_):
+             bn_eps=1e-12, bias_lr_scale=64.0, bias_decay=False, gelu="tanh", num_classes=10,
+             input_size=32, **_):
     """airbench94's network (see the module docstring). bn_momentum is the weight of the new batch
     statistics (airbench's batchnorm_momentum 0.6 is PyTorch's momentum 1 - 0.6 = 0.4);
     bias_lr_scale multiplies the BN biases' learning rate (airbench's bias_scaler 64); bias_decay
     decays the BN and whitening biases as airbench94 does (per step by as much as the weights:
-    BN biases at 1/bias_lr_scale of the weight decay, as their learning rate is that much higher)."""
+    BN biases at 1/bias_lr_scale of the weight decay, as their learning rate is that much higher);
+    gelu is the GELU's form, "tanh" or airbench94's exact "erf" (gelu.py)."""
     from .models import _positive_ints, _shape_options  # models.py imports this module
     _positive_ints(num_classes=num_classes, input_size=input_size)
     c_whiten = 2 * 3 * whiten_kernel ** 2
     layers = [ToChannelsFirst(), WhiteningConv("whiten", 3, c_whiten, whiten_kernel)]
     if whiten_bias:
         layers.append(ChannelBias("whiten_bias", c_whiten, decay=bias_decay))
-    layers.append(GELU())
+    layers.append(GELU(gelu))
     c_in = c_whiten
     bn = dict(momentum=bn_momentum, eps=bn_eps, affine_weight=False, bias_lr_scale=bias_lr_scale,
               bias_decay=bias_decay)
     for i, w in enumerate(widths):
         layers += [DiracConv(f"conv{i}a", c_in, w), FloorMaxPool(), BatchNorm(f"bn{i}a", w, **bn),
-                   GELU(),
-                   DiracConv(f"conv{i}b", w, w), BatchNorm(f"bn{i}b", w, **bn), GELU()]
+                   GELU(gelu),
+                   DiracConv(f"conv{i}b", w, w), BatchNorm(f"bn{i}b", w, **bn), GELU(gelu)]
         c_in = w
     # PyTorch's default Linear init, uniform(±1/√fan_in), has this standard deviation.
     layers += [GlobalMaxPool(),
@@ -174,7 +175,13 @@ def airbench(dtype=np.float32, widths=(64, 256, 256), ghost_batch=64, whiten_ker
                                       head_scale=head_scale, label_smoothing=label_smoothing,
                                       bn_momentum=bn_momentum, bn_eps=bn_eps,
                                       bias_lr_scale=bias_lr_scale, bias_decay=bias_decay,
-                                      **_shape_options(num_classes, input_size)))
+                                      **_gelu_option(gelu), **_shape_options(num_classes, input_size)))
+
+
+def _gelu_option(gelu: str) -> dict:
+    """{"gelu": form} unless it is the default tanh: runs saved before the option existed have
+    config.json files (and digests) without it, and so have the runs that keep the default."""
+    return {} if gelu == "tanh" else {"gelu": gelu}
 
 
 # ------------------------------------------------------------------------------- whitening

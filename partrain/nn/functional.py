@@ -16,8 +16,6 @@ in batchnorm.py.
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
@@ -233,51 +231,6 @@ def relu_forward(x):
 def relu_backward(dout, cache):
     out = cache
     return np.multiply(dout, out > 0)
-
-
-_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
-
-
-def gelu_forward(x, ws=None, key="gelu"):
-    """GELU, tanh approximation. Written with in-place products: `x ** 3` calls powf, 3x slower.
-    With a Workspace the two map-sized arrays are reused from step to step (no page faults); the
-    passes run a block of channels at a time (blocking.py: the block stays in cache)."""
-    t = buffer(ws, key + "t", x.shape, x.dtype)
-    out = buffer(ws, key + "out", x.shape, x.dtype)
-    for s in channel_blocks(x.shape, x.itemsize):
-        xb, tb, ob = x[s], t[s], out[s]
-        np.multiply(xb, xb, out=tb)
-        tb *= 0.044715 * _SQRT_2_OVER_PI
-        tb += _SQRT_2_OVER_PI
-        tb *= xb                    # sqrt(2/pi) * (x + 0.044715 x^3)
-        np.tanh(tb, out=tb)
-        np.add(tb, 1.0, out=ob)
-        ob *= xb
-        ob *= 0.5
-    return out, (x, t)
-
-
-def gelu_backward(dout, cache, ws=None, key="gelu"):
-    """d/dx = 0.5 (1 + tanh u) + 0.5 x (1 - tanh^2 u) u',  u' = sqrt(2/pi) (1 + 3·0.044715 x^2)."""
-    x, t = cache
-    du = buffer(ws, key + "du", x.shape, dout.dtype)
-    blocks = channel_blocks(x.shape, x.itemsize)
-    sech2 = scratch(ws, "gelusech2", x[blocks[0]].shape, dout.dtype)
-    for s in blocks:
-        xb, tb, db = x[s], t[s], du[s]
-        sq = sech2[:s.stop - s.start]
-        np.multiply(xb, xb, out=db)
-        db *= 3 * 0.044715 * _SQRT_2_OVER_PI
-        db += _SQRT_2_OVER_PI
-        np.multiply(tb, tb, out=sq)
-        np.subtract(1.0, sq, out=sq)
-        db *= sq
-        db *= xb
-        db += tb
-        db += 1.0
-        db *= 0.5
-        db *= dout[s]
-    return du
 
 
 # --------------------------------------------------------------------------------- pooling

@@ -13,6 +13,7 @@ import numpy as np
 
 from . import batchnorm as BN
 from . import functional as F
+from . import gelu as G
 from .params import ParamSpec
 from .workspace import Workspace
 
@@ -150,15 +151,25 @@ class ReLU(Layer):
 
 
 class GELU(Layer):
-    def __init__(self):
+    """x·Φ(x) in `form` "tanh" (the approximation) or "erf" (exact): see gelu.py."""
+
+    def __init__(self, form: str = "tanh"):
+        if form not in G.FORMS:
+            raise ValueError(f"GELU form must be one of {', '.join(G.FORMS)}, got {form!r}")
+        self.form = form
         self.ws = Workspace()
 
     def forward(self, x, ctx):
-        out, self.cache = F.gelu_forward(x, self.ws)
+        if self.form == "erf":
+            out, self.cache = G.gelu_erf_forward(x, self.ws, need_grad=ctx.train)
+        else:
+            out, self.cache = G.gelu_forward(x, self.ws)
         return out
 
     def backward(self, dout):
-        return F.gelu_backward(dout, self.cache, self.ws)
+        if self.form == "erf":
+            return G.gelu_erf_backward(dout, self.cache, self.ws)
+        return G.gelu_backward(dout, self.cache, self.ws)
 
 
 class MaxPool(Layer):
