@@ -38,7 +38,7 @@ def main():
                 tf = median_ms(lambda: G.gelu_forward(x, ws_t))
                 tb = median_ms(lambda: G.gelu_backward(d, cache_t, ws_t))
                 ef = median_ms(lambda: G.gelu_erf_forward(x, ws_e))
-                eb = median_ms(lambda: G.gelu_erf_backward(d, cache_e, ws_e))
+                eb = median_ms(lambda: G.gelu_backward(d, cache_e, ws_e))
                 print(f"  tanh fwd {tf:.2f} bwd {tb:.2f} = {tf + tb:.2f} ms | erf fwd {ef:.2f} "
                       f"bwd {eb:.2f} = {ef + eb:.2f} ms | erf/tanh {(ef + eb) / (tf + tb):.2f}")
 

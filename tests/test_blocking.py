@@ -30,7 +30,7 @@ def _all_kernels(x, d_pool, d_map, groups):
     out["gelu_dx"] = G.gelu_backward(d_map, gc, ws).copy()
     g, gc = G.gelu_erf_forward(x, ws, key="erf")
     out["gelu_erf"] = g.copy()
-    out["gelu_erf_dx"] = G.gelu_erf_backward(d_map, gc, ws, key="erf").copy()
+    out["gelu_erf_dx"] = G.gelu_backward(d_map, gc, ws, key="erf").copy()
     C = x.shape[0]
     gamma = np.linspace(0.5, 1.5, C).astype(x.dtype)
     beta = np.linspace(-1, 1, C).astype(x.dtype)

@@ -75,7 +75,7 @@ def test_gelu_erf():
     elementwise relative error near zero, so compared here to the largest gradient."""
     x = RNG.standard_normal((3, 2, 4, 4)) * 2
     dout = RNG.standard_normal(x.shape)
-    analytic = G.gelu_erf_backward(dout, G.gelu_erf_forward(x)[1])
+    analytic = G.gelu_backward(dout, G.gelu_erf_forward(x)[1])
     numeric = numerical_grad(lambda: float(np.sum(G.gelu_erf_forward(x)[0] * dout)), x)
     assert np.abs(analytic - numeric).max() < 2e-6 * np.abs(numeric).max()
 
@@ -91,17 +91,21 @@ def test_gelu_forms_against_math_erf(dtype, tol):
     assert erf_form.dtype == dtype
     assert np.abs(erf_form - exact).max() < tol * np.maximum(1, np.abs(exact)).max()
     assert 1e-4 < np.abs(tanh_form - exact).max() < 4.8e-4
-    deriv = G.gelu_erf_backward(np.ones_like(x), G.gelu_erf_forward(x)[1])
+    deriv = G.gelu_backward(np.ones_like(x), G.gelu_erf_forward(x)[1])
     exact_deriv = (0.5 * (1 + np.vectorize(math.erf)(x / math.sqrt(2)))
                    + x * np.exp(-x.astype(np.float64) ** 2 / 2) / math.sqrt(2 * math.pi))
     assert np.abs(deriv - exact_deriv).max() < 5 * tol
 
 
-def test_gelu_erf_without_grad_keeps_nothing():
-    out, cache = G.gelu_erf_forward(RNG.standard_normal((2, 3, 3, 2)), need_grad=False)
+@pytest.mark.parametrize("forward", [G.gelu_forward, G.gelu_erf_forward])
+def test_gelu_without_grad_keeps_nothing(forward):
+    """Evaluation passes (need_grad=False) compute the same output and no derivative."""
+    x = RNG.standard_normal((2, 3, 3, 2))
+    out, cache = forward(x, need_grad=False)
     assert cache is None
+    np.testing.assert_array_equal(out, forward(x)[0])
     with pytest.raises(ValueError, match="need_grad"):
-        G.gelu_erf_backward(out, cache)
+        G.gelu_backward(out, cache)
 
 
 @pytest.mark.parametrize("size,stride", [(2, 2), (3, 2), (3, 1)])

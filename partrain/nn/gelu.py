@@ -4,8 +4,10 @@ tanh: 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))), within 4.7e-4 of x·Φ
 erf:  x·Φ(x) with Φ(x) = ½(1 + erf(x/√2)), what airbench94 (PyTorch's default nn.GELU) computes.
       numpy has no erf ufunc, so erf is Abramowitz & Stegun 7.1.26, |error| < 1.5e-7 (float32's
       resolution near 1): erf(z) = 1 - t·(a1 + t·(a2 + … + t·a5))·exp(-z²), t = 1/(1 + p·z),
-      z ≥ 0, odd in z. Its forward pass keeps the derivative Φ(x) + x·φ(x) for the backward pass
-      (φ shares the exp), so backward is one product and x itself is not kept.
+      z ≥ 0, odd in z. Its derivative is the exact one, Φ(x) + x·φ(x) (φ shares the exp).
+
+In training the forward pass also computes the derivative, while the block is in cache, and keeps
+it instead of x (and tanh's t): the backward pass is then one product, dout · derivative.
 
 Both are chains of in-place numpy passes (`x ** 3` would call powf, 3x slower) over a block of
 channels at a time (blocking.py: the block stays in cache); with a Workspace their map-sized
@@ -29,14 +31,17 @@ _AS_A = (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429)
 
 
 
-def gelu_forward(x, ws=None, key="gelu"):
-    """GELU, tanh approximation. Written with in-place products: `x ** 3` calls powf, 3x slower.
-    With a Workspace the two map-sized arrays are reused from step to step (no page faults); the
-    passes run a block of channels at a time (blocking.py: the block stays in cache)."""
-    t = buffer(ws, key + "t", x.shape, x.dtype)
+def gelu_forward(x, ws=None, key="gelu", need_grad=True):
+    """GELU, tanh approximation; the cache is its derivative (None without need_grad),
+    0.5 (1 + tanh u) + 0.5 x (1 - tanh^2 u) u',  u' = sqrt(2/pi) (1 + 3·0.044715 x^2)."""
     out = buffer(ws, key + "out", x.shape, x.dtype)
-    for s in channel_blocks(x.shape, x.itemsize):
-        xb, tb, ob = x[s], t[s], out[s]
+    deriv = buffer(ws, key + "deriv", x.shape, x.dtype) if need_grad else None
+    blocks = channel_blocks(x.shape, x.itemsize)
+    shape0 = x[blocks[0]].shape
+    t_all, sq_all = (scratch(ws, "gelu" + r, shape0, x.dtype) for r in ("t", "p"))
+    for s in blocks:
+        n = s.stop - s.start
+        xb, ob, tb, sq = x[s], out[s], t_all[:n], sq_all[:n]
         np.multiply(xb, xb, out=tb)
         tb *= 0.044715 * _SQRT_2_OVER_PI
         tb += _SQRT_2_OVER_PI
@@ -45,32 +50,27 @@ def gelu_forward(x, ws=None, key="gelu"):
         np.add(tb, 1.0, out=ob)
         ob *= xb
         ob *= 0.5
-    return out, (x, t)
+        if deriv is not None:
+            db = deriv[s]
+            np.multiply(xb, xb, out=db)
+            db *= 3 * 0.044715 * _SQRT_2_OVER_PI
+            db += _SQRT_2_OVER_PI
+            np.multiply(tb, tb, out=sq)
+            np.subtract(1.0, sq, out=sq)
+            db *= sq
+            db *= xb
+            db += tb
+            db += 1.0
+            db *= 0.5
+    return out, deriv
 
 
 def gelu_backward(dout, cache, ws=None, key="gelu"):
-    """d/dx = 0.5 (1 + tanh u) + 0.5 x (1 - tanh^2 u) u',  u' = sqrt(2/pi) (1 + 3·0.044715 x^2)."""
-    x, t = cache
-    du = buffer(ws, key + "du", x.shape, dout.dtype)
-    blocks = channel_blocks(x.shape, x.itemsize)
-    sech2 = scratch(ws, "gelusech2", x[blocks[0]].shape, dout.dtype)
-    for s in blocks:
-        xb, tb, db = x[s], t[s], du[s]
-        sq = sech2[:s.stop - s.start]
-        np.multiply(xb, xb, out=db)
-        db *= 3 * 0.044715 * _SQRT_2_OVER_PI
-        db += _SQRT_2_OVER_PI
-        np.multiply(tb, tb, out=sq)
-        np.subtract(1.0, sq, out=sq)
-        db *= sq
-        db *= xb
-        db += tb
-        db += 1.0
-        db *= 0.5
-        db *= dout[s]
-    return du
-
-
+    """dx = dout · the derivative the forward pass kept (either form)."""
+    if cache is None:
+        raise ValueError("gelu_backward: the forward pass ran without need_grad")
+    dx = buffer(ws, key + "du", cache.shape, dout.dtype)
+    return np.multiply(dout, cache, out=dx)
 
 
 def gelu_erf_forward(x, ws=None, key="gelu", need_grad=True):
@@ -106,11 +106,3 @@ def gelu_erf_forward(x, ws=None, key="gelu", need_grad=True):
             db *= 1.0 / math.sqrt(2.0 * math.pi)
             db += p
     return out, deriv
-
-
-def gelu_erf_backward(dout, cache, ws=None, key="gelu"):
-    """dx = dout · (Φ(x) + x·φ(x)), the derivative kept by the forward pass."""
-    if cache is None:
-        raise ValueError("gelu_erf_backward: the forward pass ran without need_grad")
-    dx = buffer(ws, key + "du", cache.shape, dout.dtype)
-    return np.multiply(dout, cache, out=dx)

@@ -160,15 +160,11 @@ class GELU(Layer):
         self.ws = Workspace()
 
     def forward(self, x, ctx):
-        if self.form == "erf":
-            out, self.cache = G.gelu_erf_forward(x, self.ws, need_grad=ctx.train)
-        else:
-            out, self.cache = G.gelu_forward(x, self.ws)
+        forward = G.gelu_erf_forward if self.form == "erf" else G.gelu_forward
+        out, self.cache = forward(x, self.ws, need_grad=ctx.train)
         return out
 
     def backward(self, dout):
-        if self.form == "erf":
-            return G.gelu_erf_backward(dout, self.cache, self.ws)
         return G.gelu_backward(dout, self.cache, self.ws)
 
 
