@@ -14,17 +14,19 @@ Differences from airbench94, each for a reason:
   `init_params` (data are not a model option: options must be small and JSON-able).
 - Batch-norm statistics are per ghost batch of `ghost_batch` samples (airbench: the whole batch of
   1024), because our shards are made of whole groups so that results do not depend on the worker
-  count; 64 lets a 1024 batch split over up to 16 workers. The small groups add some noise.
+  count; 64 lets a 1024 batch split over up to 16 workers. The small groups add some noise, but
+  statistics over each worker's 512 images (ghost_batch=512) got 90.88 / 90.33 % with TTA on seeds
+  0 / 1 against 90.56 / 90.71 %, at 5x the memory (BENCHMARKS.md, 2026-12-02): no gain measured.
 - BN biases and the whitening bias are weight-decayed only with `bias_decay=True`. airbench94
   decays them (its wd/lr parametrisation shrinks them per step as much as the weights); with
   bias_decay the BN biases get 1/64 of the weight decay (`ParamSpec.decay_scale`), since their
   learning rate is 64x, and the whitening bias the weights' decay, which is airbench94's. Off by
   default: the full recipe with it, seeds 0 / 1, got 90.67 / 90.51 % with TTA against 90.56 /
   90.71 % without (BENCHMARKS.md, 2026-12-02): no gain measured.
-- GELU is the tanh approximation (functional.gelu_forward), not airbench's exact erf form: numpy
-  has no erf, and the erf form written in numpy passes ran forward + backward 2.1x slower
-  (4.4 against 2.1 ms per 64x64x15x15 map, scripts/bench_gelu.py, 2026-12-01); the
-  approximation is within 4.7e-4 of the exact GELU. Its effect on accuracy is not measured.
+- GELU is the tanh approximation by default (gelu.py, within 4.7e-4 of x·Φ(x)); `gelu="erf"` is
+  airbench's exact form (erf by a 1.5e-7 polynomial: numpy has no erf). Measured: the erf form's
+  kernels take 1.5x the tanh form's, its runs 90.56 / 90.58 % with TTA on seeds 0 / 1 against
+  90.56 / 90.71 % (BENCHMARKS.md, 2026-12-02): no gain, so tanh stays the default.
   BN variance is the biased one.
 - Max-pools over odd maps (31 -> 15, 15 -> 7, 7 -> 3) drop the last row and column, exactly as a
   floor-mode pool does, but first crop them so that the fast 2×2 kernel applies (the general one
@@ -175,7 +177,8 @@ def airbench(dtype=np.float32, widths=(64, 256, 256), ghost_batch=64, whiten_ker
                                       head_scale=head_scale, label_smoothing=label_smoothing,
                                       bn_momentum=bn_momentum, bn_eps=bn_eps,
                                       bias_lr_scale=bias_lr_scale, bias_decay=bias_decay,
-                                      **_gelu_option(gelu), **_shape_options(num_classes, input_size)))
+                                      **_gelu_option(gelu),
+                                      **_shape_options(num_classes, input_size)))
 
 
 def _gelu_option(gelu: str) -> dict:

@@ -30,7 +30,6 @@ _AS_P = 0.3275911                            # Abramowitz & Stegun 7.1.26
 _AS_A = (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429)
 
 
-
 def gelu_forward(x, ws=None, key="gelu", need_grad=True):
     """GELU, tanh approximation; the cache is its derivative (None without need_grad),
     0.5 (1 + tanh u) + 0.5 x (1 - tanh^2 u) u',  u' = sqrt(2/pi) (1 + 3·0.044715 x^2)."""
