@@ -30,14 +30,20 @@ _AS_P = 0.3275911                            # Abramowitz & Stegun 7.1.26
 _AS_A = (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429)
 
 
-def gelu_forward(x, ws=None, key="gelu", need_grad=True):
-    """GELU, tanh approximation; the cache is its derivative (None without need_grad),
-    0.5 (1 + tanh u) + 0.5 x (1 - tanh^2 u) u',  u' = sqrt(2/pi) (1 + 3·0.044715 x^2)."""
+def _buffers(x, ws, key, need_grad, roles):
+    """Both forms' arrays: the output and (need_grad) the derivative, map-sized and kept; the
+    channel blocks; one block-sized scratch array per role (the same roles share one pool)."""
     out = buffer(ws, key + "out", x.shape, x.dtype)
     deriv = buffer(ws, key + "deriv", x.shape, x.dtype) if need_grad else None
     blocks = channel_blocks(x.shape, x.itemsize)
     shape0 = x[blocks[0]].shape
-    t_all, sq_all = (scratch(ws, "gelu" + r, shape0, x.dtype) for r in ("t", "p"))
+    return out, deriv, blocks, [scratch(ws, "gelu" + r, shape0, x.dtype) for r in roles]
+
+
+def gelu_forward(x, ws=None, key="gelu", need_grad=True):
+    """GELU, tanh approximation; the cache is its derivative (None without need_grad),
+    0.5 (1 + tanh u) + 0.5 x (1 - tanh^2 u) u',  u' = sqrt(2/pi) (1 + 3·0.044715 x^2)."""
+    out, deriv, blocks, (t_all, sq_all) = _buffers(x, ws, key, need_grad, ("t", "p"))
     for s in blocks:
         n = s.stop - s.start
         xb, ob, tb, sq = x[s], out[s], t_all[:n], sq_all[:n]
@@ -74,11 +80,7 @@ def gelu_backward(dout, cache, ws=None, key="gelu"):
 
 def gelu_erf_forward(x, ws=None, key="gelu", need_grad=True):
     """Exact GELU x·Φ(x); the cache is its derivative Φ(x) + x·φ(x) (None without need_grad)."""
-    out = buffer(ws, key + "out", x.shape, x.dtype)
-    deriv = buffer(ws, key + "deriv", x.shape, x.dtype) if need_grad else None
-    blocks = channel_blocks(x.shape, x.itemsize)
-    shape0 = x[blocks[0]].shape
-    t_all, p_all, e_all = (scratch(ws, "gelu" + r, shape0, x.dtype) for r in ("t", "p", "e"))
+    out, deriv, blocks, (t_all, p_all, e_all) = _buffers(x, ws, key, need_grad, ("t", "p", "e"))
     for s in blocks:
         n = s.stop - s.start
         xb, ob, t, p, e = x[s], out[s], t_all[:n], p_all[:n], e_all[:n]
