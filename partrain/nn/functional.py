@@ -193,11 +193,16 @@ def conv_backward(dout, cache, need_dx=True, dw_out=None, db_out=None, ws=None, 
     _, H, W, N, OH, OW = geom
     d2 = dout.reshape(F, -1) if dout.flags.c_contiguous else np.ascontiguousarray(dout).reshape(F, -1)
     dw = dw_out if dw_out is not None else np.empty(w.shape, dout.dtype)
-    dw2, w2 = dw.reshape(F, -1), w.reshape(F, -1)
+    w2 = w.reshape(F, -1)
+    # The weight gradient is made transposed, cols @ dout.T -> (C·KH·KW, F), and copied into
+    # place: OpenBLAS runs this orientation of the long-K product 25-30 % faster than
+    # dout @ cols.T (the course model's 7x7 conv, one thread: batch 50 12.4 -> 7.8-9.6 ms,
+    # batch 256 in row blocks 67-69 -> 48-52 ms).
+    dwt = buffer(ws, key + "dwT", (C * KH * KW, F), dout.dtype)
     if kept is not None:
-        np.matmul(d2, kept.T, out=dw2)
+        np.matmul(kept, d2.T, out=dwt)
     else:
-        part = buffer(ws, key + "dwpart", dw2.shape, dout.dtype)
+        part = buffer(ws, key + "dwpart", dwt.shape, dout.dtype)
         view = col_view(padded(x, pad, ws), KH, KW, stride, OH, OW)
     if need_dx:
         dxp = buffer(ws, key + "dxpad", (C, H + 2 * pad, W + 2 * pad, N), dout.dtype)
@@ -205,13 +210,14 @@ def conv_backward(dout, cache, need_dx=True, dw_out=None, db_out=None, ws=None, 
     for i, (r0, r1) in enumerate(_row_blocks(geom, KH * KW, dout.dtype)):
         d2b = d2[:, r0 * OW * N:r1 * OW * N]
         if kept is None:
-            np.matmul(d2b, _block_cols(view, r0, r1, ws).T, out=dw2 if i == 0 else part)
+            np.matmul(_block_cols(view, r0, r1, ws), d2b.T, out=dwt if i == 0 else part)
             if i:
-                dw2 += part
+                dwt += part
         if need_dx:
             dcols = scratch(ws, "dcols", (C * KH * KW, (r1 - r0) * OW * N), dout.dtype)
             np.matmul(w2.T, d2b, out=dcols)
             col2im_add(dcols, KH, KW, stride, OW, dxp, r0)
+    np.copyto(dw.reshape(F, -1), dwt.T)
     db = None
     if has_bias:
         db = db_out if db_out is not None else np.empty(F, dout.dtype)
@@ -327,8 +333,11 @@ def affine_forward(x, w, b):
 
     The (out, in) layout makes the weight gradient `dout.T @ x`, which OpenBLAS runs about 30 %
     faster than `x.T @ dout` for the short, wide products of small per-worker batches.
+    An input read through a transposed view (Flatten's (D, N) maps) gives its output in the same
+    layout, w @ x.T -> (M, N) in memory: OpenBLAS runs that 15-25 % faster than x @ w.T with both
+    operands transposed (the course model's 8192 -> 512 layer at batch 50, 7.3-7.9 -> 6.1 ms).
     """
-    out = x @ w.T
+    out = np.matmul(w, x.T).T if _transposed(x) else x @ w.T
     if b is not None:
         out += b
     return out, (x, w)
@@ -344,9 +353,13 @@ def affine_backward(dout, cache, need_dx=True, dw_out=None, db_out=None):
     if need_dx:
         # An input read through a transposed view (Flatten's (C·H·W, N) maps) gets its gradient
         # in the same layout, (D, N) in memory, which Flatten reshapes without a copy.
-        transposed = x.T.flags.c_contiguous and not x.flags.c_contiguous
-        dx = np.matmul(w.T, dout.T).T if transposed else dout @ w
+        dx = np.matmul(w.T, dout.T).T if _transposed(x) else dout @ w
     return dx, dw, db
+
+
+def _transposed(x) -> bool:
+    """x is a transposed view of a C-ordered array (it is F-ordered, and not also C-ordered)."""
+    return x.T.flags.c_contiguous and not x.flags.c_contiguous
 
 
 def flatten_forward(x):
