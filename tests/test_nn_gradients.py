@@ -139,6 +139,19 @@ def test_affine_and_flatten():
     np.testing.assert_array_equal(flat[1], x4[..., 1].ravel())  # (C, H, W) order per sample
 
 
+@pytest.mark.parametrize("groups", [[(0, 4)], [(0, 2), (2, 4)], [(0, 3), (3, 4)]])
+def test_batchnorm(groups):
+    x = RNG.standard_normal((3, 2, 2, 4)) * 2 + 1  # (C, H, W, N): groups of samples
+    gamma = RNG.standard_normal(3)
+    beta = RNG.standard_normal(3)
+
+    def fwd(x, gamma, beta):
+        out, cache, _ = BN.batchnorm_forward(x, gamma, beta, groups)
+        return out, cache
+
+    check(fwd, lambda d, c: BN.batchnorm_backward(d, c, np.empty(3), np.empty(3)), [x, gamma, beta])
+
+
 def test_batchnorm_groups_are_independent():
     x = RNG.standard_normal((2, 3, 3, 4))
     whole, _, _ = BN.batchnorm_forward(x, None, None, [(0, 2), (2, 4)])
@@ -239,17 +252,3 @@ def test_affine_on_flattened_maps():
     for got, ref in zip(F.affine_backward(d, cache, True, None, np.empty(7)),
                         F.affine_backward(d, cache_c, True, None, np.empty(7))):
         np.testing.assert_allclose(got, ref, rtol=1e-12)
-
-
-@pytest.mark.parametrize("groups", [[(0, 4)], [(0, 2), (2, 4)], [(0, 3), (3, 4)]])
-def test_batchnorm(groups):
-    x = RNG.standard_normal((3, 2, 2, 4)) * 2 + 1  # (C, H, W, N): groups of samples
-    gamma = RNG.standard_normal(3)
-    beta = RNG.standard_normal(3)
-
-    def fwd(x, gamma, beta):
-        out, cache, _ = BN.batchnorm_forward(x, gamma, beta, groups)
-        return out, cache
-
-    check(fwd, lambda d, c: BN.batchnorm_backward(d, c, np.empty(3), np.empty(3)), [x, gamma, beta])
-
