@@ -262,10 +262,22 @@ def test_old_run_folder_resumes_exactly(old_run, tmp_path):
     want, _ = load_checkpoint(fresh / "checkpoint.h5")
     assert meta["epoch"] == 2 and meta["t"] == 18
     # Not bit for bit since issue 12: the convolution sums its weight gradient over blocks of
-    # images, so the old version's first epoch differs from today's by float round-off. A
-    # wrongly restored optimizer state, position or schedule would differ by far more.
+    # images (and in another orientation since f97928d), so the old version's first epoch
+    # differs from today's by float round-off. Adam turns round-off in a near-zero gradient into
+    # a whole step of the other sign, so a few parameters move by up to ~lr: the check is on
+    # the share of elements off and on the largest difference, each relative to the array's
+    # scale. Measured (2026-12-02): a correct resume leaves 3 % of the parameters off, the
+    # largest by 1.1 % of the scale, and the moments within 2e-5 of theirs; the moments
+    # restarted from zero leave 88 % off, by up to 14 %. A wrongly restored position or
+    # schedule changes every step.
     for name in want:
-        np.testing.assert_allclose(got[name], want[name], rtol=1e-3, atol=1e-6, err_msg=name)
+        a, b = got[name], want[name]
+        scale = float(np.abs(b).max(initial=0.0))
+        off = ~np.isclose(a, b, rtol=1e-3, atol=max(1e-6, 1e-3 * scale))
+        share, worst = float(off.mean()) if off.size else 0.0, float(np.abs(a - b).max(initial=0.0))
+        limit = (0.10, 0.05) if name == "params" else (0.0, 1e-3)
+        assert share <= limit[0] and worst <= limit[1] * max(scale, 1e-30), \
+            (name, share, worst, scale)
     steps, epochs = RunDir(run).read_history()
     assert [r["step"] for r in epochs] == [9, 18]
     assert [r["step"] for r in steps] == [3, 6, 9, 12, 15, 18]
