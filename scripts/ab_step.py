@@ -34,7 +34,10 @@ def unpack(commit: str, into: Path) -> None:
     blob = subprocess.run(["git", "archive", commit, "partrain"], cwd=ROOT, check=True,
                           capture_output=True).stdout
     with tarfile.open(fileobj=io.BytesIO(blob)) as tar:
-        tar.extractall(into, filter="data")
+        if hasattr(tarfile, "data_filter"):  # Python 3.12, and 3.10.12 / 3.11.4 on
+            tar.extractall(into, filter="data")
+        else:  # our own git archive of our own tree
+            tar.extractall(into)
     (into / "partrain").rename(into / "partrain_base")
 
 
