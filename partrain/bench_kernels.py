@@ -8,6 +8,7 @@ the same run — so the ratio means the same thing on a noisy or a different mac
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import numpy as np
 from threadpoolctl import threadpool_info, threadpool_limits
@@ -39,10 +40,39 @@ def gemm_rate(n: int = 1024, repeats: int = 10) -> float:
     return 2 * n ** 3 / (ms * 1e-3) / 1e9
 
 
-def bench_model(model_name: str, batch: int, repeats: int = 20, optimizer: str = "adam",
-                per_layer: bool = False, model_options: dict | None = None) -> dict:
-    """Time one training step of `model_name` at `batch` in this thread; returns a result row."""
-    model = build_model(model_name, **(model_options or {}))
+@dataclass
+class StepBench:
+    """One model's training step on fixed random data, ready to time: forward and backward
+    (`forward_backward`), the optimizer (`optimizer_step`), or both (`full_step`)."""
+
+    model: object
+    params: np.ndarray
+    grads: np.ndarray
+    opt: object
+    state: dict
+    x: np.ndarray
+    y: np.ndarray
+    stats: np.ndarray | None
+    t: int = 0
+
+    def forward_backward(self) -> None:
+        self.model.train_step(self.x, self.y, 1.0 / len(self.y), self.stats)
+
+    def optimizer_step(self) -> None:
+        self.t += 1
+        self.opt.step(self.params, self.grads, self.state, self.t, 1e-4)
+
+    def full_step(self) -> None:
+        self.forward_backward()
+        self.optimizer_step()
+
+
+def step_bench(model_name: str, batch: int, optimizer: str = "adam",
+               model_options: dict | None = None, build=build_model,
+               make_opt=make_optimizer) -> StepBench:
+    """A `StepBench` of `model_name` at `batch`. build / make_opt: the model and optimizer
+    factories (scripts/ab_step.py passes an earlier commit's, to time both alike)."""
+    model = build(model_name, **(model_options or {}))
     params = np.zeros(model.layout.size, model.dtype)
     grads = np.zeros_like(params)
     model.bind(params, grads, None)
@@ -50,32 +80,31 @@ def bench_model(model_name: str, batch: int, repeats: int = 20, optimizer: str =
     hyper = {"weight_decay": model.weight_decay}
     if optimizer == "sgd":
         hyper["momentum"] = 0.9
-    opt = make_optimizer(model, (optimizer, hyper))
+    opt = make_opt(model, (optimizer, hyper))
     state = {k: np.zeros_like(params) for k in opt.state_names}
     rng = np.random.default_rng(1)
     x = rng.standard_normal((batch,) + model.input_shape, dtype=np.float32)
     y = rng.integers(0, model.n_classes, batch)
     stats = np.zeros(model.stats_size, model.dtype) if model.stats_size else None
-    t = [0]
+    return StepBench(model, params, grads, opt, state, x, y, stats)
+
+
+def bench_model(model_name: str, batch: int, repeats: int = 20, optimizer: str = "adam",
+                per_layer: bool = False, model_options: dict | None = None) -> dict:
+    """Time one training step of `model_name` at `batch` in this thread; returns a result row."""
+    sb = step_bench(model_name, batch, optimizer, model_options)
+    model, x, y, stats = sb.model, sb.x, sb.y, sb.stats
 
     def forward():
         ctx = StepContext(train=True, groups=model.groups(batch),
                           stats_out=model.stats_layout.views(stats) if stats is not None else None)
         return F.softmax_cross_entropy(model.forward(x, ctx), y, 1.0 / batch)[2]
 
-    def opt_step():
-        t[0] += 1
-        opt.step(params, grads, state, t[0], 1e-4)
-
-    def full_step():
-        model.train_step(x, y, 1.0 / batch, stats)
-        opt_step()
-
     fwd = median_ms(forward, repeats)
     # Backward needs a fresh forward cache each time: time forward+backward and subtract.
-    fwd_bwd = median_ms(lambda: model.train_step(x, y, 1.0 / batch, stats), repeats)
-    optim = median_ms(opt_step, repeats)
-    step = median_ms(full_step, repeats)
+    fwd_bwd = median_ms(sb.forward_backward, repeats)
+    optim = median_ms(sb.optimizer_step, repeats)
+    step = median_ms(sb.full_step, repeats)
     flops = model.flops_per_image()["train"]
     row = {"model": model_name, "batch": batch, "forward_ms": fwd, "backward_ms": fwd_bwd - fwd,
            "optimizer_ms": optim, "step_ms": step, "images_per_s": batch / (step * 1e-3),

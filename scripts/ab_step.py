@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from partrain.bench_kernels import step_bench
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -42,31 +44,13 @@ def unpack(commit: str, into: Path) -> None:
 
 
 def make_step(package: str, model_name: str, optimizer: str, batch: int):
-    """(train step + optimizer step, train step alone) closures for `package`'s model."""
+    """(train step + optimizer step, train step alone) of `package`'s model and optimizer, set up
+    by this checkout's `bench_kernels.step_bench` so that both versions get the same data."""
     models = importlib.import_module(package + ".nn.models")
     optim = importlib.import_module(package + ".optim")
-    model = models.build_model(model_name)
-    params = np.zeros(model.layout.size, model.dtype)
-    grads = np.zeros_like(params)
-    model.bind(params, grads, None)
-    model.init_params(np.random.default_rng(0))
-    hyper = {"weight_decay": model.weight_decay} | ({"momentum": 0.9} if optimizer == "sgd" else {})
-    opt = optim.make_optimizer(model, (optimizer, hyper))
-    state = {k: np.zeros_like(params) for k in opt.state_names}
-    rng = np.random.default_rng(1)
-    x = rng.standard_normal((batch,) + model.input_shape, dtype=np.float32)
-    y = rng.integers(0, model.n_classes, batch)
-    stats = np.zeros(model.stats_size, model.dtype) if model.stats_size else None
-    t = [0]
-
-    def forward_backward():
-        model.train_step(x, y, 1.0 / batch, stats)
-
-    def step():
-        forward_backward()
-        t[0] += 1
-        opt.step(params, grads, state, t[0], 1e-4)
-    return step, forward_backward
+    bench = step_bench(model_name, batch, optimizer, build=models.build_model,
+                       make_opt=optim.make_optimizer)
+    return bench.full_step, bench.forward_backward
 
 
 def interleaved(a, b, steps: int, warmup: int = 3) -> tuple[float, float]:
