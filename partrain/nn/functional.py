@@ -153,7 +153,7 @@ def conv_forward(x, w, b, stride=1, pad=0, ws=None, key="conv", method="auto", v
 
 
 COL_BLOCK_BYTES = 4 << 20  # im2col columns are made a few output rows at a time, about this
-COL_KEEP_BYTES = 32 << 20  # much, when all of them would take more than this; else they are kept
+COL_KEEP_BYTES = COL_BLOCK_BYTES  # much, when all of them would take more; else they are kept
 
 
 def _row_blocks(geom, kk, dtype):
@@ -162,9 +162,12 @@ def _row_blocks(geom, kk, dtype):
     stay in cache between the copy that makes them and the GEMM that reads them, and are never
     kept: backward makes them again from the cached input (a copy from cache, against writing
     and re-reading the whole matrix: for airbench's conv0a 51 MB per 64 images, for the course
-    model's 7x7 conv at batch 256, 154 MB). Columns of at most COL_KEEP_BYTES are kept instead
-    (one GEMM each way: the course model's 30 MB at batch 50 ran its step 59.8 -> 69.4 ms slower
-    in blocks)."""
+    model's 7x7 conv 30 MB at batch 50 and 154 MB at batch 256). Columns that fit in one block
+    are kept instead (one GEMM each way, nothing made twice). The course model at batch 50, one
+    thread, AMD EPYC 2026-12-02: its conv forward 13-14 -> 8-9 ms in 4-row blocks, the backward
+    the same 8-9 ms (the weight gradient's `cols @ dout.T` is as fast in blocks), one worker's
+    bench 785-858 -> 895-964 images/s. (Before the transposed weight gradient of f97928d,
+    blocks had made the step slower, 59.8 -> 69.4 ms, and columns of up to 32 MB were kept.)"""
     C, H, W, N, OH, OW = geom
     per_row = C * kk * OW * N * np.dtype(dtype).itemsize
     nb = max(1, min(OH, COL_BLOCK_BYTES // max(1, per_row)))
