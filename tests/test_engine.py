@@ -384,11 +384,13 @@ def _killer(runner, worker: int, when, fired: list):
     threading.Thread(target=watch, daemon=True).start()
 
 
+@pytest.mark.parametrize("rows", [False, True])
 @pytest.mark.parametrize("phase", ["compute", "optimizer"])
-def test_a_worker_killed_in_either_phase_costs_a_step_not_the_bits(data, phase):
+def test_a_worker_killed_in_either_phase_costs_a_step_not_the_bits(data, phase, rows):
     """on_worker_failure="restart": killed before its shard (the step finds it dead in phase 1:
     nothing to put back) or while stepping its slice in place (its slice, and any stepped one,
-    put back from the backup): fresh workers redo the step; the undisturbed bits at the end."""
+    put back from the backup): fresh workers redo the step; the undisturbed bits at the end.
+    rows: with max_batch given, fc1's weight gradient is row-parallel (parallel/rowgrad.py)."""
     import signal
     from partrain.parallel import recovery
     from partrain.parallel import worker as W
@@ -398,7 +400,8 @@ def test_a_worker_killed_in_either_phase_costs_a_step_not_the_bits(data, phase):
     def train(restart: bool, said: list, fired: list):
         r = ParallelRunner(BIG, ADAM, images, labels, mean, std, seed=3, n_workers=2,
                            on_worker_failure="restart" if restart else "stop",
-                           on_restart=said.append)
+                           on_restart=said.append, max_batch=20 if rows else None)
+        assert r.deferred == (["fc1"] if rows else [])
         with r:
             r.set_order(order)
             if restart and phase == "optimizer":

@@ -346,9 +346,11 @@ def affine_forward(x, w, b):
     return out, (x, w)
 
 
-def affine_backward(dout, cache, need_dx=True, dw_out=None, db_out=None):
+def affine_backward(dout, cache, need_dx=True, dw_out=None, db_out=None, need_dw=True):
+    """-> (dx or None, dw or None, db or None); need_dw=False skips the weight gradient (a
+    worker whose layer's weight gradient is made row-parallel later: parallel/rowgrad.py)."""
     x, w = cache
-    dw = np.matmul(dout.T, x, out=dw_out)
+    dw = np.matmul(dout.T, x, out=dw_out) if need_dw else None
     db = None
     if db_out is not None:
         db = np.sum(dout, axis=0, out=db_out)

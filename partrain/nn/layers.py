@@ -222,6 +222,8 @@ class Flatten(Layer):
 
 
 class Affine(Layer):
+    deferred = None  # a parallel.rowgrad.DeferredWeight: the weight gradient is made row-parallel
+
     def __init__(self, name, d_in, d_out, bias=True, init_std=None, decay=True, scale=1.0):
         self.name, self.d_in, self.d_out, self.bias = name, d_in, d_out, bias
         self.init_std, self.decay, self.scale = init_std, decay, scale
@@ -247,7 +249,11 @@ class Affine(Layer):
     def backward(self, dout):
         if self.scale != 1.0:
             dout = dout * self.scale
-        dx, _, _ = F.affine_backward(dout, self.cache, self.need_dx, self.g["w"], self.g.get("b"))
+        deferred = self.deferred
+        dx, _, _ = F.affine_backward(dout, self.cache, self.need_dx, self.g["w"], self.g.get("b"),
+                                     need_dw=deferred is None)
+        if deferred is not None:  # its input and output gradient only: see parallel/rowgrad.py
+            deferred.put(self.cache[0], dout)
         return dx
 
     def output_shape(self, shape):

@@ -37,7 +37,7 @@ from ..errors import PartrainError, WorkerLost
 from ..interrupt import StopFlag, catch_signals
 from ..clipping import Clipper, n_blocks
 from ..step import active_augment, init_model, merge_stats, n_micro, split_shards, stats_batch
-from . import rows, scratch
+from . import rows, rowgrad, scratch
 from . import worker as W
 from .pool import WorkerPool, usable_cores
 from .recovery import MAX_TRIES, backup_names, restore_step_start
@@ -94,6 +94,7 @@ class ParallelRunner:
         if self.micro and not max_batch:
             raise ValueError("micro_batch needs max_batch (the largest step) to size its rows")
         self._max_micro = n_micro(int(max_batch), self.micro) if self.micro else 0
+        self._max_batch, self.deferred = (int(max_batch) if max_batch else None), []
         if on_worker_failure not in ("stop", "restart"):
             raise ValueError(f"on_worker_failure must be 'stop' or 'restart', got "
                              f"{on_worker_failure!r}")
@@ -124,6 +125,7 @@ class ParallelRunner:
                        across_machines=self._cross is not None and not self.micro,
                        augment=active_augment(augment), micro_batch=self.micro,
                        step_copy=self._restart, clip=self.clip is not None, chunk=self._chunk,
+                       deferred=self.deferred,
                        ranks=(self._cross.rank, self._cross.size) if self._cross else None)
             self._start_args = (start_method, cfg, log_dir, startup_timeout)
             self._start_workers()
@@ -155,6 +157,10 @@ class ParallelRunner:
         else:
             specs.update({f"grad{w}": ((size,), m.dtype) for w in range(self.n_workers)})
         specs.update({f"opt_{k}": ((size,), m.dtype) for k in optimizer.state_names})
+        self.deferred = rowgrad.deferred_layers(  # layers whose weight gradient is row-parallel
+            m, self.n_workers, self.reduction.in_workers, self._max_batch, self.micro,
+            self._chunk, self._cross is not None)
+        specs.update(rowgrad.shm_specs(m, self.deferred, self._max_batch))
         if self._clip_norm:  # each block's sum of squares, written by the worker of its slice
             specs["gnorm"] = ((n_blocks(size),), np.float64)
         if self._restart:
@@ -244,7 +250,8 @@ class ParallelRunner:
                                                             10 * self._slowest_step)
         batch, cross, micro = hi - lo, self._cross, self.micro
         step_lo, k = lo, n_micro(batch, micro) if micro else self.n_workers
-        if micro and batch > self._max_micro * micro:
+        if ((micro and batch > self._max_micro * micro)
+                or (self.deferred and batch > self._max_batch)):  # what the rows are sized for
             raise ValueError(f"step of {batch} samples is larger than max_batch")
         if cross is not None and not self._chunk:  # this machine's part (with passes: of each)
             lo, hi = split_shards(lo, hi, cross.size, micro or self.model.group_size)[cross.rank]

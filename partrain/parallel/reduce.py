@@ -76,18 +76,33 @@ def sum_into(grads: Sequence[np.ndarray], out: np.ndarray, lo: int, hi: int) -> 
         np.add(dst, g[lo:hi], out=dst)
 
 
+def sum_except(grads: Sequence[np.ndarray], out: np.ndarray, lo: int, hi: int,
+               skip: Sequence[tuple[int, int]]) -> None:
+    """`sum_into` over [lo, hi) less the sorted, disjoint ranges `skip`."""
+    at = lo
+    for a, b in skip:
+        if a > at:
+            sum_into(grads, out, at, min(a, hi))
+        at = max(at, b)
+        if at >= hi:
+            return
+    if at < hi:
+        sum_into(grads, out, at, hi)
+
+
 def reduce_and_step(grads: Sequence[np.ndarray], reduced: np.ndarray, params: np.ndarray,
                     opt_state: dict[str, np.ndarray], optimizer, lo: int, hi: int, t: int,
                     lr: float, allreduce: Callable[[np.ndarray], None] | None = None,
-                    before_step: Callable[[np.ndarray, int, int], None] | None = None
-                    ) -> tuple[float, float]:
+                    before_step: Callable[[np.ndarray, int, int], None] | None = None,
+                    deferred=None) -> tuple[float, float]:
     """Sum grads[*][lo:hi] into reduced[lo:hi], then step params[lo:hi] with it.
 
     With a single buffer (and no all-reduce) the optimizer reads that buffer directly: the sum of
     one term is itself, and the copy would cost a pass over the slice. Returns the seconds spent
     (summing and `before_step`, in the optimizer). before_step(source, lo, hi): called with the
     summed slice before the step, also for an empty slice (--clip-norm: every worker takes part
-    in the norm's round trip).
+    in the norm's round trip). deferred: a `rowgrad.Deferred`, whose weight ranges are not
+    summed but written whole by its `fill` (row-parallel weight gradients).
 
     (Fusing the two passes chunk by chunk, so the sum is stepped while in cache, measured no faster
     on the development machine, and every optimizer call has a fixed cost of ~30 µs.)
@@ -97,10 +112,14 @@ def reduce_and_step(grads: Sequence[np.ndarray], reduced: np.ndarray, params: np
             before_step(reduced, lo, hi)
         return 0.0, 0.0
     c0 = time.perf_counter()
-    if len(grads) == 1 and allreduce is None:
+    if len(grads) == 1 and allreduce is None and deferred is None:
         source = grads[0]
     else:
-        sum_into(grads, reduced, lo, hi)
+        if deferred is not None:
+            deferred.fill(reduced, lo, hi)
+            sum_except(grads, reduced, lo, hi, deferred.ranges)
+        else:
+            sum_into(grads, reduced, lo, hi)
         if allreduce is not None:  # the sum must be complete across ranks before any step
             allreduce(reduced[lo:hi])
         source = reduced

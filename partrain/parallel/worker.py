@@ -17,6 +17,8 @@ gradients, optimizer state and results all live in shared memory):
                                            b"k" once after start-up: attached and ready
                                            b"E" + one-line message: failed (traceback in the log)
 
+Between b"c" and b"R" the workers' shards of the row-parallel layers' inputs and output
+gradients (rowgrad.py) are all in shared memory: the parent's b"R" is the barrier they need.
 The worker never waits on another worker, only on its pipe; the pipe reports EOF when the parent
 dies, so a worker never outlives its parent by more than one step.
 """
@@ -37,6 +39,7 @@ from ..optim import sync_frozen
 from ..step import (accumulated_gradient, init_model, micro_gradients, n_micro, pass_shards,
                     split_shards)
 from .recovery import STEPPED, back_up_slice, backup_names
+from . import rowgrad
 from .reduce import get_reduction, reduce_and_step
 from .shm import SharedArrays
 
@@ -97,6 +100,7 @@ def _serve(w: int, conn, cfg: dict) -> int:
                          arrays=(shm["params"], grads[0 if micro else w], shm["state"]))
         model, optimizer, params = rep.model, rep.optimizer, rep.params
         opt_state = {k: shm[f"opt_{k}"] for k in optimizer.state_names}
+        deferred = rowgrad.attach(model, shm, cfg.get("deferred") or [])
         reduced, perm = shm["reduced"], shm["perm"]
         images, labels = shm["images"], shm["labels"]
         stats = shm["stats"][w] if model.stats_size and not micro else None
@@ -126,6 +130,8 @@ def _serve(w: int, conn, cfg: dict) -> int:
                 c0 = time.perf_counter()
                 s_lo, s_hi = split_shards(lo, hi, n_workers, micro or model.group_size)[w]
                 sync_frozen(model, optimizer, t)
+                if deferred is not None:  # where my shard's rows go in the step's stash
+                    deferred.begin(batch, s_lo - lo)
                 if micro:  # rows of their own, summed in order by whoever reduces
                     k = n_micro(batch, micro)
                     xbuf = micro_gradients(model, images, labels, perm, step_lo, s_lo, s_hi,
@@ -150,7 +156,7 @@ def _serve(w: int, conn, cfg: dict) -> int:
                 back_up_slice(shm, backups, my_lo, my_hi, ctl, PHASE)
             ctl[T_REDUCE], ctl[T_OPTIM] = reduce_and_step(
                 grads[:k], reduced, params, opt_state, optimizer, my_lo, my_hi, t, lr, allreduce,
-                clip)
+                clip, deferred)
             if backups is not None:
                 ctl[PHASE] = STEPPED
             conn.send_bytes(b"r")
