@@ -171,7 +171,8 @@ def run_scaling(cfg: BenchConfig, echo: Callable[[str], None] = print) -> tuple[
                                    memory_pss_mib=mem["total_pss_mib"],
                                    parent_peak_mib=mem["parent_peak_rss_mib"],
                                    worker_peak_mib=mem["worker_peak_rss_mib"],
-                                   shm_mib=round(runner.shm_bytes / 2**20, 1))
+                                   shm_mib=round(runner.shm_bytes / 2**20, 1),
+                                   row_parallel=list(runner.deferred))
                         rows.append(row)
                         echo(f"{reduction:>8}  N={n:<3} batch {batch:<5} "
                              f"{row['images_per_s']:>9.1f} img/s  step {row['step_ms']:.2f} ms")
@@ -249,7 +250,8 @@ def format_table(rows: list[dict]) -> str:
     lines = ["  ".join(h.rjust(w) for h, w in zip(head, widths))]
     lines += ["  ".join(x.rjust(w) for x, w in zip(line, widths)) for line in body]
     return "\n".join(lines) + "\n(times are per step, in ms: compute and wait are the workers', " \
-        "reduce/optim the mean over the actors doing them, signal the rest of the step, between the " \
+        "reduce/optim the mean over the actors doing them (reduce includes any row-parallel weight " \
+        "gradients: row_parallel in scaling.json), signal the rest of the step, between the " \
         "parent's time outside the step: they add up to step ms)"
 
 
