@@ -5,7 +5,8 @@ output gradients; the sum of the N buffers skips those ranges.
 Checked: the rows and partial rows of any slice against dout.T @ x (nothing outside written);
 the sum that skips ranges; real workers (2 and 3, whose slices cut rows in the middle) against
 one process, step by step and over a run; the workers' own buffers never written for those
-weights; where it is not used; a step larger than max_batch refused. The restart of a killed
+weights; a layer frozen before the trainable ones (no backward: zero, not stale rows); where
+it is not used; a step larger than max_batch refused. The restart of a killed
 worker with it on is in test_engine (test_a_worker_killed_in_either_phase_...).
 """
 from __future__ import annotations
@@ -168,3 +169,24 @@ def test_a_step_larger_than_max_batch_is_refused(data, small_layers_too):
         with pytest.raises(ValueError, match="larger than max_batch"):
             r.step(0, 21, 1e-3, 1)
         r.step(0, 20, 1e-3, 1)  # and the runner still works
+
+
+@pytest.mark.slow
+def test_a_frozen_layer_before_the_trainable_ones_gets_no_gradient(data, small_layers_too):
+    """Frozen after step 1, conv1 .. fc1 run no backward (Model.set_frozen): the stash keeps
+    step 1's shards, yet fc1's rows of step 2's summed gradient are zero, as without
+    row-parallel weights, and its weights stay as they are."""
+    images, labels, mean, std = data
+    frozen = ("adam", {"freeze": {"conv1": 1, "conv1_bias": 1, "fc1": 1}})
+    with ParallelRunner(MODEL, frozen, images, labels, mean, std, seed=3, n_workers=2,
+                        max_batch=24) as r:
+        assert r.deferred == ["fc1"]
+        r.set_order(np.arange(N_IMAGES))
+        lo, n = _fc1_weights()
+        r.step(0, 24, 1e-3, 1)
+        assert np.asarray(r.reduced)[lo:lo + n].any()
+        before = np.array(r.params)
+        r.step(24, 48, 1e-3, 2)
+        assert not np.asarray(r.reduced)[lo:lo + n].any()
+        assert np.array_equal(np.asarray(r.params)[lo:lo + n], before[lo:lo + n])
+        assert np.asarray(r.reduced)[lo + n:].any()  # fc1's bias and fc2 still learn

@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import numpy as np
 
-MIN_WEIGHTS = 1 << 20  # smaller layers: the copies and the barrier's bookkeeping are not worth it
+from ..nn.layers import Affine
+
+MIN_WEIGHTS = 1 << 20  # smaller layers: not worth the copies into shared memory
 
 
 def deferred_layers(model, n_workers: int, sharded: bool, max_batch: int | None,
@@ -36,7 +38,7 @@ def deferred_layers(model, n_workers: int, sharded: bool, max_batch: int | None,
             or model.chunk_size):
         return []
     return [layer.name for layer in model.layers
-            if type(layer).__name__ == "Affine" and layer.d_in * layer.d_out >= MIN_WEIGHTS]
+            if isinstance(layer, Affine) and layer.d_in * layer.d_out >= MIN_WEIGHTS]
 
 
 def shm_specs(model, names: list[str], max_batch: int) -> dict:
@@ -59,6 +61,7 @@ class DeferredWeight:
         self.D, self.M = layer.d_in, layer.d_out
         self.w_lo, self.w_hi = w_lo, w_lo + self.D * self.M
         self.batch = self.offset = 0
+        self.skipped = lambda: False  # attach: the model runs no backward through this layer
 
     def begin(self, batch: int, offset: int) -> None:
         if batch * self.D > self.x_buf.size:
@@ -84,6 +87,9 @@ class DeferredWeight:
         """reduced[lo:hi] ∩ this layer's weights = those elements of dout.T @ x over the step."""
         a, b = max(lo, self.w_lo) - self.w_lo, min(hi, self.w_hi) - self.w_lo
         if b <= a:
+            return
+        if self.skipped():  # frozen before the first trainable layer: zero, as its views are
+            reduced[self.w_lo + a:self.w_lo + b] = 0  # when not deferred (Model.set_frozen)
             return
         D, x, d = self.D, self._x(), self._d()
         dw = reduced[self.w_lo:self.w_hi].reshape(self.M, D)
@@ -124,6 +130,8 @@ def attach(model, shm, names: list[str]) -> Deferred | None:
         part = DeferredWeight(layer, shm[f"rowx_{layer.name}"], shm[f"rowd_{layer.name}"],
                               model.layout.offsets[f"{layer.name}.w"])
         layer.deferred = part
+        index = model.layers.index(layer)
+        part.skipped = lambda i=index: i < model.backward_from
         parts.append(part)
     return Deferred(parts)
 
