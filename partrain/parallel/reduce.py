@@ -117,9 +117,7 @@ def reduce_and_step(grads: Sequence[np.ndarray], reduced: np.ndarray, params: np
     else:
         if deferred is not None:
             deferred.fill(reduced, lo, hi)
-            sum_except(grads, reduced, lo, hi, deferred.ranges)
-        else:
-            sum_into(grads, reduced, lo, hi)
+        sum_except(grads, reduced, lo, hi, deferred.ranges if deferred is not None else ())
         if allreduce is not None:  # the sum must be complete across ranks before any step
             allreduce(reduced[lo:hi])
         source = reduced

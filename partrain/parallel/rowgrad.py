@@ -44,7 +44,7 @@ def deferred_layers(model, n_workers: int, sharded: bool, max_batch: int | None,
 def shm_specs(model, names: list[str], max_batch: int) -> dict:
     """The shared arrays: per layer its inputs (D·max_batch) and output gradients (max_batch·M)."""
     specs = {}
-    for layer in _layers(model, names):
+    for layer in (model.layers[model.layer_names.index(n)] for n in names):
         specs[f"rowx_{layer.name}"] = ((layer.d_in * max_batch,), model.dtype)
         specs[f"rowd_{layer.name}"] = ((max_batch * layer.d_out,), model.dtype)
     return specs
@@ -54,14 +54,20 @@ class DeferredWeight:
     """One layer's stash in shared memory and its share of the rows (in a worker).
 
     Per step: `begin(batch, offset)` (the step's size and where this shard starts in it), the
-    layer's backward calls `put`, and after the barrier `fill` writes this worker's rows."""
+    layer's backward calls `put`, and after the barrier `fill` writes this worker's rows.
+    model, index: the worker's model and the layer's place in it (None: a layer on its own)."""
 
-    def __init__(self, layer, x_buf: np.ndarray, d_buf: np.ndarray, w_lo: int):
+    def __init__(self, layer, x_buf: np.ndarray, d_buf: np.ndarray, w_lo: int, model=None,
+                 index: int = 0):
         self.layer, self.x_buf, self.d_buf = layer, x_buf, d_buf
         self.D, self.M = layer.d_in, layer.d_out
         self.w_lo, self.w_hi = w_lo, w_lo + self.D * self.M
+        self.model, self.index = model, index
         self.batch = self.offset = 0
-        self.skipped = lambda: False  # attach: the model runs no backward through this layer
+
+    def skipped(self) -> bool:
+        """The model runs no backward through this layer (frozen before the first trainable)."""
+        return self.model is not None and self.index < self.model.backward_from
 
     def begin(self, batch: int, offset: int) -> None:
         if batch * self.D > self.x_buf.size:
@@ -126,16 +132,10 @@ def attach(model, shm, names: list[str]) -> Deferred | None:
     if not names:
         return None
     parts = []
-    for layer in _layers(model, names):
-        part = DeferredWeight(layer, shm[f"rowx_{layer.name}"], shm[f"rowd_{layer.name}"],
-                              model.layout.offsets[f"{layer.name}.w"])
-        layer.deferred = part
-        index = model.layers.index(layer)
-        part.skipped = lambda i=index: i < model.backward_from
-        parts.append(part)
+    for name in names:
+        i = model.layer_names.index(name)
+        layer = model.layers[i]
+        layer.deferred = DeferredWeight(layer, shm[f"rowx_{name}"], shm[f"rowd_{name}"],
+                                        model.layout.offsets[f"{name}.w"], model, i)
+        parts.append(layer.deferred)
     return Deferred(parts)
-
-
-def _layers(model, names: list[str]):
-    by_name = {layer.name: layer for layer in model.layers}
-    return [by_name[n] for n in names]
