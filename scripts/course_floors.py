@@ -6,7 +6,8 @@ sitting on this machine, the parts no implementation of the same step can skip, 
 
 - one thread: the five matrix products of the step (the 7x7 convolution's forward and weight
   gradient, the 8192 -> 512 layer's forward, weight and input gradients), each timed alone in the
-  layout the layers run it, on the whole batch (no im2col, no blocks); plus the optimizer, both
+  layout the layers run it (the convolution's in the layer's blocks of columns, but on columns
+  made once and always in cache: no im2col); plus the optimizer, both
   as numpy runs it (`partrain.optim.Adam`) and at its memory floor (one pass reading p, g, m, v
   and writing p, m, v). Everything else (im2col, pool, bias, ReLU, loss) is left out, so the sum
   is a floor that a fused, compiled step could at best approach.
