@@ -30,7 +30,8 @@ import atexit  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 
-from .interrupt import Interrupted, defer_to_loop  # noqa: E402
+from .interrupt import (Interrupted, defer_to_loop, keep_lost_interrupts,  # noqa: E402
+                        raise_lost_interrupt)
 from .launcher import launcher_size  # noqa: E402
 
 
@@ -57,6 +58,7 @@ def _ignore_signals_at_the_end() -> None:
 
 def main() -> int:
     atexit.register(_ignore_signals_at_the_end)  # before any import registers its own hooks
+    keep_lost_interrupts()  # a Ctrl-C inside a finaliser: kept for the end of the command
     size = launcher_size()
     rank = size is not None and size[1] > 1
     handlers = {signal.SIGINT: _rank_signal if rank else signal.default_int_handler,
@@ -69,7 +71,14 @@ def main() -> int:
         return 128 + _early[0]
     try:
         from .cli import main as cli
-        return cli()
+        try:
+            code = cli()
+        except SystemExit as e:
+            if e.code not in (None, 0):
+                raise  # the command's own error (its line is out): that exit code stands
+            code = e.code
+        raise_lost_interrupt()  # the command finished, but a Ctrl-C came and was kept
+        return code
     except KeyboardInterrupt as e:  # before the CLI is up, or after a command returned
         code = e.exit_code if isinstance(e, Interrupted) else 130
         sys.stderr.write(f"{e if isinstance(e, Interrupted) else 'interrupted'}\n")

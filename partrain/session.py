@@ -12,6 +12,7 @@ from .batches import normaliser
 from .early_stop import observe, stop_reason, validate
 from .ema import AirbenchLookahead
 from .errors import PartrainError
+from .interrupt import raise_lost_interrupt
 from .memory import describe as describe_memory, usage as memory_usage
 from .evaluate import accuracy, tta_accuracy
 from .nn.models import build_model
@@ -187,6 +188,7 @@ class Session:
         if stopped is None and evaluate_test:
             stop.stop_now_from_here(f"interrupted during the final test pass; {skip_test}")
             summary.update(self.test())
+            raise_lost_interrupt()  # its stop-now, if it landed in a finaliser (interrupt.py)
         # This process (on this machine, under MPI) and its workers, after the test pass too.
         summary["memory"] = memory_usage(getattr(self.runner, "worker_pids", []))
         summary["worker_restarts"] = list(getattr(self.runner, "restarts", []))

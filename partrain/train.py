@@ -10,6 +10,7 @@ with exactly the parameters of the same run uninterrupted.
 from __future__ import annotations
 
 import datetime as _dt
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from .config import TrainConfig
 from .recipes import optimizer_spec
 from .datasets.store import load_store
 from .errors import PartrainError
-from .interrupt import catch_signals
+from .interrupt import Interrupted, catch_signals, raise_lost_interrupt
 from .nn.model import Model
 from .nn.models import build_model
 from .optim import make_schedule
@@ -368,10 +369,18 @@ def _train(rd, plan, resume, quiet, evaluate_test, max_steps, cross, step_timeou
 
 def _write_report(run: Path, progress: Progress) -> Path | None:
     """report.html of the finished run (report.write_report, without a second test pass), or
-    None: a report that cannot be drawn is a warning line, never a failed run."""
+    None: a report that cannot be drawn is a warning line, never a failed run. A Ctrl-C here
+    (also one that landed inside a finaliser: interrupt.raise_lost_interrupt) ends the command
+    with a line that says the run itself is complete."""
     try:
         from .report import write_report  # matplotlib: imported only when a report is drawn
-        return write_report(run, evaluate=False)
+        path = write_report(run, evaluate=False)
+        raise_lost_interrupt()
+        return path
+    except KeyboardInterrupt as e:
+        raise Interrupted(f"interrupted while drawing report.html; the run is finished and "
+                          f"saved (partrain report {run} draws it)",
+                          signum=getattr(e, "signum", signal.SIGINT)) from None
     except Exception as e:  # noqa: BLE001 - the run itself is done and saved
         progress.warn(f"no report.html: {' '.join(str(e).split()) or type(e).__name__}")
         return None

@@ -270,6 +270,61 @@ def test_ctrl_c_while_reading_the_store_is_one_line_and_130(tmp_path, tiny_store
     assert not (tmp_path / "runs" / "r").exists()
 
 
+# A Ctrl-C that lands while Python runs a finaliser (`__del__`: matplotlib makes and drops many
+# while report.html is drawn) cannot propagate: Python printed "Exception ignored in ...
+# KeyboardInterrupt" and the command went on to exit 0 (scripts/faults.py caught it in CI). The
+# scripts below drop an object whose __del__ sends the signal and waits for its handler there.
+LOST_IN_A_FINALISER = """
+import os, signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)
+class Finaliser:
+    def __del__(self):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1)  # the handler runs in here; its KeyboardInterrupt cannot leave __del__
+def dropping(real):
+    def call(*args, **kwargs):
+        Finaliser()
+        return real(*args, **kwargs)
+    return call
+import {module} as where
+where.{name} = dropping(where.{name})
+from partrain.entry import main
+sys.argv = {argv!r}
+sys.exit(main())
+"""
+
+
+def _lost_ctrl_c(tmp_path, module: str, name: str, argv: list[str]):
+    code = LOST_IN_A_FINALISER.format(module=module, name=name, argv=argv)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+
+
+@pytest.mark.parametrize("module, name, line", [
+    ("partrain.report", "write_report",
+     "interrupted while drawing report.html; the run is finished and saved"),
+    ("partrain.session", "Session.test", "interrupted during the final test pass;")])
+def test_ctrl_c_lost_in_a_finaliser_after_training_is_one_line(tmp_path, tiny_store, module,
+                                                               name, line):
+    argv = fit_argv(tiny_store, tmp_path / "runs")[2:]
+    argv[argv.index("--epochs") + 1] = "1"
+    out = _lost_ctrl_c(tmp_path, module, name, ["partrain", *argv[1:]])
+    assert out.returncode == 130, out.stderr
+    assert "Exception ignored" not in out.stderr and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith(line), out.stderr
+    run = tmp_path / "runs" / "r"
+    assert (run / "checkpoint.h5").exists()
+    assert not (run / "run.lock").exists()
+
+
+def test_ctrl_c_lost_in_a_finaliser_in_any_command_is_130(tmp_path):
+    (tmp_path / "runs").mkdir()
+    out = _lost_ctrl_c(tmp_path, "partrain.cli_runs", "list_runs",
+                       ["partrain", "runs", str(tmp_path / "runs")])
+    assert out.returncode == 130, out.stderr
+    assert out.stderr.strip() == "interrupted", out.stderr
+
+
 # ----------------------------------------------------------------------- /dev/shm (D2)
 def _in_private_shm(mount_opts: str, argv: list[str], cwd) -> subprocess.CompletedProcess:
     if not _namespaces():
