@@ -306,9 +306,9 @@ def _lost_ctrl_c(tmp_path, module: str, name: str, argv: list[str]):
     ("partrain.session", "Session.test", "interrupted during the final test pass;")])
 def test_ctrl_c_lost_in_a_finaliser_after_training_is_one_line(tmp_path, tiny_store, module,
                                                                name, line):
-    argv = fit_argv(tiny_store, tmp_path / "runs")[2:]
+    argv = fit_argv(tiny_store, tmp_path / "runs")[2:]  # ["partrain", "fit", ...]
     argv[argv.index("--epochs") + 1] = "1"
-    out = _lost_ctrl_c(tmp_path, module, name, ["partrain", *argv[1:]])
+    out = _lost_ctrl_c(tmp_path, module, name, argv)
     assert out.returncode == 130, out.stderr
     assert "Exception ignored" not in out.stderr and "Traceback" not in out.stderr, out.stderr
     assert out.stderr.strip().splitlines()[-1].startswith(line), out.stderr
